@@ -1,0 +1,68 @@
+"""Engine-wide configuration objects shared by the runtime and the user API.
+
+Each validates itself when built: a wrong value fails at once with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rtllm.errors import ConfigError
+
+
+def _check(cond: bool, owner: str, name: str, value: object, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{owner}.{name}={value!r}: {rule}")
+
+
+@dataclass
+class KvCacheConfig:
+    """Paged KV cache sizing (TensorRT-LLM names).
+
+    max_tokens: capacity in tokens; None sizes the pool from free memory (GPU) or a
+    default budget (CPU). free_gpu_memory_fraction: share of the free GPU memory left
+    after weights and a profiling pass that the pool may take. tokens_per_block: tokens
+    per KV block. enable_block_reuse: share full blocks between requests by prefix hash.
+    """
+
+    max_tokens: int | None = None
+    free_gpu_memory_fraction: float = 0.9
+    enable_block_reuse: bool = True
+    tokens_per_block: int = 32
+
+    def __post_init__(self) -> None:
+        o = "KvCacheConfig"
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens > 0),
+               o, "max_tokens", self.max_tokens, "must be a positive integer or None")
+        _check(0.0 < self.free_gpu_memory_fraction <= 1.0, o, "free_gpu_memory_fraction",
+               self.free_gpu_memory_fraction, "must be in (0, 1]")
+        _check(isinstance(self.tokens_per_block, int) and self.tokens_per_block > 0
+               and self.tokens_per_block & (self.tokens_per_block - 1) == 0,
+               o, "tokens_per_block", self.tokens_per_block, "must be a positive power of two")
+
+
+@dataclass
+class SchedulerConfig:
+    """Limits the scheduler enforces at every step.
+
+    max_batch_size: requests in the running batch. max_num_tokens: tokens computed per step
+    (the token budget shared by decodes and prefill chunks). max_seq_len: prompt + output
+    tokens of one request. enable_chunked_prefill: split prompts longer than the remaining
+    budget across steps (otherwise a prompt must fit the budget whole).
+    """
+
+    max_batch_size: int = 64
+    max_num_tokens: int = 2048
+    max_seq_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        o = "SchedulerConfig"
+        for name in ("max_batch_size", "max_num_tokens", "max_seq_len"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, o, name, v, "must be a positive integer")
+        _check(self.max_num_tokens >= self.max_batch_size, o, "max_num_tokens", self.max_num_tokens,
+               f"must be >= max_batch_size={self.max_batch_size} so every running request can decode")
+        if not self.enable_chunked_prefill:
+            _check(self.max_num_tokens >= self.max_seq_len, o, "max_num_tokens", self.max_num_tokens,
+                   f"must be >= max_seq_len={self.max_seq_len} when chunked prefill is off")

@@ -1,0 +1,147 @@
+"""Paged attention over a block-table KV cache.
+
+Layout (one pool per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+A token at position p of a sequence lives in slot block_table[p // block_size] * block_size +
+p % block_size. Queries come flat: q[T, num_heads, head_dim] with query_start_loc[B+1]
+delimiting sequences; seq_lens[B] counts every KV token of a sequence after this step
+(cached prefix + new tokens), so query j of sequence b sits at position
+seq_lens[b] - q_len_b + j and attends causally to positions <= that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rtllm.kernels.dispatch import triton_enabled
+
+
+def reshape_and_cache_torch(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k, v [T, Hkv, D] into their slots; slot -1 (padding) is skipped by the caller."""
+    kc = k_cache.view(-1, k_cache.shape[-2], k_cache.shape[-1])
+    vc = v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1])
+    kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
+    vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+
+
+def gather_slots(block_tables: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
+    """Flat slot index of positions 0..max_len-1 for every row of block_tables: [B, max_len]."""
+    pos = torch.arange(max_len, device=block_tables.device)
+    blocks = block_tables[:, pos // block_size].long()
+    return blocks * block_size + (pos % block_size)
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D]. Vectorized over the batch."""
+    B, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    slots = gather_slots(block_tables, max_seq_len, block_size)  # [B, L]
+    k = k_cache.view(-1, Hkv, D)[slots]  # [B, L, Hkv, D]
+    v = v_cache.view(-1, Hkv, D)[slots]
+    valid = torch.arange(max_seq_len, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, Hq, 1, D]
+        k.transpose(1, 2).to(q.dtype),  # [B, Hkv, L, D]
+        v.transpose(1, 2).to(q.dtype),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=Hq != Hkv,
+    )
+    return out.squeeze(2)
+
+
+def paged_prefill_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Ragged queries with a cached prefix, causal. q: [T, Hq, D] -> [T, Hq, D]. Loops over sequences."""
+    T, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    kc = k_cache.view(-1, Hkv, D)
+    vc = v_cache.view(-1, Hkv, D)
+    for b, kv_len in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        q_len = e - s
+        if q_len == 0:
+            continue
+        slots = gather_slots(block_tables[b : b + 1], kv_len, block_size)[0]
+        k = kc[slots].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
+        v = vc[slots].transpose(0, 1).to(q.dtype)
+        qb = q[s:e].transpose(0, 1)  # [Hq, q_len, D]
+        ctx = kv_len - q_len
+        if ctx == 0:
+            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+        else:
+            qpos = torch.arange(ctx, kv_len, device=q.device)
+            mask = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if triton_enabled(k):
+        from rtllm.kernels import triton_attention
+
+        return triton_attention.reshape_and_cache_triton(k, v, k_cache, v_cache, slot_mapping)
+    return reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len):
+    if triton_enabled(q):
+        from rtllm.kernels import triton_attention
+
+        return triton_attention.paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len
+        )
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+
+
+def paged_prefill_attention(
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+):
+    if triton_enabled(q):
+        from rtllm.kernels import triton_attention
+
+        return triton_attention.paged_prefill_attention_triton(
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+        )
+    return paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+
+
+def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    """Rotate q and k (RoPE), write rotated k and v into the paged cache; return rotated q, k."""
+    from rtllm.kernels.rope import apply_rope_torch
+
+    q, k = apply_rope_torch(positions, q, k, cos_sin_cache)
+    reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
+def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    """q: [T, Hq, D], k, v: [T, Hkv, D]. Returns (rotated q, rotated k); the cache gets rotated k, v."""
+    if triton_enabled(q):
+        from rtllm.kernels import triton_attention
+
+        return triton_attention.rope_and_cache_triton(
+            positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping
+        )
+    return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
