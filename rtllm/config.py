@@ -53,16 +53,35 @@ class SchedulerConfig:
 
     max_batch_size: int = 64
     max_num_tokens: int = 2048
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None  # None: the model's context length, capped at 8192
     enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         o = "SchedulerConfig"
         for name in ("max_batch_size", "max_num_tokens", "max_seq_len"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v > 0, o, name, v, "must be a positive integer")
+            if v is None and name == "max_seq_len":
+                continue
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, o, name, v,
+                   "must be a positive integer")
         _check(self.max_num_tokens >= self.max_batch_size, o, "max_num_tokens", self.max_num_tokens,
                f"must be >= max_batch_size={self.max_batch_size} so every running request can decode")
-        if not self.enable_chunked_prefill:
+        if not self.enable_chunked_prefill and self.max_seq_len is not None:
             _check(self.max_num_tokens >= self.max_seq_len, o, "max_num_tokens", self.max_num_tokens,
                    f"must be >= max_seq_len={self.max_seq_len} when chunked prefill is off")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the runtime needs to build one engine (validated by LlmArgs upstream)."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    kv_cache_config: KvCacheConfig | None = None
+    scheduler_config: SchedulerConfig | None = None
+    cpu_kv_cache_bytes: int = 2 << 30  # CPU default KV budget when kv_cache_config.max_tokens is None
+
+    def __post_init__(self) -> None:
+        self.kv_cache_config = self.kv_cache_config or KvCacheConfig()
+        self.scheduler_config = self.scheduler_config or SchedulerConfig()

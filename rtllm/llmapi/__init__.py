@@ -1,0 +1,7 @@
+from rtllm.config import KvCacheConfig
+from rtllm.executor.result import CompletionOutput, RequestOutput
+from rtllm.llmapi.llm import LLM
+from rtllm.llmapi.llm_args import LlmArgs
+from rtllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LlmArgs", "KvCacheConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

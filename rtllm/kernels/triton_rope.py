@@ -1,0 +1,235 @@
+"""Triton rotary position embedding (neox / "rotate_half" layout), optionally fused with the
+paged-KV-cache write.
+
+Semantics are those of :func:`rtllm.kernels.rope.apply_rope_torch`:
+
+- ``cos_sin_cache``: [max_position, rotary_dim] = cat(cos, sin), any float dtype (read as fp32);
+- ``q``: [T, Hq, D], ``k``: [T, Hkv, D] (any strides); ``positions``: [T] int32/int64;
+- the first ``rotary_dim`` channels of every head rotate as
+  ``(x1 * cos - x2 * sin, x2 * cos + x1 * sin)`` with ``x1, x2`` the two halves of those channels;
+  channels ``rotary_dim..D-1`` pass through unchanged;
+- math in fp32, results rounded to the input dtype; new tensors are returned (inputs untouched).
+
+One program handles one token: all its q heads and k heads (and, fused, its v heads), so cos/sin
+are read once per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_heads(
+    x_ptr,
+    o_ptr,
+    c_ptr,
+    stride_xh,
+    stride_xd,
+    stride_oh,
+    stride_od,
+    stride_ch,
+    stride_cd,
+    cos,
+    sin,
+    c_ok,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    TO_CACHE: tl.constexpr,
+):
+    """Rotate the heads of one token: x [H, D] -> o [H, D]; with TO_CACHE also -> c where c_ok."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h = offs_h < NUM_HEADS
+    mask = mask_h[:, None] & (offs_r < ROT_HALF)[None, :]
+    x1_ptrs = x_ptr + offs_h[:, None] * stride_xh + offs_r[None, :] * stride_xd
+    x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x1_ptrs + ROT_HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    # Round to the input dtype first (as the reference does), then to the cache dtype.
+    o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(o_ptr.dtype.element_ty)
+    o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(o_ptr.dtype.element_ty)
+    o1_ptrs = o_ptr + offs_h[:, None] * stride_oh + offs_r[None, :] * stride_od
+    tl.store(o1_ptrs, o1, mask=mask)
+    tl.store(o1_ptrs + ROT_HALF * stride_od, o2, mask=mask)
+    if TO_CACHE:
+        c1_ptrs = c_ptr + offs_h[:, None] * stride_ch + offs_r[None, :] * stride_cd
+        tl.store(c1_ptrs, o1, mask=mask & c_ok)
+        tl.store(c1_ptrs + ROT_HALF * stride_cd, o2, mask=mask & c_ok)
+    if HAS_PASS:
+        offs_p = 2 * ROT_HALF + tl.arange(0, BLOCK_P)
+        mask_p = mask_h[:, None] & (offs_p < HEAD_DIM)[None, :]
+        xp = tl.load(x_ptr + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd, mask=mask_p, other=0.0)
+        xp = xp.to(tl.float32).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + offs_h[:, None] * stride_oh + offs_p[None, :] * stride_od, xp, mask=mask_p)
+        if TO_CACHE:
+            c_ptrs = c_ptr + offs_h[:, None] * stride_ch + offs_p[None, :] * stride_cd
+            tl.store(c_ptrs, xp, mask=mask_p & c_ok)
+
+
+@triton.jit
+def _rope_kernel(
+    pos_ptr,
+    cs_ptr,
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_cs,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_qot,
+    stride_qoh,
+    stride_qod,
+    stride_kot,
+    stride_koh,
+    stride_kod,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_kcd,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_vcd,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    CACHE: tl.constexpr,
+    PAGE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < ROT_HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + ROT_HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+
+    _rope_heads(
+        q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qo_ptr, stride_qh, stride_qd,
+        stride_qoh, stride_qod, 0, 0, cos, sin, False,
+        HQ, HEAD_DIM, ROT_HALF, BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, False,
+    )  # fmt: skip
+    if CACHE:
+        # A negative slot marks a padding token: it is rotated but not cached.
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        ok = slot >= 0
+        slot = tl.maximum(slot, 0)
+        kc_tok = kc_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
+        _rope_heads(
+            k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kc_tok, stride_kh, stride_kd,
+            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok,
+            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, True,
+        )  # fmt: skip
+        offs_h = tl.arange(0, BLOCK_HKV)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_h < HKV)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        v = tl.load(
+            v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
+            mask=mask & ok,
+            other=0.0,
+        ).to(tl.float32)
+        vc_tok = vc_ptr + (slot // PAGE) * stride_vcb + (slot % PAGE) * stride_vcs
+        tl.store(
+            vc_tok + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
+            v.to(v_ptr.dtype.element_ty),
+            mask=mask & ok,
+        )
+    else:
+        _rope_heads(
+            k_ptr + t * stride_kt, ko_ptr + t * stride_kot, ko_ptr, stride_kh, stride_kd,
+            stride_koh, stride_kod, 0, 0, cos, sin, False,
+            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, False,
+        )  # fmt: skip
+
+
+def _num_warps(elems: int) -> int:
+    return 1 if elems <= 512 else 2 if elems <= 2048 else 4 if elems <= 8192 else 8
+
+
+def rope_launch(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    v: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared launcher of :func:`apply_rope_triton` and ``rope_and_cache_triton``.
+
+    With ``k_cache`` given, rotated k and v of token t are also written to the paged-cache slot
+    ``slot_mapping[t]`` (cache layout [num_blocks, block_size, Hkv, D]; slot < 0 is skipped).
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    assert k.shape[0] == T and k.shape[2] == D and positions.shape[0] == T
+    rot = cos_sin_cache.shape[-1]
+    assert rot % 2 == 0 and rot <= D, "rotary_dim must be even and <= head_dim"
+    cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T == 0:
+        return q_out, k_out
+    cache = k_cache is not None
+    if cache:
+        assert v is not None and v_cache is not None and slot_mapping is not None
+        assert v_cache.dtype == k_cache.dtype
+        page = k_cache.shape[1]
+        vv, kc, vc, sm = v, k_cache, v_cache, slot_mapping
+    else:
+        page = 1
+        vv, kc, vc, sm = k, k, k, positions  # unused placeholders
+    rot_half = rot // 2
+    block_r = triton.next_power_of_2(max(rot_half, 1))
+    block_p = triton.next_power_of_2(max(D - rot, 1))
+    block_hq = triton.next_power_of_2(Hq)
+    block_hkv = triton.next_power_of_2(Hkv)
+    _rope_kernel[(T,)](
+        positions, cs, q, k, q_out, k_out, vv, kc, vc, sm,
+        cs.stride(0),
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *vv.stride()[-3:],
+        *(kc.stride() if cache else (0, 0, 0, 0)),
+        *(vc.stride() if cache else (0, 0, 0, 0)),
+        HQ=Hq, HKV=Hkv, HEAD_DIM=D, ROT_HALF=rot_half,
+        BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_R=block_r, BLOCK_P=block_p,
+        BLOCK_D=triton.next_power_of_2(D), HAS_PASS=rot < D, CACHE=cache, PAGE=page,
+        num_warps=_num_warps(block_hq * triton.next_power_of_2(D)),
+    )  # fmt: skip
+    return q_out, k_out
+
+
+def apply_rope_triton(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D] at ``positions`` [T]; returns new (q_rot, k_rot).
+
+    ``cos_sin_cache`` is [max_position, rotary_dim] = cat(cos, sin); rotary_dim may be smaller
+    than D (partial rotary: the trailing channels pass through). Grid: one program per token.
+    """
+    return rope_launch(positions, q, k, cos_sin_cache)

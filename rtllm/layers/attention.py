@@ -1,0 +1,59 @@
+"""Paged attention layer: RoPE + KV-cache write + attention over the block tables."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rtllm.kernels import attention as attn_kernels
+from rtllm.layers.attention_metadata import AttentionMetadata
+from rtllm.layers.rope import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention over this layer's paged KV cache.
+
+    ``k_cache`` and ``v_cache`` ([num_blocks, block_size, num_kv_heads, head_dim]) are bound
+    by the ModelRunner once the pool is allocated.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.rotary = rotary
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]."""
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, _ = attn_kernels.rope_and_cache(
+            positions, q, k, v, self.rotary.cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping
+        )
+        nd = meta.num_decodes
+        if nd == meta.num_seqs:
+            out = attn_kernels.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, meta.max_decode_seq_len
+            )
+        elif nd == 0:
+            out = attn_kernels.paged_prefill_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                self.scale, meta.max_query_len, meta.max_seq_len,
+            )
+        else:
+            out = torch.empty_like(q)
+            out[:nd] = attn_kernels.paged_decode_attention(
+                q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
+                meta.max_decode_seq_len,
+            )
+            out[nd:] = attn_kernels.paged_prefill_attention(
+                q[nd:], self.k_cache, self.v_cache, meta.block_tables[nd:], meta.prefill_query_start_loc,
+                meta.seq_lens[nd:], self.scale, meta.max_query_len, meta.max_seq_len,
+            )
+        return out.reshape(T, self.num_heads * self.head_dim)

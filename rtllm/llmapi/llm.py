@@ -1,0 +1,147 @@
+"""LLM: the user API. ``LLM(model).generate(prompts, sampling_params)``, streaming, chat."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from rtllm.config import KvCacheConfig
+from rtllm.errors import InvalidRequestError
+from rtllm.executor.base import GenerationExecutor
+from rtllm.executor.request import GenerationRequest
+from rtllm.executor.result import GenerationResult, RequestOutput
+from rtllm.llmapi.default_model import default_model_path
+from rtllm.llmapi.llm_args import LlmArgs
+from rtllm.sampling_params import SamplingParams
+from rtllm.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An engine serving one model.
+
+    ``model``: an HF checkpoint directory, a .gguf file, or None for the embedded default
+    (SmolLM2-135M-Instruct). Use as a context manager or call ``shutdown()``.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | Tokenizer | None = None,
+        dtype: str = "auto",
+        kv_cache_config: KvCacheConfig | None = None,
+        max_batch_size: int = 64,
+        max_num_tokens: int = 2048,
+        max_seq_len: int | None = None,
+        enable_chunked_prefill: bool = True,
+        device: str = "auto",
+    ) -> None:
+        self._executor: GenerationExecutor | None = None
+        model = model or default_model_path()
+        self.args = LlmArgs(model, tokenizer if isinstance(tokenizer, str) else None, dtype,
+                            kv_cache_config or KvCacheConfig(), max_batch_size, max_num_tokens, max_seq_len,
+                            enable_chunked_prefill, device)
+        if isinstance(tokenizer, Tokenizer):
+            self.tokenizer = tokenizer
+        else:
+            self.tokenizer = load_tokenizer(tokenizer or model)
+        self._executor = GenerationExecutor.create(self.args.engine_config(), self.tokenizer)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+    @property
+    def executor(self) -> GenerationExecutor:
+        if self._executor is None:
+            raise RuntimeError("this LLM was shut down")
+        return self._executor
+
+    # -- requests ---------------------------------------------------------------------------
+    def _make_request(self, prompt: Prompt, params: SamplingParams | None, streaming: bool) -> GenerationRequest:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty: give at least one character")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids, text = list(prompt), None
+        else:
+            raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return GenerationRequest(ids, params, prompt=text, streaming=streaming)
+
+    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       streaming: bool = False) -> GenerationResult:
+        """Submit one prompt; returns a GenerationResult: ``await r.aresult()``, ``async for out in r``
+        (streaming snapshots with text_diff), or ``r.result()`` from sync code."""
+        return self.executor.submit(self._make_request(prompt, sampling_params, streaming))
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Generate for one prompt (returns a RequestOutput) or a list (returns a list, in order)."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list | tuple) and bool(prompts) and all(isinstance(t, int) for t in prompts))
+        plist: list[Prompt] = [prompts] if single else list(prompts)
+        if not plist:
+            raise InvalidRequestError("generate() got no prompts")
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(plist):
+                raise InvalidRequestError(
+                    f"got {len(sampling_params)} sampling_params for {len(plist)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(plist)
+        requests = [self._make_request(p, sp, False) for p, sp in zip(plist, params_list)]
+        results: list[GenerationResult] = []
+        try:
+            for r in requests:
+                results.append(self.executor.submit(r))
+        except Exception:
+            for res in results:
+                res.abort()
+            raise
+        outputs = []
+        for res in tqdm(results, desc="Generating", disable=not use_tqdm or len(results) < 2):
+            outputs.append(res.result())
+        return outputs[0] if single else outputs
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list) and generate."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if single else list(messages)
+        prompts: list[Prompt] = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt),
+                                         add_special_tokens=False) for c in convs]
+        outs = self.generate(prompts, sampling_params, use_tqdm)
+        return outs[0] if single else outs

@@ -1,0 +1,45 @@
+"""LlmArgs: the LLM constructor's options, validated on construction (TensorRT-LLM names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rtllm.config import EngineConfig, KvCacheConfig, SchedulerConfig
+from rtllm.errors import ConfigError
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+@dataclass
+class LlmArgs:
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
+    max_batch_size: int = 64
+    max_num_tokens: int = 2048
+    max_seq_len: int | None = None
+    enable_chunked_prefill: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"LlmArgs.model={self.model!r}: must be a path to a model directory or .gguf file")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"LlmArgs.dtype={self.dtype!r}: must be one of {_DTYPES}")
+        if not isinstance(self.kv_cache_config, KvCacheConfig):
+            raise ConfigError(f"LlmArgs.kv_cache_config must be a KvCacheConfig, got {type(self.kv_cache_config)}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"LlmArgs.device={self.device!r}: must be 'auto', 'cpu' or 'cuda[:N]'")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"LlmArgs.device={self.device!r}: no CUDA device is available")
+        self.scheduler_config = SchedulerConfig(self.max_batch_size, self.max_num_tokens, self.max_seq_len,
+                                                self.enable_chunked_prefill)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
+                            kv_cache_config=self.kv_cache_config, scheduler_config=self.scheduler_config)

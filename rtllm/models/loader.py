@@ -1,0 +1,139 @@
+"""Load a checkpoint into an rtllm model: a Hugging Face directory (safetensors) or a GGUF file.
+
+Native readers only: safetensors / gguf packages, no transformers model classes. Every
+failure (missing path, corrupt config or weights, unknown architecture, missing tensors)
+raises ModelLoadError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rtllm.errors import ModelLoadError
+from rtllm.models.config import ModelConfig, parse_dtype
+from rtllm.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    dtype: torch.dtype
+    tokenizer_source: object  # an HF directory path, or GGUFTokenizerData for a GGUF file
+    load_seconds: float
+    weight_bytes: int
+
+
+def find_gguf(path: str) -> str | None:
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return os.path.join(path, ggufs[0])
+    return None
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """The checkpoint's safetensors shards, from model.safetensors.index.json when present."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is malformed: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(model_dir, f))]
+        if missing:
+            raise ModelLoadError(f"{index} names shards that do not exist: {missing}")
+        return [os.path.join(model_dir, f) for f in files]
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {model_dir!r}")
+    return [os.path.join(model_dir, f) for f in files]
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ModelLoadError(f"cannot read weights file {path}: {e}") from e
+        except OSError as e:
+            raise ModelLoadError(f"cannot read weights file {path}: {e}") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' takes the checkpoint's dtype, except fp32 checkpoints run in bf16 on GPU."""
+    if dtype == "auto":
+        if device.type == "cuda" and config_dtype == torch.float32:
+            return torch.bfloat16
+        if device.type == "cpu" and config_dtype == torch.float16:
+            return torch.float32  # fp16 matmuls on CPU are slow and lossy; bf16/fp32 are the CPU types
+        return config_dtype
+    return parse_dtype(dtype)
+
+
+def load_model(
+    model_path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
+    max_positions: int | None = None,
+) -> LoadedModel:
+    """Build the model for ``model_path`` on ``device`` and load its weights."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    if not os.path.exists(model_path):
+        raise ModelLoadError(f"model path {model_path!r} does not exist")
+    gguf_path = find_gguf(model_path)
+    if gguf_path is not None:
+        from rtllm.models.gguf_reader import load_gguf
+
+        ckpt = load_gguf(gguf_path)
+        config = ModelConfig.from_dict(ckpt.config, source=gguf_path)
+        weights: Iterator[tuple[str, torch.Tensor]] = iter(ckpt.tensors.items())
+        tokenizer_source: object = ckpt.tokenizer
+    else:
+        if not os.path.isdir(model_path):
+            raise ModelLoadError(f"{model_path!r} is neither a model directory nor a .gguf file")
+        config = ModelConfig.from_file(os.path.join(model_path, "config.json"))
+        weights = iter_safetensors(safetensors_files(model_path))
+        tokenizer_source = model_path
+
+    model_cls = get_model_class(config.architectures)
+    torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with device:
+            model = model_cls(config, max_positions=max_positions)
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval().requires_grad_(False)
+    try:
+        loaded = model.load_weights(weights)
+    except KeyError as e:
+        raise ModelLoadError(f"{model_path}: checkpoint tensor {e.args[0]!r} has no matching parameter "
+                             f"in {config.architecture}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"{model_path}: {e}") from e
+    expected = {n for n, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelLoadError(f"{model_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    secs = time.perf_counter() - t0
+    logger.info("loaded %s (%s, %s) in %.2f s: %.1f MiB of weights", model_path, config.architecture,
+                torch_dtype, secs, weight_bytes / 2**20)
+    return LoadedModel(model, config, torch_dtype, tokenizer_source, secs, weight_bytes)

@@ -1,0 +1,117 @@
+"""ModelRunner: packs a scheduled batch flat, builds attention metadata once, runs the model.
+
+Owns the paged KV cache tensors (one [2, num_blocks, block_size, Hkv, D] pool per layer, carved
+from one allocation) and binds them to the model's attention layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from rtllm.layers.attention_metadata import AttentionMetadata
+from rtllm.runtime.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    sample_logits: torch.Tensor  # [S, V] float32: last-position logits of requests that sample
+    sample_rows: list[int]  # batch index of each sample_logits row
+    prompt_logits: dict[int, tuple[torch.Tensor, list[int], int]]  # batch idx -> (logits, targets, first pos)
+
+
+def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    layers = model.attention_layers()
+    a = layers[0]
+    return 2 * len(layers) * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.vocab_size = model.config.vocab_size
+        self.kv_cache: torch.Tensor | None = None
+        self.num_blocks = 0
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        shape = (len(layers), 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.k_cache = self.kv_cache[i, 0]
+            layer.v_cache = self.kv_cache[i, 1]
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB", num_blocks, self.block_size,
+                    num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    # -- packing --------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        num_decodes = 0
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            c = req.num_computed_tokens
+            input_ids.extend(req.token_ids[c : c + n])
+            positions.extend(range(c, c + n))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + n))
+            starts.append(starts[-1] + n)
+            seq_lens.append(c + n)
+            if n == 1 and len(seq_lens) == num_decodes + 1 and c + 1 == req.num_tokens:
+                num_decodes += 1
+        max_blocks = max(len(r.block_ids) for r in batch.requests)
+        table = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in batch.requests]
+        dev = self.device
+        qsl = torch.tensor(starts, dtype=torch.int32)
+        meta = AttentionMetadata(
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+            query_start_loc=qsl.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(table, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            max_decode_seq_len=max(seq_lens[:num_decodes], default=0),
+            prefill_query_start_loc=(qsl[num_decodes:] - starts[num_decodes]).to(dev, non_blocking=True)
+            if num_decodes < len(seq_lens) else None,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        return ids, pos, meta
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> ModelOutput:
+        ids, pos, meta = self.prepare(batch)
+        hidden = self.model(ids, pos, meta)
+        starts = meta.query_start_loc.tolist() if self.device.type == "cpu" else None
+        if starts is None:
+            starts = [0]
+            for n in batch.num_new_tokens:
+                starts.append(starts[-1] + n)
+        sample_rows = [i for i in range(len(batch)) if batch.samples(i)]
+        idx = torch.tensor([starts[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=self.device)
+        sample_logits = self.model.compute_logits(hidden.index_select(0, idx)).float()
+        prompt_logits: dict[int, tuple[torch.Tensor, list[int], int]] = {}
+        for i, req in enumerate(batch.requests):
+            if req.sampling_params.prompt_logprobs is None:
+                continue
+            c, n = req.num_computed_tokens, batch.num_new_tokens[i]
+            last = min(c + n, req.num_prompt_tokens - 1)  # positions c..last-1 predict prompt tokens
+            if last <= c:
+                continue
+            h = hidden[starts[i] : starts[i] + (last - c)]
+            prompt_logits[i] = (self.model.compute_logits(h).float(), req.token_ids[c + 1 : last + 1], c)
+        return ModelOutput(sample_logits, sample_rows, prompt_logits)

@@ -1,0 +1,207 @@
+"""PyExecutor: the step loop. Owns the scheduler, KV cache manager, model runner and sampler.
+
+Thread model: ``enqueue`` and ``abort`` may be called from any thread; everything else runs on
+the loop's thread. Each iteration takes new requests and aborts, schedules, runs the model,
+samples, and emits RequestUpdates through the ``emit`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from rtllm.config import EngineConfig
+from rtllm.errors import InvalidRequestError
+from rtllm.models.loader import LoadedModel, load_model
+from rtllm.runtime.kv_cache_manager import KVCacheManager
+from rtllm.runtime.model_runner import ModelRunner, kv_bytes_per_token
+from rtllm.runtime.request import Request, RequestStatus
+from rtllm.runtime.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
+from rtllm.runtime.scheduler import RequestUpdate, Scheduler
+from rtllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+@dataclass
+class NewRequest:
+    """What the executor hands the runtime: one sequence to generate."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int | None = None  # per-sequence seed (params.seed + sample index for n > 1)
+    wait_for: str | None = None  # sibling whose prompt blocks to reuse (n > 1)
+
+
+class PyExecutor:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        sc, kc = config.scheduler_config, config.kv_cache_config
+        self.loaded = loaded or load_model(config.model, config.dtype, self.device,
+                                           max_positions=sc.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+        self.model_config = self.loaded.config
+        if sc.max_seq_len is None:
+            sc = replace(sc, max_seq_len=min(self.model_config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
+            config.scheduler_config = sc
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block)
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, kc.tokens_per_block, kc.enable_block_reuse)
+        self.scheduler = Scheduler(sc, self.kv)
+        self.sampler = Sampler()
+        self._inbox: queue.Queue = queue.Queue()
+        self.num_steps = 0
+
+    def set_eos_token_ids(self, ids: frozenset[int]) -> None:
+        """The tokenizer may know more end tokens than config.json (e.g. a chat end token)."""
+        self.eos_token_ids = frozenset(ids) | frozenset(self.model_config.eos_token_ids)
+
+    # -- sizing ---------------------------------------------------------------------------
+    def _num_kv_blocks(self) -> int:
+        kc, sc = self.config.kv_cache_config, self.config.scheduler_config
+        per_token = kv_bytes_per_token(self.loaded.model, self.loaded.dtype)
+        if kc.max_tokens is not None:
+            tokens = kc.max_tokens
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            tokens = int(free * kc.free_gpu_memory_fraction) // per_token
+        else:
+            want = sc.max_batch_size * sc.max_seq_len
+            tokens = min(want, self.config.cpu_kv_cache_bytes // per_token)
+        return max(tokens // kc.tokens_per_block, 1) + 1  # + the null block
+
+    # -- intake (any thread) --------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reject a request that can never run, with a message naming the problem."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        max_seq_len = self.config.scheduler_config.max_seq_len
+        n = len(prompt_token_ids)
+        if n >= max_seq_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; max_seq_len={max_seq_len} leaves no room to generate")
+        if n + params.min_tokens > max_seq_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds max_seq_len={max_seq_len}")
+        capacity = self.kv.capacity_tokens
+        if n + 1 > capacity:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the KV cache holds {capacity} tokens in all")
+
+    def enqueue(self, new: NewRequest) -> None:
+        self._inbox.put(("add", new))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def wake(self) -> None:
+        self._inbox.put(("wake", None))
+
+    # -- loop thread ------------------------------------------------------------------------
+    def _drain_inbox(self, block: bool) -> list[RequestUpdate]:
+        updates: list[RequestUpdate] = []
+        try:
+            item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return updates
+        while True:
+            kind, payload = item
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                req = self.scheduler.finish_request(payload, RequestStatus.FINISHED_ABORTED)
+                if req is not None:
+                    updates.append(RequestUpdate(payload, [], True, "abort"))
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return updates
+
+    def _add(self, new: NewRequest) -> None:
+        sc = self.config.scheduler_config
+        params = new.sampling_params
+        n = len(new.prompt_token_ids)
+        room = min(sc.max_seq_len, self.kv.capacity_tokens) - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        wait_for = self.scheduler.requests.get(new.wait_for) if new.wait_for else None
+        req = Request(new.request_id, new.prompt_token_ids, params, self.eos_token_ids, max(max_tokens, 1),
+                      generator=make_generator(new.seed, self.device), wait_for=wait_for)
+        self.scheduler.add_request(req)
+
+    def step(self) -> list[RequestUpdate]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        out = self.runner.execute(batch)
+        rows = []
+        for i in out.sample_rows:
+            r = batch.requests[i]
+            rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids, r.output_token_ids,
+                                    r.eos_token_ids))
+        sampled = self.sampler.sample(out.sample_logits, rows) if rows else None
+        tokens: dict[str, int] = {}
+        extra: dict[str, tuple] = {}
+        if sampled is not None:
+            toks = sampled.token_ids.tolist()
+            for j, i in enumerate(out.sample_rows):
+                rid = batch.requests[i].request_id
+                tokens[rid] = toks[j]
+                if sampled.logprobs is not None and rows[j].params.logprobs is not None:
+                    extra[rid] = (float(sampled.logprobs[j]), sampled.top_logprobs[j])
+        prompt_lp = self._prompt_logprobs(batch, out)
+        updates = self.scheduler.update(batch, tokens)
+        for u in updates:
+            if u.request_id in extra:
+                u.logprob, u.top_logprobs = extra[u.request_id]
+            if u.request_id in prompt_lp:
+                u.prompt_logprobs = prompt_lp.pop(u.request_id)
+        for req in batch.requests:
+            if req.request_id in prompt_lp:  # a prefill chunk that did not sample yet
+                updates.append(RequestUpdate(req.request_id, [], False, prompt_logprobs=prompt_lp[req.request_id]))
+        self.num_steps += 1
+        return updates
+
+    def _prompt_logprobs(self, batch, out) -> dict[str, list]:
+        result: dict[str, list] = {}
+        for i, (logits, targets, first) in out.prompt_logits.items():
+            req = batch.requests[i]
+            k = req.sampling_params.prompt_logprobs
+            lps, tops = compute_logprobs(logits, k, torch.tensor(targets, device=logits.device))
+            entries = [(float(lp), top) for lp, top in zip(lps.tolist(), tops)]
+            result[req.request_id] = ([None] if first == 0 else []) + entries
+        return result
+
+    def run_loop(self, emit: Callable[[list[RequestUpdate]], None], stop: threading.Event) -> None:
+        """Run steps until ``stop`` is set. An exception inside a step fails every request and re-raises."""
+        while not stop.is_set():
+            updates = self._drain_inbox(block=not self.scheduler.has_work())
+            if self.scheduler.has_work():
+                t0 = time.perf_counter()
+                try:
+                    updates.extend(self.step())
+                except Exception as e:
+                    logger.exception("engine step failed")
+                    msg = f"engine step failed: {type(e).__name__}: {e}"
+                    for rid in list(self.scheduler.requests):
+                        self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+                        updates.append(RequestUpdate(rid, [], True, "abort", error=msg))
+                    emit(updates)
+                    raise
+                self.last_step_seconds = time.perf_counter() - t0
+            if updates:
+                emit(updates)

@@ -1,0 +1,186 @@
+"""Inflight-batching scheduler with a token budget, chunked prefill, prefix reuse and preemption.
+
+There are no prefill/decode phases: each step, every request's num_computed_tokens catches up
+with its num_tokens under the step's token budget (max_num_tokens). Running requests are served
+first, in admission order; waiting requests are admitted FCFS while budget, batch slots and KV
+blocks last. When blocks run out, the most recently admitted running request is preempted: its
+blocks are freed and it goes back to the head of the queue to be recomputed later.
+The scheduler needs no model: tests drive it with fake sampled tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rtllm.config import SchedulerConfig
+from rtllm.runtime.kv_cache_manager import KVCacheManager
+from rtllm.runtime.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work. Requests are ordered decodes (one new token) first, then prefill chunks."""
+
+    requests: list[Request]
+    num_new_tokens: list[int]
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether request i reaches the end of its tokens this step (so its last logit is sampled)."""
+        r = self.requests[i]
+        return r.num_computed_tokens + self.num_new_tokens[i] == r.num_tokens
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+@dataclass
+class RequestUpdate:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None  # the stop token id, when one stopped it
+    logprob: float | None = None  # raw logprob of the new token (when asked)
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list | None = None  # per prompt position: (logprob of the token, top-k) or None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.prefill_tokens_computed = 0  # prompt/recompute tokens computed, for stats and tests
+        self.num_preemptions = 0
+
+    # -- queue management -----------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req)
+        return req
+
+    # -- one step -------------------------------------------------------------------------
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> ScheduledBatch:
+        cfg = self.config
+        budget = cfg.max_num_tokens
+        chosen: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+
+        for req in list(self.running):
+            if req not in self.running:  # preempted earlier in this loop
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                chosen.append((req, num_new))
+                budget -= num_new
+
+        if not preempted:
+            self._admit(chosen, budget)
+
+        # decodes first, then prefill chunks (the attention layer splits the batch there)
+        chosen.sort(key=lambda rn: rn[1] != 1 or rn[0].num_tokens - rn[0].num_computed_tokens != 1)
+        return ScheduledBatch([r for r, _ in chosen], [n for _, n in chosen], preempted)
+
+    def _admit(self, chosen: list[tuple[Request, int]], budget: int) -> None:
+        cfg = self.config
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
+            req = self.waiting[0]
+            leader = req.wait_for
+            if leader is not None and not leader.is_finished and not leader.prefill_done:
+                skipped.append(self.waiting.popleft())  # let its sibling fill the prefix cache first
+                continue
+            blocks, num_cached = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_cached
+            if num_new > budget and not cfg.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate_slots(req, num_new, blocks):
+                break
+            self.waiting.popleft()
+            req.wait_for = None
+            req.num_computed_tokens = num_cached
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chosen.append((req, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+
+    def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[RequestUpdate]:
+        """Advance computed counts, append sampled tokens, apply stop rules, free finished requests.
+
+        ``sampled`` maps request id -> the token sampled for it (only requests that sampled).
+        """
+        updates: list[RequestUpdate] = []
+        max_seq_len = self.config.max_seq_len
+        for req, num_new in zip(batch.requests, batch.num_new_tokens):
+            if req.is_finished or req.request_id not in self.requests:
+                continue  # aborted while the step ran
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                self.prefill_tokens_computed += min(num_new, req.num_prompt_tokens - req.num_computed_tokens)
+            req.num_computed_tokens += num_new
+            tok = sampled.get(req.request_id)
+            if tok is None:
+                self.kv.cache_full_blocks(req)
+                continue
+            req.token_ids.append(tok)
+            self.kv.cache_full_blocks(req)
+            params = req.sampling_params
+            reason = None
+            if not params.ignore_eos and tok in req.eos_token_ids and req.num_output_tokens > params.min_tokens:
+                reason = "stop"
+            elif params.stop_token_ids and tok in params.stop_token_ids and (
+                req.num_output_tokens > params.min_tokens
+            ):
+                reason, req.stop_reason = "stop", tok
+            elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_seq_len:
+                reason = "length"
+            if reason is not None:
+                status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+                self.finish_request(req.request_id, status)
+            updates.append(RequestUpdate(req.request_id, [tok], reason is not None, reason, req.stop_reason,
+                                         num_cached_tokens=req.num_cached_tokens))
+        return updates
