@@ -42,13 +42,19 @@ def paged_decode_attention_torch(
     scale: float,
     max_seq_len: int,
 ) -> torch.Tensor:
-    """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D]. Vectorized over the batch."""
+    """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D]. Vectorized over the batch.
+
+    Positions >= seq_lens[b] are gathered (up to max_seq_len) but zeroed before the masked
+    softmax, so whatever unwritten cache slots hold (NaN in a torch.empty pool) cannot leak in.
+    A row with seq_len 0 (padding) returns zeros.
+    """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     slots = gather_slots(block_tables, max_seq_len, block_size)  # [B, L]
-    k = k_cache.view(-1, Hkv, D)[slots]  # [B, L, Hkv, D]
-    v = v_cache.view(-1, Hkv, D)[slots]
     valid = torch.arange(max_seq_len, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, L]
+    keep = valid[:, :, None, None]
+    k = torch.where(keep, k_cache.view(-1, Hkv, D)[slots], 0)  # [B, L, Hkv, D]
+    v = torch.where(keep, v_cache.view(-1, Hkv, D)[slots], 0)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, Hq, 1, D]
         k.transpose(1, 2).to(q.dtype),  # [B, Hkv, L, D]
@@ -57,7 +63,7 @@ def paged_decode_attention_torch(
         scale=scale,
         enable_gqa=Hq != Hkv,
     )
-    return out.squeeze(2)
+    return out.squeeze(2).masked_fill((seq_lens == 0)[:, None, None], 0.0)
 
 
 def paged_prefill_attention_torch(

@@ -103,8 +103,20 @@ def _reshape_and_cache_kernel(
     row = slot % PAGE
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-    kc = kc_ptr + blk * stride_kcb + row * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd
-    vc = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
+    kc = (
+        kc_ptr
+        + blk * stride_kcb
+        + row * stride_kcs
+        + offs_h[:, None] * stride_kch
+        + offs_d[None, :] * stride_kcd
+    )
+    vc = (
+        vc_ptr
+        + blk * stride_vcb
+        + row * stride_vcs
+        + offs_h[:, None] * stride_vch
+        + offs_d[None, :] * stride_vcd
+    )
     tl.store(kc, k.to(tl.float32), mask=mask)
     tl.store(vc, v.to(tl.float32), mask=mask)
 
@@ -208,7 +220,9 @@ def _decode_split_kernel(
     heads = hk * G + offs_g
     mask_q = mask_g[:, None] & mask_d[None, :]
     q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_q,
+        other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
@@ -285,16 +299,22 @@ def _decode_reduce_kernel(
     mask_d = offs_d < HEAD_DIM
     part = (b.to(tl.int64) * num_heads + h) * num_splits + offs_s
     m = tl.load(m_ptr + part, mask=mask_s, other=float("-inf"))
-    l = tl.load(l_ptr + part, mask=mask_s, other=0.0)
+    lsum = tl.load(l_ptr + part, mask=mask_s, other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
-    denom = tl.sum(w * l, 0)
+    denom = tl.sum(w * lsum, 0)
     acc = tl.load(
-        acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0
+        acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
     )
     o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od, o.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+        o.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
 
 
 DECODE_MAX_SPLITS = 64
@@ -360,15 +380,15 @@ def paged_decode_attention_triton(
     block_g = max(16, triton.next_power_of_2(G))
     one = num_splits == 1
     if one:
-        m = l = acc = out  # unused
+        m = lsum = acc = out  # unused
     else:
         m = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+        lsum = torch.empty_like(m)
         acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     num_warps = 4 if block_g * block_d <= 64 * 128 else 8
     stages = 3 if (k_cache.element_size() <= 2 and block_d <= 128) else 2
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc,
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
         scale * _LOG2E, split_tokens, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
@@ -377,7 +397,7 @@ def paged_decode_attention_triton(
     )  # fmt: skip
     if not one:
         _decode_reduce_kernel[(B, Hq)](
-            out, m, l, acc, seq_lens, split_tokens, num_splits, *out.stride(),
+            out, m, lsum, acc, seq_lens, split_tokens, num_splits, *out.stride(),
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )  # fmt: skip
@@ -506,7 +526,7 @@ def _prefill_kernel(
     first_q = (tile * BLOCK_M) // G
     last_q = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // G, q_len - 1)
     hi = tl.where(first_q < q_len, ctx + last_q + 1, 0)
-    lo = tl.minimum(((ctx + first_q) // BLOCK_N) * BLOCK_N, hi)
+    lo = tl.minimum(((ctx + first_q) // BLOCK_N) * BLOCK_N + BLOCK_N, hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

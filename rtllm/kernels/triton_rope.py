@@ -65,7 +65,9 @@ def _rope_heads(
     if HAS_PASS:
         offs_p = 2 * ROT_HALF + tl.arange(0, BLOCK_P)
         mask_p = mask_h[:, None] & (offs_p < HEAD_DIM)[None, :]
-        xp = tl.load(x_ptr + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd, mask=mask_p, other=0.0)
+        xp = tl.load(
+            x_ptr + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd, mask=mask_p, other=0.0
+        )
         xp = xp.to(tl.float32).to(o_ptr.dtype.element_ty)
         tl.store(o_ptr + offs_h[:, None] * stride_oh + offs_p[None, :] * stride_od, xp, mask=mask_p)
         if TO_CACHE:

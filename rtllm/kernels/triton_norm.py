@@ -1,0 +1,97 @@
+"""Triton RMSNorm and fused residual-add + RMSNorm.
+
+Semantics are those of :mod:`rtllm.kernels.norm` (Llama/HF RMSNorm):
+``y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with the statistics in fp32, the
+normalized value rounded to x's dtype before the weight multiply, and the output dtype
+``promote_types(x.dtype, weight.dtype)``. x is [..., H] (the last dim contiguous after a
+reshape); weight is [H].
+
+One program normalizes one row held entirely in registers (one read, one write per tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    s_ptr,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    eps,
+    H: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ADD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        # the sum is rounded to its storage dtype first, and the norm is taken of that value
+        s = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if ADD:
+        xn = (x * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    H = x.shape[-1]
+    assert weight.shape == (H,)
+    x2 = _rows(x)
+    w = weight if weight.stride(0) == 1 else weight.contiguous()
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if residual is not None:
+        assert residual.shape == x.shape
+        r2 = _rows(residual)
+        s = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    else:
+        r2 = s = x2  # unused
+    R = x2.shape[0]
+    if R > 0:
+        block = triton.next_power_of_2(H)
+        warps = (
+            1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+        )
+        _rms_norm_kernel[(R,)](
+            x2, r2, w, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
+            H=H, BLOCK=block, ADD=residual is not None, num_warps=warps,
+        )  # fmt: skip
+    return y.view(x.shape), s.view(x.shape)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., H] with weight [H]; returns a new tensor. Grid: one program per row."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm_triton(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual) from one pass over x and residual.
+
+    Both results are new tensors (inputs untouched). Grid: one program per row.
+    """
+    return _launch(x, residual, weight, eps)
