@@ -11,7 +11,7 @@ import os
 import torch
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-VOCAB = 300  # 256 byte tokens + specials, padded
+VOCAB = 260  # 256 byte tokens + 4 specials: the tokenizer covers every id
 
 
 def hf_config(arch: str, **overrides):

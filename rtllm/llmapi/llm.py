@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from rtllm.config import KvCacheConfig
-from rtllm.errors import InvalidRequestError
+from rtllm.errors import InvalidRequestError, ModelLoadError
 from rtllm.executor.base import GenerationExecutor
 from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult, RequestOutput
 from rtllm.llmapi.default_model import default_model_path
 from rtllm.llmapi.llm_args import LlmArgs
 from rtllm.sampling_params import SamplingParams
-from rtllm.tokenizer import Tokenizer, load_tokenizer
+from rtllm.models.loader import find_gguf
+from rtllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,16 @@ class LLM:
     ) -> None:
         self._executor: GenerationExecutor | None = None
         model = model or default_model_path()
+        if not os.path.exists(model):
+            raise ModelLoadError(f"model path {model!r} does not exist (give an HF checkpoint directory or a .gguf file)")
         self.args = LlmArgs(model, tokenizer if isinstance(tokenizer, str) else None, dtype,
                             kv_cache_config or KvCacheConfig(), max_batch_size, max_num_tokens, max_seq_len,
                             enable_chunked_prefill, device)
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer = tokenizer
         else:
-            self.tokenizer = load_tokenizer(tokenizer or model)
+            src = tokenizer or model
+            self.tokenizer = Tokenizer.from_pretrained(find_gguf(src) or src)
         self._executor = GenerationExecutor.create(self.args.engine_config(), self.tokenizer)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -107,6 +112,9 @@ class LLM:
         """Generate for one prompt (returns a RequestOutput) or a list (returns a list, in order)."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list | tuple) and bool(prompts) and all(isinstance(t, int) for t in prompts))
+        if not single and not isinstance(prompts, list | tuple):
+            raise InvalidRequestError(
+                f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
         plist: list[Prompt] = [prompts] if single else list(prompts)
         if not plist:
             raise InvalidRequestError("generate() got no prompts")

@@ -1,0 +1,83 @@
+"""`rtllm bench throughput | latency`: offline engine benchmarks with an optional HF baseline."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+
+
+def add_bench_parser(sub, engine_args) -> None:
+    b = sub.add_parser("bench", help="offline benchmarks (throughput, latency)")
+    bsub = b.add_subparsers(dest="mode", required=True)
+    for mode in ("throughput", "latency"):
+        p = bsub.add_parser(mode)
+        engine_args(p)
+        p.add_argument("--isl", type=int, default=128, help="input tokens per request")
+        p.add_argument("--osl", type=int, default=128, help="output tokens per request")
+        if mode == "throughput":
+            p.add_argument("--num-requests", type=int, default=64)
+            p.add_argument("--concurrency", type=int, default=16)
+        else:
+            p.add_argument("--num-requests", type=int, default=4)
+        p.add_argument("--baseline", choices=["none", "hf"], default="none")
+        p.add_argument("--output-json", default=None)
+        p.set_defaults(func=run_bench)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_bench(args) -> int:
+    from rtllm import LLM, KvCacheConfig
+    from rtllm.bench.throughput import bench_engine, bench_hf
+    from rtllm.bench.workload import Workload
+
+    conc = getattr(args, "concurrency", 1)
+    wl = Workload(args.num_requests, args.isl, args.osl, conc)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=max(args.max_batch_size, conc),
+              max_num_tokens=max(args.max_num_tokens, conc), max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
+              kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens))
+    engine = llm.executor.engine
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
+            or platform.machine(), "device": str(engine.device), "dtype": str(engine.loaded.dtype),
+            "model": engine.config.model, "workload": wl.__dict__}
+    res = {"info": info, "rtllm": bench_engine(llm, wl)}
+    vocab, eos = llm.tokenizer.vocab_size, frozenset(llm.tokenizer.eos_token_ids)
+    model_path, dtype, device = engine.config.model, engine.loaded.dtype, str(engine.device)
+    llm.shutdown()
+    if args.baseline == "hf":
+        res["transformers"] = bench_hf(model_path, wl, dtype, device, vocab, eos)
+        res["ratio_vs_hf"] = res["rtllm"]["output_tok_s"] / res["transformers"]["output_tok_s"]
+    _print(res)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def _print(res: dict) -> None:
+    i = res["info"]
+    w = i["workload"]
+    print(f"# rtllm bench  {i['date']}  commit {i['commit']}  {i['device']} {i['dtype']}")
+    print(f"# workload: {w['num_requests']} requests, ISL {w['isl']}, OSL {w['osl']}, concurrency {w['concurrency']}")
+    for key in ("rtllm", "transformers"):
+        if key not in res:
+            continue
+        r = res[key]
+        line = f"{key:>12}: {r['output_tok_s']:9.1f} output tok/s  {r['request_s']:7.2f} req/s"
+        if "ttft_s" in r:
+            t, p = r["ttft_s"], r["tpot_s"]
+            line += (f"  TTFT p50/p90/p99 {t['p50']*1e3:.1f}/{t['p90']*1e3:.1f}/{t['p99']*1e3:.1f} ms"
+                     f"  TPOT p50/p90/p99 {p['p50']*1e3:.1f}/{p['p90']*1e3:.1f}/{p['p99']*1e3:.1f} ms")
+        else:
+            line += f"  TPOT mean {r['tpot_s']['mean']*1e3:.1f} ms"
+        print(line)
+    if "ratio_vs_hf" in res:
+        print(f"  ratio rtllm / transformers: {res['ratio_vs_hf']:.2f}x")
