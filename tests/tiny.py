@@ -67,8 +67,7 @@ CHAT_TEMPLATE = (
 
 def write_byte_tokenizer(path: str, v5_layout: bool = True) -> None:
     """A byte-level tokenizer: ids 0..255 are bytes, 256 <s>, 257 </s>, 258 <|im_start|>, 259 <|im_end|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     byte_to_unicode = sorted(alphabet, key=lambda c: ord(c))

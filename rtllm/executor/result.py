@@ -183,7 +183,7 @@ class GenerationResult:
         version = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._version > version or self.finished)
+                self._cond.wait_for(lambda v=version: self._version > v or self.finished)
                 version = self._version
                 snap = self._snapshot(seen)
             self._raise_if_failed()

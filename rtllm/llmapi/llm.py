@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -15,8 +16,8 @@ from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult, RequestOutput
 from rtllm.llmapi.default_model import default_model_path
 from rtllm.llmapi.llm_args import LlmArgs
-from rtllm.sampling_params import SamplingParams
 from rtllm.models.loader import find_gguf
+from rtllm.sampling_params import SamplingParams
 from rtllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class LLM:
         self._executor: GenerationExecutor | None = None
         model = model or default_model_path()
         if not os.path.exists(model):
-            raise ModelLoadError(f"model path {model!r} does not exist (give an HF checkpoint directory or a .gguf file)")
+            raise ModelLoadError(
+                f"model path {model!r} does not exist (give an HF checkpoint directory or a .gguf file)")
         self.args = LlmArgs(model, tokenizer if isinstance(tokenizer, str) else None, dtype,
                             kv_cache_config or KvCacheConfig(), max_batch_size, max_num_tokens, max_seq_len,
                             enable_chunked_prefill, device)
@@ -70,10 +72,8 @@ class LLM:
         self.shutdown()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.shutdown()
-        except Exception:
-            pass
 
     @property
     def executor(self) -> GenerationExecutor:

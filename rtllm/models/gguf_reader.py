@@ -30,17 +30,10 @@ from rtllm.errors import ModelLoadError, UnsupportedArchitectureError
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _REQUIRED_BLOCK_PARTS = ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                          "ffn_gate", "ffn_up", "ffn_down")
@@ -103,59 +96,42 @@ class _Reader(gguf.GGUFReader):
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
 
-def _open(path: str) -> gguf.GGUFReader:
+def _open(path: str) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """The reader and its metadata (``GGUF.*`` header fields left out)."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {path!r} does not exist")
     try:
-        return _Reader(path, "r")
+        reader = _Reader(path, "r")
+        return reader, {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     except Exception as e:  # the gguf package raises bare ValueError/KeyError/struct errors
         raise ModelLoadError(f"{path!r} is not a readable GGUF file (corrupt or truncated?): {e}") from e
 
 
-def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
 def _tokenizer_data(meta: dict[str, Any], path: str) -> GGUFTokenizerData:
-    def get(key: str) -> Any:
-        return meta.get("tokenizer.ggml." + key)
+    def get(key: str, cast: Any = None) -> Any:
+        value = meta.get("tokenizer.ggml." + key)
+        return value if value is None or cast is None else cast(value)
 
-    def as_int(key: str) -> int | None:
-        value = get(key)
-        return None if value is None else int(value)
-
-    def as_bool(key: str) -> bool | None:
-        value = get(key)
-        return None if value is None else bool(value)
-
+    ids = {f: get(key, int) for f, key in (
+        ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("eot_token_id", "eot_token_id"),
+        ("eom_token_id", "eom_token_id"), ("unk_token_id", "unknown_token_id"),
+        ("pad_token_id", "padding_token_id"))}
+    flags = {f: get(f, bool) for f in ("add_bos_token", "add_eos_token", "add_space_prefix")}
     types = get("token_type")
     return GGUFTokenizerData(
-        model=get("model") or "",
-        pre=get("pre"),
-        tokens=list(get("tokens") or []),
+        model=get("model") or "", pre=get("pre"), tokens=list(get("tokens") or []),
         token_types=None if types is None else [int(t) for t in types],
-        merges=get("merges"),
-        scores=get("scores"),
-        bos_token_id=as_int("bos_token_id"),
-        eos_token_id=as_int("eos_token_id"),
-        eot_token_id=as_int("eot_token_id"),
-        eom_token_id=as_int("eom_token_id"),
-        unk_token_id=as_int("unknown_token_id"),
-        pad_token_id=as_int("padding_token_id"),
-        add_bos_token=as_bool("add_bos_token"),
-        add_eos_token=as_bool("add_eos_token"),
-        add_space_prefix=as_bool("add_space_prefix"),
-        chat_template=meta.get("tokenizer.chat_template"),
-        source=path,
-    )
+        merges=get("merges"), scores=get("scores"), chat_template=meta.get("tokenizer.chat_template"),
+        source=path, **ids, **flags)
 
 
 def load_gguf_tokenizer(path: str) -> GGUFTokenizerData:
     """Read only the tokenizer metadata of a GGUF file (no tensor is dequantized)."""
-    return _tokenizer_data(_metadata(_open(path)), path)
+    return _tokenizer_data(_open(os.fspath(path))[1], os.fspath(path))
 
 
-def _llama3_rope_scaling(factors: np.ndarray, theta: float, rot_dim: int, original_ctx: int) -> dict | None:
+def _llama3_rope_scaling(factors: np.ndarray, theta: float, rot_dim: int, original_ctx: int,
+                         path: str) -> dict | None:
     """Recover HF ``rope_type: llama3`` parameters from llama.cpp's ``rope_freqs`` tensor.
 
     llama.cpp stores one divisor per rotary pair: 1 for high frequencies, ``factor`` for low ones
@@ -164,28 +140,28 @@ def _llama3_rope_scaling(factors: np.ndarray, theta: float, rot_dim: int, origin
     (any ``ctx`` reproduces the same frequencies, so the metadata value or 8192 is used).
     """
     f = factors.astype(np.float64)
-    factor = float(f.max())
+    factor = _f32(f.max())
     if factor <= 1.0 + 1e-6:
         return None
     inv_freq = theta ** (-np.arange(0, rot_dim, 2, dtype=np.float64)[: len(f)] / rot_dim)
     x = inv_freq / (2 * math.pi)
     smooth = (f > 1.0 + 1e-4) & (f < factor * (1 - 1e-4))
     if smooth.sum() < 2:
-        raise ModelLoadError(
-            "rope_freqs.weight has fewer than two interpolated frequencies; cannot infer llama3 scaling")
+        raise ModelLoadError(f"{path!r}: rope_freqs.weight has fewer than two interpolated frequencies; "
+                             "cannot infer the llama3 rope scaling")
     s = (1.0 / f[smooth] - 1.0 / factor) / (1.0 - 1.0 / factor)
     a, b = np.polyfit(x[smooth], s, 1)
     low = -b * original_ctx / a
     high = low + original_ctx / a
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
-            "high_freq_factor": float(high), "original_max_position_embeddings": original_ctx}
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": round(float(low), 4),
+            "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": original_ctx}
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, path: str) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
-    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+    factor = _f32(meta.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
@@ -197,14 +173,20 @@ def _rope_scaling(meta: dict[str, Any], arch: str, path: str) -> dict | None:
     raise ModelLoadError(f"{path!r}: unsupported {arch}.rope.scaling.type={kind!r} (linear, yarn)")
 
 
-def _config(meta: dict[str, Any], arch: str, tok: GGUFTokenizerData, names: set[str], path: str) -> dict:
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _config(meta: dict[str, Any], arch: str, tok: GGUFTokenizerData, names: set[str], vocab_rows: int,
+            path: str) -> dict:
     def need(key: str) -> Any:
         if f"{arch}.{key}" not in meta:
             raise ModelLoadError(f"{path!r}: GGUF metadata lacks {arch}.{key}")
         return meta[f"{arch}.{key}"]
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    vocab = meta.get(f"{arch}.vocab_size") or len(tok.tokens)
+    vocab = meta.get(f"{arch}.vocab_size") or len(tok.tokens) or vocab_rows
     config: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -214,8 +196,8 @@ def _config(meta: dict[str, Any], arch: str, tok: GGUFTokenizerData, names: set[
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
         "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(need("context_length")),
         "vocab_size": int(vocab),
         "hidden_act": "silu",
@@ -295,8 +277,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def load_gguf(path: str) -> GGUFCheckpoint:
     """Read and dequantize a llama / qwen2 / qwen3 GGUF file into an HF-named float32 checkpoint."""
     path = os.fspath(path)
-    reader = _open(path)
-    meta = _metadata(reader)
+    reader, meta = _open(path)
     arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise UnsupportedArchitectureError(
@@ -304,14 +285,21 @@ def load_gguf(path: str) -> GGUFCheckpoint:
             + ", ".join(f"{k} ({v})" for k, v in _ARCHITECTURES.items()))
     tok = _tokenizer_data(meta, path)
     names = {t.name for t in reader.tensors}
-    config = _config(meta, arch, tok, names, path)
+    embd = [int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"]
+    config = _config(meta, arch, tok, names, embd[0] if embd else 0, path)
+    layers = range(config["num_hidden_layers"])
+    required = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{part}.weight" for i in layers for part in _REQUIRED_BLOCK_PARTS]
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise ModelLoadError(f"{path!r}: tensors missing: {', '.join(missing[:8])}")
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             ctx = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
             rot_dim = int(meta.get(f"{arch}.rope.dimension_count", config["head_dim"]))
-            scaling = _llama3_rope_scaling(_dequantize(t, path), config["rope_theta"], rot_dim, ctx)
+            scaling = _llama3_rope_scaling(_dequantize(t, path), config["rope_theta"], rot_dim, ctx, path)
             if scaling is not None and "rope_scaling" not in config:
                 config["rope_scaling"] = scaling
             continue
@@ -321,11 +309,4 @@ def load_gguf(path: str) -> GGUFCheckpoint:
         if arch == "llama" and proj in heads:
             arr = unpermute_qk(arr, heads[proj])
         tensors[hf] = torch.from_numpy(np.ascontiguousarray(arr))
-    for layer in range(config["num_hidden_layers"]):
-        for part in _REQUIRED_BLOCK_PARTS:
-            if f"blk.{layer}.{part}.weight" not in names:
-                raise ModelLoadError(f"{path!r}: tensor blk.{layer}.{part}.weight is missing")
-    for part in ("token_embd", "output_norm"):
-        if f"{part}.weight" not in names:
-            raise ModelLoadError(f"{path!r}: tensor {part}.weight is missing")
     return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tok)

@@ -25,7 +25,8 @@ from rtllm.models.registry import register_model
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         qkv_bias = cfg.attention_bias or cfg.model_type == "qwen2"
         o_bias = cfg.attention_bias and cfg.model_type != "qwen2"
         self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.head_dim, self.num_heads, self.num_kv_heads, qkv_bias)
@@ -132,9 +133,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            for ckpt_frag, fused_frag, shard in self.stacked_params:
+            for ckpt_frag, fused_frag, shard_id in self.stacked_params:
                 if f".{ckpt_frag}." in name:
-                    target = name.replace(f".{ckpt_frag}.", f".{fused_frag}.")
+                    target, shard = name.replace(f".{ckpt_frag}.", f".{fused_frag}."), shard_id
                     break
             else:
                 target, shard = name, None

@@ -5,7 +5,13 @@ Imports only ``rtllm.models.gguf_reader`` and ``rtllm.errors`` from the engine.
 
 from rtllm.tokenizer.chat_template import render_chat_template, validate_messages
 from rtllm.tokenizer.detokenizer import IncrementalDetokenizer
-from rtllm.tokenizer.tokenizer import END_OF_TURN_MARKERS, GGUF_PRE_TOKENIZERS, Tokenizer, build_gguf_backend
+from rtllm.tokenizer.tokenizer import (
+    END_OF_TURN_MARKERS,
+    GGUF_PRE_TOKENIZERS,
+    Tokenizer,
+    build_gguf_backend,
+    load_tokenizer,
+)
 
 __all__ = [
     "END_OF_TURN_MARKERS",
@@ -13,6 +19,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "Tokenizer",
     "build_gguf_backend",
+    "load_tokenizer",
     "render_chat_template",
     "validate_messages",
 ]

@@ -7,7 +7,9 @@ back while its decoded text ends in U+FFFD, i.e. while a multi-byte character is
 tokens. Invariants:
 
 - ``text`` only grows until a stop string matches; it is then cut at the start of the stop string
-  (or just after it with ``include_stop_str_in_output``) and later ``append`` calls are ignored;
+  (or just after it with ``include_stop_str_in_output``) and later ``append`` calls are ignored.
+  A stop matches as soon as it is complete in the text; if one token completes several, the one
+  starting earliest wins (so with stops "f" and "def!" the text "def!" stops at "f");
 - ``pop_delta`` never returns text that could still turn out to be the start of a stop string, so
   no streamed delta is ever retracted;
 - the concatenation of every ``pop_delta()`` and the final ``finish()`` equals the final ``text``;

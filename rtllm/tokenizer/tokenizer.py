@@ -162,13 +162,17 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str) -> Tokenizer:
-        """Load an HF tokenizer directory (transformers v4 or v5 layout) or a ``.gguf`` file."""
+        """Load an HF tokenizer directory (transformers v4 or v5 layout), a ``.gguf`` file, or a
+        directory without tokenizer.json that holds exactly one ``.gguf`` file."""
         path = os.fspath(path)
         if os.path.isfile(path) and path.endswith(".gguf"):
             return cls.from_gguf(load_gguf_tokenizer(path))
         tokenizer_json = os.path.join(path, "tokenizer.json")
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
+        if not os.path.isfile(tokenizer_json) and len(ggufs) == 1:  # a directory holding one GGUF file
+            return cls.from_gguf(load_gguf_tokenizer(os.path.join(path, ggufs[0])))
         if not os.path.isfile(tokenizer_json):
-            raise ModelLoadError(f"no tokenizer.json in {path!r} (a Hugging Face fast-tokenizer file is needed)")
+            raise ModelLoadError(f"no tokenizer.json in {path!r} (a Hugging Face fast-tokenizer file)")
         try:
             backend = tokenizers.Tokenizer.from_file(tokenizer_json)
         except Exception as e:
@@ -271,3 +275,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos_ids={sorted(self.eos_token_ids)}, chat_template={self.has_chat_template})")
+
+
+def load_tokenizer(source: str | os.PathLike | GGUFTokenizerData | Tokenizer) -> Tokenizer:
+    """A Tokenizer from a path (see ``Tokenizer.from_pretrained``), GGUF metadata, or a Tokenizer."""
+    if isinstance(source, Tokenizer):
+        return source
+    if isinstance(source, GGUFTokenizerData):
+        return Tokenizer.from_gguf(source)
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"tokenizer path {path!r} does not exist")
+    return Tokenizer.from_pretrained(path)

@@ -17,6 +17,7 @@ import torch
 
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
+from rtllm.kernels.rope import apply_rope_torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) of a kernel vs the reference at each dtype; the interpreter truncates to bf16.
@@ -187,6 +188,18 @@ def test_prefill_llama_shape_gpu_tiles() -> None:
     close(out, expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("d", [80, 256])
+def test_odd_and_large_head_dims(d) -> None:
+    """head_dim padded to a power of two (80 -> 128) and the large-head configs (256)."""
+    p = Paged([0, 17], [21, 12], 4, 2, d, BS, torch.float16, seed=9)
+    out, expected = run_prefill(p)
+    close(out, expected, torch.float16)
+    pd = Paged([0, 17, 40], [1, 1, 1], 4, 2, d, BS, torch.float16, seed=10)
+    args = (pd.q, pd.k_cache, pd.v_cache, pd.block_tables, pd.seq_lens_t, pd.scale, 41)
+    out = tri.paged_decode_attention_triton(*args, num_splits=2)
+    close(out, ref.paged_decode_attention_torch(*args), torch.float16)
+
+
 def test_prefill_strided_q_and_empty_sequence() -> None:
     """q as a view into a fused qkv buffer; a sequence with no new tokens in the batch."""
     p = Paged([4, 10, 0], [6, 0, 19], 8, 2, 64, BS, torch.float16, seed=3)
@@ -245,18 +258,21 @@ def test_decode_block_size_32_strided_q() -> None:
 
 
 def test_decode_split_heuristic_fills_the_gpu() -> None:
-    """Llama-3.1-8B shapes (8 KV heads) on 132 SMs."""
-    for batch, ctx in [(1, 512), (1, 2048), (1, 8192), (8, 8192), (64, 2048), (256, 8192), (3, 1)]:
-        splits, split_tokens = tri.decode_num_splits(batch, 8, ctx, 64, 132)
-        assert split_tokens % 64 == 0 and splits * split_tokens >= ctx
-        assert (splits - 1) * split_tokens < ctx  # no empty trailing split
-        assert 1 <= splits <= tri.DECODE_MAX_SPLITS
-        programs = batch * 8 * splits
-        if batch * 8 >= 264:
-            assert splits == 1
-        elif ctx >= 64 * 264 // (batch * 8):
-            assert programs >= 132, (batch, ctx, splits)
+    """Llama-3.1-8B shapes (8 KV heads) on 132 SMs: every SM busy, one wave, no empty split."""
+    for batch in (1, 2, 3, 8, 16, 64, 256):
+        for ctx in (1, 100, 512, 2048, 8192, 131072):
+            splits, split_tokens = tri.decode_num_splits(batch, 8, ctx, 64, 132)
+            assert split_tokens % 64 == 0 and splits * split_tokens >= ctx
+            assert (splits - 1) * split_tokens < ctx  # no empty trailing split
+            assert 1 <= splits <= tri.DECODE_MAX_SPLITS
+            programs = batch * 8 * splits
+            assert programs <= max(batch * 8, 264)
+            if batch * 8 >= 132:
+                assert splits == 1
+            elif ctx >= 64 * 33:
+                assert programs > 132, (batch, ctx, splits)
     assert tri.decode_num_splits(1, 8, 8192, 64, 132) == (32, 256)
+    assert tri.decode_num_splits(8, 8, 8192, 64, 132) == (4, 2048)
     assert tri.decode_num_splits(64, 8, 8192, 64, 132) == (1, 8192)
 
 
@@ -324,3 +340,67 @@ def test_rope_and_cache(dtype, rot) -> None:
             (x1 * c[:, None] - x2 * s[:, None], x2 * c[:, None] + x1 * s[:, None], qd[..., rot:]), -1
         )
         torch.testing.assert_close(qe.double(), manual, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_like_steps_match_dense_oracle() -> None:
+    """Chunked prefill then decode, as the runtime drives it, all in Triton: rope_and_cache
+    writes each step's K/V, then prefill/decode attention reads them back. Every step's output
+    equals dense causal attention over the rotated full sequences."""
+    g = torch.Generator().manual_seed(11)
+    hq, hkv, d, bs, dtype = 8, 2, 64, 16, torch.float16
+    prompt = [37, 20]
+    steps = 3
+    total = [n + steps for n in prompt]
+    q_all = [torch.randn(n, hq, d, generator=g).to(dtype) for n in total]
+    k_all = [torch.randn(n, hkv, d, generator=g).to(dtype) for n in total]
+    v_all = [torch.randn(n, hkv, d, generator=g).to(dtype) for n in total]
+    cs = cos_sin(64, d)
+    nblocks = 12
+    tables = torch.randperm(nblocks, generator=g).to(torch.int32).view(2, 6)
+    k_cache = torch.full((nblocks, bs, hkv, d), NAN, dtype=dtype)
+    v_cache = torch.full((nblocks, bs, hkv, d), NAN, dtype=dtype)
+
+    def slot(b: int, p: int) -> int:
+        return int(tables[b, p // bs]) * bs + p % bs
+
+    def oracle(b: int, lo: int, hi: int) -> torch.Tensor:
+        pos = torch.arange(hi)
+        qr, kr = (t.double() for t in apply_rope_torch(pos, q_all[b][:hi].float(), k_all[b][:hi].float(), cs))
+        G = hq // hkv
+        k, v = kr.repeat_interleave(G, 1), v_all[b][:hi].double().repeat_interleave(G, 1)
+        s = torch.einsum("qhd,khd->hqk", qr[lo:hi], k) * d**-0.5
+        mask = torch.arange(hi)[None, :] <= torch.arange(lo, hi)[:, None]
+        return torch.einsum("hqk,khd->qhd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+
+    done = [0, 0]
+    chunk = 16
+    while done != prompt:  # chunked prefill, both sequences in each step
+        spans = [(done[b], min(done[b] + chunk, prompt[b])) for b in range(2)]
+        rows = [(b, p) for b in range(2) for p in range(*spans[b])]
+        positions = torch.tensor([p for _, p in rows])
+        q = torch.stack([q_all[b][p] for b, p in rows])
+        k = torch.stack([k_all[b][p] for b, p in rows])
+        v = torch.stack([v_all[b][p] for b, p in rows])
+        slots = torch.tensor([slot(b, p) for b, p in rows])
+        qr, _ = tri.rope_and_cache_triton(positions, q, k, v, cs, k_cache, v_cache, slots)
+        qlens = [hi - lo for lo, hi in spans]
+        qsl = torch.tensor([0, qlens[0], qlens[0] + qlens[1]], dtype=torch.int32)
+        sl = torch.tensor([hi for _, hi in spans], dtype=torch.int32)
+        out = tri.paged_prefill_attention_triton(
+            qr, k_cache, v_cache, tables, qsl, sl, d**-0.5, max(qlens), 64
+        )
+        expected = torch.cat([oracle(b, lo, hi) for b, (lo, hi) in enumerate(spans)])
+        torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)
+        done = [hi for _, hi in spans]
+    for step in range(steps):  # decode
+        pos = [n + step for n in prompt]
+        positions = torch.tensor(pos)
+        q = torch.stack([q_all[b][p] for b, p in enumerate(pos)])
+        k = torch.stack([k_all[b][p] for b, p in enumerate(pos)])
+        v = torch.stack([v_all[b][p] for b, p in enumerate(pos)])
+        slots = torch.tensor([slot(b, p) for b, p in enumerate(pos)])
+        qr, _ = tri.rope_and_cache_triton(positions, q, k, v, cs, k_cache, v_cache, slots)
+        sl = torch.tensor([p + 1 for p in pos], dtype=torch.int32)
+        out = tri.paged_decode_attention_triton(qr, k_cache, v_cache, tables, sl, d**-0.5, max(pos) + 1)
+        expected = torch.cat([oracle(b, p, p + 1) for b, p in enumerate(pos)])
+        torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)

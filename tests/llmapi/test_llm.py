@@ -39,7 +39,8 @@ def test_generate_text_and_token_ids_match_transformers(llm, tiny):
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
     assert out.outputs[0].finish_reason == "length"
     outs = llm.generate([ids, "abc"], params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, ids, 12), hf_greedy(hf, llm.tokenizer.encode("abc"), 12)]
+    abc = llm.tokenizer.encode("abc")
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, ids, 12), hf_greedy(hf, abc, 12)]
     m = outs[0].metrics
     assert 0 < m.time_to_first_token <= m.e2e_latency and m.time_per_output_token > 0
 
@@ -95,12 +96,11 @@ def test_streaming_deltas_join_to_final_text(llm):
 def test_async_streaming_and_abort_frees_blocks(llm):
     async def main():
         res = llm.generate_async("abort me please", SamplingParams(max_tokens=230, min_tokens=230), streaming=True)
-        aborted = False
-        async for out in res:
-            if not aborted:  # abort at the first chunk, while the request still holds blocks
+        last = None
+        async for last in res:
+            if last.outputs[0].finish_reason is None:  # abort at the first chunk, while it holds blocks
                 res.abort()
-                aborted = True
-        return out
+        return last
 
     out = asyncio.run(main())
     assert out.finished and out.outputs[0].finish_reason == "abort"
