@@ -80,8 +80,37 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_config: KvCacheConfig | None = None
     scheduler_config: SchedulerConfig | None = None
+    cuda_graph_config: CudaGraphConfig | None = None  # None: no CUDA graphs
     cpu_kv_cache_bytes: int = 2 << 30  # CPU default KV budget when kv_cache_config.max_tokens is None
 
     def __post_init__(self) -> None:
         self.kv_cache_config = self.kv_cache_config or KvCacheConfig()
         self.scheduler_config = self.scheduler_config or SchedulerConfig()
+
+
+@dataclass
+class CudaGraphConfig:
+    """CUDA graphs for decode steps (TensorRT-LLM's name). Captured for a ladder of batch sizes up
+    to max_batch_size; a decode batch is padded to the next captured size. None in LlmArgs turns
+    graphs off."""
+
+    max_batch_size: int = 256
+    batch_sizes: list[int] | None = None
+    enable_padding: bool = True
+
+    def __post_init__(self) -> None:
+        o = "CudaGraphConfig"
+        _check(isinstance(self.max_batch_size, int) and self.max_batch_size > 0, o, "max_batch_size",
+               self.max_batch_size, "must be a positive integer")
+        if self.batch_sizes is not None:
+            _check(bool(self.batch_sizes) and all(isinstance(b, int) and b > 0 for b in self.batch_sizes),
+                   o, "batch_sizes", self.batch_sizes, "must be a non-empty list of positive integers")
+
+    def capture_sizes(self, limit: int) -> list[int]:
+        """The batch sizes to capture, ascending, none above ``limit``."""
+        top = min(self.max_batch_size, limit)
+        if self.batch_sizes is not None:
+            return sorted({b for b in self.batch_sizes if b <= top})
+        ladder = [1, 2, 4, 8] + list(range(16, top + 1, 16))
+        sizes = {b for b in ladder if b <= top} | {top}
+        return sorted(sizes)

@@ -22,6 +22,7 @@ def add_bench_parser(sub, engine_args) -> None:
         else:
             p.add_argument("--num-requests", type=int, default=4)
         p.add_argument("--baseline", choices=["none", "hf"], default="none")
+        p.add_argument("--no-cuda-graphs", action="store_true")
         p.add_argument("--output-json", default=None)
         p.set_defaults(func=run_bench)
 
@@ -41,17 +42,51 @@ def run_bench(args) -> int:
 
     conc = getattr(args, "concurrency", 1)
     wl = Workload(args.num_requests, args.isl, args.osl, conc)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=max(args.max_batch_size, conc),
-              max_num_tokens=max(args.max_num_tokens, conc), max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
-              kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens))
+    from rtllm.config import CudaGraphConfig
+
+    graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
+    llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device,
+              max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
+              max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
+              kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens),
+              executor_type="inprocess")  # the bench reads the engine's model for its bound
     engine = llm.executor.engine
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": str(engine.device), "dtype": str(engine.loaded.dtype),
             "model": engine.config.model, "workload": wl.__dict__}
+    from rtllm.bench.bounds import ModelCost, measure_hardware, workload_bound
+    from rtllm.runtime.model_runner import kv_bytes_per_token
+
+    model = engine.loaded.model
+    cfg = engine.model_config
+    embed = model.model.embed_tokens.weight
+    per_forward = engine.loaded.weight_bytes - (0 if cfg.tie_word_embeddings else embed.numel() * embed.element_size())
+    cost = ModelCost(per_forward, per_forward // embed.element_size(),
+                     kv_bytes_per_token(model, engine.loaded.dtype), cfg.num_hidden_layers,
+                     cfg.num_attention_heads, cfg.head_dim)
+    hw = measure_hardware(engine.device, engine.loaded.dtype)
+    info["startup"] = getattr(engine, "startup", {})
     res = {"info": info, "rtllm": bench_engine(llm, wl)}
+    if hw is not None:
+        bound = workload_bound(cost, hw, wl.num_requests, wl.isl, wl.osl, conc)
+        info["hardware"] = hw.__dict__
+        res["bound"] = bound
+        r = res["rtllm"]
+        r["ratio_to_bound"] = r["output_tok_s"] / bound["bound_output_tok_s"]
+        r["ttft_ratio_to_bound"] = bound["bound_ttft_s"] / r["ttft_s"]["p50"]
     vocab, eos = llm.tokenizer.vocab_size, frozenset(llm.tokenizer.eos_token_ids)
     model_path, dtype, device = engine.config.model, engine.loaded.dtype, str(engine.device)
+    # free the engine's weights and KV pool before the baseline loads its own copy
+    del engine, model, embed
     llm.shutdown()
+    del llm
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if args.baseline == "hf":
         res["transformers"] = bench_hf(model_path, wl, dtype, device, vocab, eos)
         res["ratio_vs_hf"] = res["rtllm"]["output_tok_s"] / res["transformers"]["output_tok_s"]
@@ -79,5 +114,14 @@ def _print(res: dict) -> None:
         else:
             line += f"  TPOT mean {r['tpot_s']['mean']*1e3:.1f} ms"
         print(line)
+    if "bound" in res:
+        b, hw, r = res["bound"], i["hardware"], res["rtllm"]
+        print(f"  hardware: {hw['name']}, copy {hw['copy_bandwidth']/1e12:.2f} TB/s, "
+              f"matmul {hw['matmul_flops']/1e12:.0f} TFLOP/s (measured in this run)")
+        print(f"  bound: {b['bound_output_tok_s']:.1f} output tok/s (decode {b['decode_bound_s']:.2f} s, prefill "
+              f"{b['prefill_bound_s']:.3f} s); rtllm at {r['ratio_to_bound']:.1%} of it")
+        print(f"  TTFT bound {b['bound_ttft_s']*1e3:.2f} ms; rtllm p50 at {r['ttft_ratio_to_bound']:.1%} of it")
+    if i.get("startup"):
+        print("  startup: " + ", ".join(f"{k} {v:.2f}" for k, v in i["startup"].items()))
     if "ratio_vs_hf" in res:
         print(f"  ratio rtllm / transformers: {res['ratio_vs_hf']:.2f}x")

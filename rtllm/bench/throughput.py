@@ -68,7 +68,15 @@ def bench_hf(model_path: str, wl: Workload, dtype: torch.dtype, device: str, voc
     from rtllm.models.loader import find_gguf
 
     gguf = find_gguf(model_path)
-    if gguf is not None:
+    if model_path.endswith(".json"):  # random weights from a bare config, as the engine built them
+        import json
+
+        with open(model_path) as f:
+            raw = json.load(f)
+        cfg = tf.AutoConfig.for_model(raw.pop("model_type"), **raw)
+        with torch.device(device):
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    elif gguf is not None:
         import os
 
         model = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),

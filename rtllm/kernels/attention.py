@@ -33,6 +33,20 @@ def gather_slots(block_tables: torch.Tensor, max_len: int, block_size: int) -> t
     return blocks * block_size + (pos % block_size)
 
 
+class PagedGather:
+    """Where to gather each decode row's K/V from, computed once per step and shared by every layer.
+
+    slots: [B * L] flat cache slots of positions 0..L-1; valid: [B, L] (position < seq_len);
+    empty_rows: whether some row has seq_len 0 (a padding row)."""
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, block_size: int) -> None:
+        self.max_len = max_len
+        self.slots = gather_slots(block_tables, max_len, block_size).reshape(-1)
+        self.valid = torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None].long()
+        self.empty = seq_lens == 0
+        self.empty_rows = bool(self.empty.any())
+
+
 def paged_decode_attention_torch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -41,29 +55,36 @@ def paged_decode_attention_torch(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int,
+    gather: PagedGather | None = None,
 ) -> torch.Tensor:
     """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D]. Vectorized over the batch.
 
     Positions >= seq_lens[b] are gathered (up to max_seq_len) but zeroed before the masked
     softmax, so whatever unwritten cache slots hold (NaN in a torch.empty pool) cannot leak in.
-    A row with seq_len 0 (padding) returns zeros.
+    A row with seq_len 0 (padding) returns zeros. ``gather`` (from PagedGather) skips recomputing
+    the slot indices and masks in every layer.
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
-    slots = gather_slots(block_tables, max_seq_len, block_size)  # [B, L]
-    valid = torch.arange(max_seq_len, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, L]
-    keep = valid[:, :, None, None]
-    k = torch.where(keep, k_cache.view(-1, Hkv, D)[slots], 0)  # [B, L, Hkv, D]
-    v = torch.where(keep, v_cache.view(-1, Hkv, D)[slots], 0)
+    if gather is None:
+        gather = PagedGather(block_tables, seq_lens, max_seq_len, block_size)
+    L = gather.max_len
+    keep = gather.valid[:, :, None, None]
+    k = k_cache.view(-1, Hkv, D).index_select(0, gather.slots).view(B, L, Hkv, D)
+    v = v_cache.view(-1, Hkv, D).index_select(0, gather.slots).view(B, L, Hkv, D)
+    k = torch.where(keep, k, 0)
+    v = torch.where(keep, v, 0)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, Hq, 1, D]
         k.transpose(1, 2).to(q.dtype),  # [B, Hkv, L, D]
         v.transpose(1, 2).to(q.dtype),
-        attn_mask=valid[:, None, None, :],
+        attn_mask=gather.valid[:, None, None, :],
         scale=scale,
         enable_gqa=Hq != Hkv,
-    )
-    return out.squeeze(2).masked_fill((seq_lens == 0)[:, None, None], 0.0)
+    ).squeeze(2)
+    if gather.empty_rows:
+        out = out.masked_fill(gather.empty[:, None, None], 0.0)
+    return out
 
 
 def paged_prefill_attention_torch(
@@ -111,14 +132,14 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
     return reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather=None):
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
         return triton_attention.paged_decode_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len
         )
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather)
 
 
 def paged_prefill_attention(
@@ -133,16 +154,17 @@ def paged_prefill_attention(
     return paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
-def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
-    """Rotate q and k (RoPE), write rotated k and v into the paged cache; return rotated q, k."""
+def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None):
+    """Rotate q and k (RoPE), write rotated k and v into the paged cache; return rotated q, k.
+    ``tables`` (rope.RopeTables of this step's positions) skips rebuilding them in every layer."""
     from rtllm.kernels.rope import apply_rope_torch
 
-    q, k = apply_rope_torch(positions, q, k, cos_sin_cache)
+    q, k = apply_rope_torch(positions, q, k, cos_sin_cache, tables)
     reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping)
     return q, k
 
 
-def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
+def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None):
     """q: [T, Hq, D], k, v: [T, Hkv, D]. Returns (rotated q, rotated k); the cache gets rotated k, v."""
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
@@ -150,4 +172,4 @@ def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_map
         return triton_attention.rope_and_cache_triton(
             positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping
         )
-    return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables)

@@ -11,21 +11,30 @@ import torch
 from rtllm.kernels.dispatch import triton_enabled
 
 
+class RopeTables:
+    """cos / signed-sin rows of one step's positions, shared by every layer:
+    rotate_half(x) * sin == roll(x, rot/2) * cat(-sin, sin), so a rotation is two multiplies."""
+
+    def __init__(self, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+        cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [T, rot/2]
+        self.rotary_dim = cos.shape[-1] * 2
+        self.cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)  # [T, 1, rot]
+        self.sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        rd = self.rotary_dim
+        xr = x[..., :rd].float()
+        out = (xr * self.cos + torch.roll(xr, rd // 2, dims=-1) * self.sin).to(x.dtype)
+        return torch.cat((out, x[..., rd:]), dim=-1) if x.shape[-1] > rd else out
+
+
 def apply_rope_torch(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+    tables: RopeTables | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [T, rot/2]
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        rd = cos.shape[-1] * 2
-        xr, xp = x[..., :rd].float(), x[..., rd:]
-        x1, x2 = xr.chunk(2, dim=-1)
-        o = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-        return torch.cat((o, xp), dim=-1) if xp.shape[-1] else o
-
-    return rot(q), rot(k)
+    """Rotated (q, k), computed in fp32 and rounded once to the input dtype."""
+    t = tables if tables is not None else RopeTables(positions, cos_sin_cache)
+    return t.rotate(q), t.rotate(k)
 
 
 def apply_rope(positions, q, k, cos_sin_cache):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rtllm.kernels import attention as attn_kernels
+from rtllm.kernels.rope import RopeTables
 from rtllm.layers.attention_metadata import AttentionMetadata
 from rtllm.layers.rope import RotaryEmbedding
 
@@ -33,14 +34,20 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
+        cache = self.rotary.cos_sin_cache
+        # the torch path (CPU) shares per-step tables across layers; the Triton path needs none
+        tables = None if q.is_cuda else meta.derived("rope", lambda: RopeTables(positions, cache))
         q, _ = attn_kernels.rope_and_cache(
-            positions, q, k, v, self.rotary.cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping
+            positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables
         )
         nd = meta.num_decodes
         if nd == meta.num_seqs:
+            bs = self.k_cache.shape[1]
+            gather = None if q.is_cuda else meta.derived("decode_gather", lambda: attn_kernels.PagedGather(
+                meta.block_tables, meta.seq_lens, meta.max_decode_seq_len, bs))
             out = attn_kernels.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, meta.max_decode_seq_len
-            )
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, meta.max_decode_seq_len,
+                gather)
         elif nd == 0:
             out = attn_kernels.paged_prefill_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
@@ -48,10 +55,12 @@ class Attention(nn.Module):
             )
         else:
             out = torch.empty_like(q)
+            bs = self.k_cache.shape[1]
+            gather = None if q.is_cuda else meta.derived("decode_gather", lambda: attn_kernels.PagedGather(
+                meta.block_tables[:nd], meta.seq_lens[:nd], meta.max_decode_seq_len, bs))
             out[:nd] = attn_kernels.paged_decode_attention(
                 q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
-                meta.max_decode_seq_len,
-            )
+                meta.max_decode_seq_len, gather)
             out[nd:] = attn_kernels.paged_prefill_attention(
                 q[nd:], self.k_cache, self.v_cache, meta.block_tables[nd:], meta.prefill_query_start_loc,
                 meta.seq_lens[nd:], self.scale, meta.max_query_len, meta.max_seq_len,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +30,13 @@ class AttentionMetadata:
     max_seq_len: int  # over all sequences
     max_decode_seq_len: int  # over the decode sequences (0 if none)
     prefill_query_start_loc: torch.Tensor | None = None  # query_start_loc[num_decodes:] rebased to 0
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def derived(self, key: str, build: Callable[[], Any]) -> Any:
+        """A value computed from this step's metadata once and shared by every layer."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     @property
     def num_seqs(self) -> int:

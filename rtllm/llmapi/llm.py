@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from rtllm.config import KvCacheConfig
-from rtllm.errors import InvalidRequestError, ModelLoadError
+from rtllm.config import CudaGraphConfig, KvCacheConfig
+from rtllm.errors import ConfigError, InvalidRequestError, ModelLoadError
 from rtllm.executor.base import GenerationExecutor
 from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult, RequestOutput
 from rtllm.llmapi.default_model import default_model_path
 from rtllm.llmapi.llm_args import LlmArgs
+from rtllm.models.config import ModelConfig
 from rtllm.models.loader import find_gguf
 from rtllm.sampling_params import SamplingParams
 from rtllm.tokenizer import Tokenizer
+from rtllm.tokenizer.token_ids import TokenIdTokenizer
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+_DEFAULT = object()
 
 
 class LLM:
@@ -30,6 +34,9 @@ class LLM:
 
     ``model``: an HF checkpoint directory, a .gguf file, or None for the embedded default
     (SmolLM2-135M-Instruct). Use as a context manager or call ``shutdown()``.
+    ``executor_type``: "auto" / "multiprocess" run the engine loop in a worker process (spawned:
+    a script that builds an LLM at import time needs the ``if __name__ == "__main__":`` guard);
+    "inprocess" runs it on a background thread (``llm.executor.engine`` is then the engine).
     """
 
     def __init__(
@@ -43,21 +50,33 @@ class LLM:
         max_seq_len: int | None = None,
         enable_chunked_prefill: bool = True,
         device: str = "auto",
+        cuda_graph_config: CudaGraphConfig | None = _DEFAULT,
+        executor_type: str = "auto",
+        **kwargs,
     ) -> None:
         self._executor: GenerationExecutor | None = None
         model = model or default_model_path()
         if not os.path.exists(model):
             raise ModelLoadError(
                 f"model path {model!r} does not exist (give an HF checkpoint directory or a .gguf file)")
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(LlmArgs)})
+        if unknown:
+            raise ConfigError(f"LLM() got unknown options {unknown}")
         self.args = LlmArgs(model, tokenizer if isinstance(tokenizer, str) else None, dtype,
                             kv_cache_config or KvCacheConfig(), max_batch_size, max_num_tokens, max_seq_len,
-                            enable_chunked_prefill, device)
+                            enable_chunked_prefill, device,
+                            CudaGraphConfig() if cuda_graph_config is _DEFAULT else cuda_graph_config,
+                            executor_type=executor_type, **kwargs)
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer = tokenizer
+        elif tokenizer is None and model.endswith(".json") and os.path.isfile(model):
+            cfg = ModelConfig.from_file(model)  # random weights from a bare config: no tokenizer
+            self.tokenizer = TokenIdTokenizer(cfg.vocab_size, cfg.eos_token_ids)
         else:
             src = tokenizer or model
             self.tokenizer = Tokenizer.from_pretrained(find_gguf(src) or src)
-        self._executor = GenerationExecutor.create(self.args.engine_config(), self.tokenizer)
+        self._executor = GenerationExecutor.create(self.args.engine_config(), self.tokenizer,
+                                                   multi_process=self.args.multi_process)
 
     # -- lifecycle --------------------------------------------------------------------------
     def shutdown(self) -> None:

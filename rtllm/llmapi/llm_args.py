@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rtllm.config import EngineConfig, KvCacheConfig, SchedulerConfig
+from rtllm.config import CudaGraphConfig, EngineConfig, KvCacheConfig, SchedulerConfig
 from rtllm.errors import ConfigError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+_EXECUTOR_TYPES = ("auto", "inprocess", "multiprocess")
 
 
 @dataclass
@@ -23,6 +24,10 @@ class LlmArgs:
     max_seq_len: int | None = None
     enable_chunked_prefill: bool = True
     device: str = "auto"
+    cuda_graph_config: CudaGraphConfig | None = field(default_factory=CudaGraphConfig)
+    # "multiprocess": the engine loop runs in a worker process's main thread (torch is slower on a
+    # non-main thread); "inprocess": on a background thread of this process; "auto": multiprocess
+    executor_type: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -37,9 +42,20 @@ class LlmArgs:
             raise ConfigError(f"LlmArgs.device={self.device!r}: must be 'auto', 'cpu' or 'cuda[:N]'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"LlmArgs.device={self.device!r}: no CUDA device is available")
+        if self.cuda_graph_config is not None and not isinstance(self.cuda_graph_config, CudaGraphConfig):
+            raise ConfigError(f"LlmArgs.cuda_graph_config must be a CudaGraphConfig or None, "
+                              f"got {type(self.cuda_graph_config).__name__}")
+        if self.executor_type not in _EXECUTOR_TYPES:
+            raise ConfigError(f"LlmArgs.executor_type={self.executor_type!r}: must be one of {_EXECUTOR_TYPES}")
         self.scheduler_config = SchedulerConfig(self.max_batch_size, self.max_num_tokens, self.max_seq_len,
                                                 self.enable_chunked_prefill)
 
+    @property
+    def multi_process(self) -> bool:
+        """Whether the engine runs in a worker process ("auto" picks it)."""
+        return self.executor_type != "inprocess"
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
-                            kv_cache_config=self.kv_cache_config, scheduler_config=self.scheduler_config)
+                            kv_cache_config=self.kv_cache_config, scheduler_config=self.scheduler_config,
+                            cuda_graph_config=self.cuda_graph_config)

@@ -76,6 +76,21 @@ def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read weights file {path}: {e}") from e
 
 
+@torch.no_grad()
+def init_random_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fill parameters on their device: N(0, 0.02) for matrices, 1 for norm weights, 0 for biases.
+
+    Generated on the device in place, so an 8B model takes seconds, not minutes."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, 0.02, generator=gen)
+        elif "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' takes the checkpoint's dtype, except fp32 checkpoints run in bf16 on GPU."""
     if dtype == "auto":
@@ -97,7 +112,12 @@ def load_model(
     if not os.path.exists(model_path):
         raise ModelLoadError(f"model path {model_path!r} does not exist")
     gguf_path = find_gguf(model_path)
-    if gguf_path is not None:
+    random_init = model_path.endswith(".json") and os.path.isfile(model_path)
+    if random_init:  # a bare config.json: random weights, for benchmarks that need no weight files
+        config = ModelConfig.from_file(model_path)
+        weights = iter(())
+        tokenizer_source = None
+    elif gguf_path is not None:
         from rtllm.models.gguf_reader import load_gguf
 
         ckpt = load_gguf(gguf_path)
@@ -121,8 +141,11 @@ def load_model(
     finally:
         torch.set_default_dtype(prev)
     model.eval().requires_grad_(False)
+    if random_init:
+        init_random_weights(model, seed=0)
+        weights_loaded = {n for n, _ in model.named_parameters()}
     try:
-        loaded = model.load_weights(weights)
+        loaded = weights_loaded if random_init else model.load_weights(weights)
     except KeyError as e:
         raise ModelLoadError(f"{model_path}: checkpoint tensor {e.args[0]!r} has no matching parameter "
                              f"in {config.architecture}") from e

@@ -157,7 +157,8 @@ class KVCacheManager:
         req.block_hashes = []
 
     def stats(self) -> KVCacheStats:
-        used = sum(1 for b in self.blocks[1:] if b.ref_cnt > 0)
+        """O(1): a block is in the free queue exactly when its ref_cnt is 0 (cheap to send every step)."""
+        used = self.num_blocks - 1 - len(self.free_queue)
         return KVCacheStats(
             num_blocks=self.num_blocks - 1,
             used_blocks=used,

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from rtllm.layers.attention_metadata import AttentionMetadata
+from rtllm.runtime.cuda_graph import DecodeGraphs
+from rtllm.runtime.request import Request
 from rtllm.runtime.scheduler import ScheduledBatch
+from rtllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,9 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, quiet: bool = False) -> None:
         layers = self.model.attention_layers()
         a = layers[0]
         shape = (len(layers), 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
@@ -49,8 +53,51 @@ class ModelRunner:
             layer.k_cache = self.kv_cache[i, 0]
             layer.v_cache = self.kv_cache[i, 1]
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB", num_blocks, self.block_size,
-                    num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        if not quiet:
+                logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB", num_blocks, self.block_size,
+                        num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self, max_num_tokens: int, max_batch_size: int) -> int:
+        """Run one worst-case step (max_num_tokens of prefill, max_batch_size sampled rows) on a
+        throwaway KV pool; returns the activation memory it needed above the weights (bytes)."""
+        bs = self.block_size
+        n_seqs = max(1, min(max_batch_size, max_num_tokens))
+        per_seq = max_num_tokens // n_seqs
+        lens = [per_seq] * n_seqs
+        lens[-1] += max_num_tokens - per_seq * n_seqs
+        blocks_needed = sum(-(-n // bs) for n in lens) + 1
+        self.allocate_kv_cache(blocks_needed, quiet=True)
+        reqs, nxt = [], 1
+        params = SamplingParams(max_tokens=1)
+        for i, n in enumerate(lens):
+            r = Request(f"profile-{i}", [0] * n, params, frozenset(), 1)
+            nb = -(-n // bs)
+            r.block_ids = list(range(nxt, nxt + nb))
+            nxt += nb
+            reqs.append(r)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.execute(ScheduledBatch(reqs, lens))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.release_kv_cache()
+        torch.cuda.empty_cache()
+        return peak
+
+    def release_kv_cache(self) -> None:
+        for layer in self.model.attention_layers():
+            layer.k_cache = layer.v_cache = None
+        self.kv_cache = None
+        self.num_blocks = 0
+
+    def capture_cuda_graphs(self, sizes: list[int], max_seq_len: int) -> float:
+        if self.device.type != "cuda" or not sizes:
+            return 0.0
+        self.graphs = DecodeGraphs(self.model, self.device, sizes, max_seq_len, self.block_size)
+        self.graphs.capture()
+        return self.graphs.capture_seconds
 
     # -- packing --------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -95,6 +142,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         ids, pos, meta = self.prepare(batch)
+        graphs = self.graphs
+        if graphs is not None and meta.num_decodes == len(batch) and len(batch) <= graphs.max_bs:
+            logits = graphs.replay(ids, pos, meta).float()
+            return ModelOutput(logits, list(range(len(batch))), {})
         hidden = self.model(ids, pos, meta)
         starts = meta.query_start_loc.tolist() if self.device.type == "cpu" else None
         if starts is None:

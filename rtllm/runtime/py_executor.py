@@ -13,17 +13,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from rtllm.config import EngineConfig
-from rtllm.errors import InvalidRequestError
 from rtllm.models.loader import LoadedModel, load_model
 from rtllm.runtime.kv_cache_manager import KVCacheManager
 from rtllm.runtime.model_runner import ModelRunner, kv_bytes_per_token
 from rtllm.runtime.request import Request, RequestStatus
 from rtllm.runtime.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
 from rtllm.runtime.scheduler import RequestUpdate, Scheduler
+from rtllm.runtime.validation import RequestValidator
 from rtllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,17 @@ class PyExecutor:
             config.scheduler_config = sc
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block)
+        self.startup: dict[str, float] = {"weights_s": self.loaded.load_seconds}
+        t0 = time.perf_counter()
         num_blocks = self._num_kv_blocks()
+        self.startup["profile_s"] = time.perf_counter() - t0
         self.runner.allocate_kv_cache(num_blocks)
+        gc = config.cuda_graph_config
+        sizes = gc.capture_sizes(sc.max_batch_size) if (gc is not None and self.device.type == "cuda") else []
+        self.startup["graph_capture_s"] = self.runner.capture_cuda_graphs(sizes, sc.max_seq_len)
         self.kv = KVCacheManager(num_blocks, kc.tokens_per_block, kc.enable_block_reuse)
         self.scheduler = Scheduler(sc, self.kv)
+        self.validator = RequestValidator(self.model_config.vocab_size, sc.max_seq_len, self.kv.capacity_tokens)
         self.sampler = Sampler()
         self._inbox: queue.Queue = queue.Queue()
         self.num_steps = 0
@@ -74,8 +82,13 @@ class PyExecutor:
         if kc.max_tokens is not None:
             tokens = kc.max_tokens
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            tokens = int(free * kc.free_gpu_memory_fraction) // per_token
+            peak = self.runner.profile_peak_bytes(sc.max_num_tokens, sc.max_batch_size)
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int((free - peak) * kc.free_gpu_memory_fraction)
+            tokens = max(budget, 0) // per_token
+            logger.info("GPU memory: %.2f GiB total, weights %.2f GiB, activation peak %.2f GiB, "
+                        "KV budget %.2f GiB = %d tokens", total / 2**30, self.loaded.weight_bytes / 2**30,
+                        peak / 2**30, budget / 2**30, tokens)
         else:
             want = sc.max_batch_size * sc.max_seq_len
             tokens = min(want, self.config.cpu_kv_cache_bytes // per_token)
@@ -84,24 +97,25 @@ class PyExecutor:
     # -- intake (any thread) --------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Reject a request that can never run, with a message naming the problem."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        max_seq_len = self.config.scheduler_config.max_seq_len
-        n = len(prompt_token_ids)
-        if n >= max_seq_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens; max_seq_len={max_seq_len} leaves no room to generate")
-        if n + params.min_tokens > max_seq_len:
-            raise InvalidRequestError(
-                f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds max_seq_len={max_seq_len}")
-        capacity = self.kv.capacity_tokens
-        if n + 1 > capacity:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but the KV cache holds {capacity} tokens in all")
+        self.validator.validate(prompt_token_ids, params)
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to know about this engine without holding it (plain, picklable values):
+        the limits a RequestValidator is built from, the end tokens, and where and how it runs."""
+        sc, kc = self.config.scheduler_config, self.config.kv_cache_config
+        return {
+            "model": self.config.model,
+            "device": str(self.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "vocab_size": self.model_config.vocab_size,
+            "max_seq_len": sc.max_seq_len,
+            "kv_capacity_tokens": self.kv.capacity_tokens,
+            "num_kv_blocks": self.kv.num_blocks - 1,
+            "tokens_per_block": kc.tokens_per_block,
+            "eos_token_ids": sorted(self.eos_token_ids),
+            "weight_bytes": self.loaded.weight_bytes,
+            "load_seconds": self.loaded.load_seconds,
+        }
 
     def enqueue(self, new: NewRequest) -> None:
         self._inbox.put(("add", new))
@@ -186,10 +200,21 @@ class PyExecutor:
             result[req.request_id] = ([None] if first == 0 else []) + entries
         return result
 
-    def run_loop(self, emit: Callable[[list[RequestUpdate]], None], stop: threading.Event) -> None:
-        """Run steps until ``stop`` is set. An exception inside a step fails every request and re-raises."""
+    def run_loop(self, emit: Callable[[list[RequestUpdate]], None], stop: threading.Event,
+                 intake: Callable[[float], None] | None = None) -> None:
+        """Run steps until ``stop`` is set. An exception inside a step fails every request and re-raises.
+
+        ``intake(timeout)``, when given, is called once per iteration before the inbox is drained: it
+        moves requests from an outside transport into the inbox (``enqueue`` / ``abort``), waiting up
+        to ``timeout`` seconds for the first one (0 while there is work to step).
+        """
         while not stop.is_set():
-            updates = self._drain_inbox(block=not self.scheduler.has_work())
+            idle = not self.scheduler.has_work()
+            if intake is not None:
+                intake(0.1 if idle else 0.0)
+                updates = self._drain_inbox(block=False)
+            else:
+                updates = self._drain_inbox(block=idle)
             if self.scheduler.has_work():
                 t0 = time.perf_counter()
                 try:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import pytest
 import torch
@@ -25,8 +26,13 @@ def llm(tiny):
         yield llm
 
 
-def used_blocks(llm):
-    return llm.executor.engine.kv.stats().used_blocks
+def used_blocks(llm, timeout: float = 5.0):
+    """Blocks in use once the engine has caught up: aborts (a stop string's included) reach the engine
+    asynchronously, so wait up to ``timeout`` s for them to be freed."""
+    deadline = time.monotonic() + timeout
+    while llm.executor.stats().used_blocks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return llm.executor.stats().used_blocks
 
 
 def test_generate_text_and_token_ids_match_transformers(llm, tiny):
@@ -105,11 +111,7 @@ def test_async_streaming_and_abort_frees_blocks(llm):
     out = asyncio.run(main())
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert len(out.outputs[0].token_ids) < 230
-    for _ in range(100):  # the engine frees the blocks at its next step
-        if used_blocks(llm) == 0:
-            break
-        asyncio.run(asyncio.sleep(0.01))
-    assert used_blocks(llm) == 0
+    assert used_blocks(llm) == 0  # the engine frees the blocks at its next step
 
 
 def test_aresult(llm):

@@ -1,0 +1,90 @@
+"""Hardware ceilings measured in the same run, and the roofline bound of a workload.
+
+Decode is bound by memory bandwidth (weights + KV read per step); prefill by tensor-core FLOP/s.
+Both ceilings are measured on the device the benchmark runs on: a large device-to-device copy
+(bytes read + written) and a large bf16 matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Hardware:
+    name: str
+    copy_bandwidth: float  # bytes / s (read + write)
+    matmul_flops: float  # FLOP / s at the model's dtype
+
+
+def _time_cuda(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware | None:
+    if device.type != "cuda":
+        return None
+    n = 1 << 28  # 512 MiB of bf16 in, as much out
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * src.element_size() / _time_cuda(lambda: dst.copy_(src))
+    m = 8192
+    x = torch.randn(m, m, dtype=dtype, device=device)
+    y = torch.randn(m, m, dtype=dtype, device=device)
+    flops = 2 * m**3 / _time_cuda(lambda: x @ y, iters=10)
+    src = dst = x = y = None
+    torch.cuda.empty_cache()
+    return Hardware(torch.cuda.get_device_name(device), bw, flops)
+
+
+@dataclass
+class ModelCost:
+    weight_bytes: int  # bytes of every weight read once per forward
+    active_params: int  # multiply-adds per token in the linear layers
+    kv_bytes_per_token: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+
+def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, osl: int, concurrency: int) -> dict:
+    """Lower bound on the time of the whole workload, run in waves of ``concurrency`` requests.
+
+    Prefill: 2*params*tokens + causal attention FLOPs at matmul peak. Each decode step of a wave of
+    B sequences: max(bytes / bandwidth, FLOPs / peak), where bytes = weights + KV of the B contexts.
+    """
+    waves = []
+    left = num_requests
+    while left > 0:
+        waves.append(min(concurrency, left))
+        left -= concurrency
+    total = 0.0
+    prefill_s = 0.0
+    decode_s = 0.0
+    for b in waves:
+        attn = 2 * 2 * cost.num_layers * cost.num_heads * cost.head_dim * (isl * isl / 2)  # QK^T and PV, causal
+        p = b * (2 * cost.active_params * isl + attn) / hw.matmul_flops
+        prefill_s += p
+        for step in range(osl):
+            ctx = isl + step
+            bytes_ = cost.weight_bytes + b * ctx * cost.kv_bytes_per_token
+            flops = b * (2 * cost.active_params + 4 * cost.num_layers * cost.num_heads * cost.head_dim * ctx)
+            decode_s += max(bytes_ / hw.copy_bandwidth, flops / hw.matmul_flops)
+    total = prefill_s + decode_s
+    return {"bound_s": total, "prefill_bound_s": prefill_s, "decode_bound_s": decode_s,
+            "bound_output_tok_s": num_requests * osl / total,
+            "bound_ttft_s": (2 * cost.active_params * isl + 2 * 2 * cost.num_layers * cost.num_heads
+                             * cost.head_dim * isl * isl / 2) / hw.matmul_flops}

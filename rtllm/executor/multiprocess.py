@@ -1,0 +1,273 @@
+"""Multi-process executor: a spawned worker process runs the PyExecutor loop in its main thread.
+
+Transport: two ZeroMQ PUSH/PULL pairs over ipc:// sockets in a private temp dir, both bound
+here (the worker connects): ``in`` carries NewRequest / Abort / Shutdown to the worker, ``out``
+carries Ready, one UpdateBatch per step, and Fatal back (see messages.py).
+
+Threads in this process: callers submit / abort (sends are serialized by ``_send_lock``, as
+ZeroMQ sockets are not thread-safe); one receiver thread owns the ``out`` socket and applies
+updates to their results (detokenization and stop strings run here, beside the worker's next
+step), and sends an Abort when a stop string ends a sequence.
+
+Failure paths:
+- start-up: the constructor waits for Ready; a Fatal re-raises the worker's error as the same
+  rtllm.errors class with the same message (ModelLoadError, ConfigError, ...); a worker that
+  exits without a word, or no Ready within ``startup_timeout``, raises EngineDeadError.
+- the worker dies later (crash, kill, failed step): the receiver polls the worker's process
+  sentinel with the socket, so it sees the exit at once, fails every pending result with an
+  EngineDeadError naming the pid and exit status, and later submits raise it too.
+- shutdown(): Shutdown, join (terminate, then kill, if needed), close sockets, remove the
+  ipc dir. Idempotent; also run at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import weakref
+
+import zmq
+
+from rtllm import errors
+from rtllm.config import EngineConfig
+from rtllm.errors import EngineDeadError
+from rtllm.executor.base import GenerationExecutor
+from rtllm.executor.messages import (
+    Abort,
+    Fatal,
+    NewRequest,
+    PeerGone,
+    Ready,
+    Shutdown,
+    UpdateBatch,
+    WorkerConfig,
+    recv_all,
+    send,
+)
+from rtllm.executor.worker import worker_main
+from rtllm.runtime.kv_cache_manager import KVCacheStats
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # loading a large checkpoint from a cold disk can take minutes
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, attached as __cause__ of an error re-raised here."""
+
+    def __str__(self) -> str:
+        return "\n(in the engine worker process)\n" + self.args[0]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (status unknown)"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _make_ipc_dir() -> str:
+    """A fresh 0700 directory (only this user can connect) whose socket paths fit sockaddr_un (~107 bytes)."""
+    path = tempfile.mkdtemp(prefix="rtllm-")
+    if len(path) > 90:  # a long TMPDIR
+        shutil.rmtree(path, ignore_errors=True)
+        path = tempfile.mkdtemp(prefix="rtllm-", dir="/tmp")
+    return path
+
+
+class MultiProcessExecutor(GenerationExecutor):
+    def __init__(self, engine_config: EngineConfig, tokenizer,
+                 startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
+        super().__init__(tokenizer)
+        self._stats: KVCacheStats | None = None
+        self._send_lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._receiver: threading.Thread | None = None
+        self._ipc_dir = _make_ipc_dir()
+        self._ctx = zmq.Context()
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._in.setsockopt(zmq.SNDHWM, 0)
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._in.bind(f"ipc://{self._ipc_dir}/in")
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.RCVHWM, 0)
+        self._out.setsockopt(zmq.LINGER, 0)
+        self._out.bind(f"ipc://{self._ipc_dir}/out")
+        eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else None
+        cfg = WorkerConfig(engine_config, f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out", eos,
+                           self._ipc_dir)
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=(cfg,), name="rtllm-engine-worker", daemon=True)
+        ref = weakref.ref(self)
+        self._atexit_hook = lambda: (ex := ref()) is not None and ex.shutdown()
+        atexit.register(self._atexit_hook)
+        try:
+            self._proc.start()
+            ready = self._wait_ready(startup_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._set_engine_info(ready.info)
+        self._receiver = threading.Thread(target=self._receive_loop, name="rtllm-receiver", daemon=True)
+        self._receiver.start()
+
+    # -- worker state -----------------------------------------------------------------------
+    @property
+    def worker_pid(self) -> int | None:
+        return self._proc.pid
+
+    def _worker_alive(self) -> bool:
+        """Thread-safe and non-reaping: the sentinel becomes readable when the process ends."""
+        return not multiprocessing.connection.wait([self._proc.sentinel], timeout=0)
+
+    def _death_error(self, when: str = "") -> EngineDeadError:
+        self._proc.join(timeout=1.0)  # reap it, so the exit code is known
+        return EngineDeadError(f"the engine worker process (pid {self._proc.pid}) "
+                               f"{_describe_exit(self._proc.exitcode)}{when}")
+
+    @property
+    def engine(self):
+        raise AttributeError("the engine runs in a worker process: use executor.stats() and executor.engine_info, "
+                             "or LLM(executor_type='inprocess') to reach the engine object")
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _wait_ready(self, timeout: float) -> Ready:
+        poller = zmq.Poller()
+        poller.register(self._out, zmq.POLLIN)
+        poller.register(self._proc.sentinel, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(int(min(left, 1.0) * 1000)))
+            if self._proc.sentinel in events:
+                msgs = self._last_words()
+            else:
+                msgs = recv_all(self._out) if self._out in events else []
+            for msg in msgs:
+                if isinstance(msg, Ready):
+                    return msg
+                if isinstance(msg, Fatal):
+                    raise self._rebuild(msg)
+            if not self._worker_alive():
+                raise self._death_error(" during start-up")
+        raise EngineDeadError(f"the engine worker process (pid {self._proc.pid}) did not start within {timeout:.0f} s")
+
+    def _last_words(self) -> list[object]:
+        """Everything the (exited) worker sent: its last messages can reach this socket a moment
+        after its process sentinel fires, so wait up to 0.2 s for them (only the socket: the
+        sentinel stays readable)."""
+        msgs = recv_all(self._out)
+        while self._out.poll(50 if msgs else 200, zmq.POLLIN):
+            msgs += recv_all(self._out)
+        return msgs
+
+    def _rebuild(self, f: Fatal) -> BaseException:
+        """The worker's error as raised there (an rtllm.errors class), else an EngineDeadError."""
+        cls = getattr(errors, f.error_type, None)
+        if f.during_startup and isinstance(cls, type) and issubclass(cls, errors.RtllmError):
+            exc: BaseException = cls(f.message)
+        else:
+            what = "failed to start" if f.during_startup else "failed"
+            exc = EngineDeadError(f"the engine worker process (pid {self._proc.pid}) {what}: "
+                                  f"{f.error_type}: {f.message}")
+        exc.__cause__ = _RemoteTraceback(f.traceback)
+        return exc
+
+    # -- receiver thread --------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._out, zmq.POLLIN)
+        poller.register(self._proc.sentinel, zmq.POLLIN)
+        try:
+            while not self._closed:
+                events = dict(poller.poll(100))
+                if self._proc.sentinel in events:
+                    self._handle(self._last_words())
+                    if not self._closed:
+                        self._die(self._death_error())
+                    return
+                if self._out in events:
+                    self._handle(recv_all(self._out))
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            logger.exception("the executor's receiver thread failed")
+            self._die(EngineDeadError(f"the executor's receiver thread failed: {type(e).__name__}: {e}"))
+
+    def _handle(self, msgs: list[object]) -> None:
+        for msg in msgs:
+            if isinstance(msg, UpdateBatch):
+                self._stats = msg.stats  # first: a caller woken by the updates sees the freed blocks
+                self._on_updates(msg.updates)
+            elif isinstance(msg, Fatal):
+                logger.error("engine worker failed:\n%s", msg.traceback)
+                self._die(self._rebuild(msg))
+
+    def _die(self, error: EngineDeadError) -> None:
+        if self._dead is None:
+            self._dead = error
+        self._fail_all(self._dead)
+
+    # -- sending ----------------------------------------------------------------------------
+    def _send(self, msg: object) -> None:
+        with self._send_lock:
+            if self._in.closed:
+                raise EngineDeadError("the engine is not running: the executor was shut down")
+            try:
+                send(self._in, msg, self._worker_alive)
+            except PeerGone:
+                raise (self._dead or self._death_error()) from None
+
+    def _send_new(self, news: list[NewRequest]) -> None:
+        for new in news:
+            self._send(new)
+
+    def _send_abort(self, seq_id: str) -> None:
+        with contextlib.suppress(EngineDeadError):  # a dead engine holds no blocks
+            self._send(Abort(seq_id))
+
+    def stats(self) -> KVCacheStats:
+        """The KV cache stats the worker sent with its latest update batch."""
+        if self._stats is None:
+            n = self.engine_info["num_kv_blocks"]
+            return KVCacheStats(num_blocks=n, used_blocks=0, free_blocks=n, cached_blocks=0,
+                                queried_tokens=0, hit_tokens=0)
+        return self._stats
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the worker (Shutdown, then terminate, then kill), fail pending results, release
+        sockets and the ipc dir. Idempotent and safe from any thread but the receiver."""
+        with self._shutdown_lock:
+            if self._closed:
+                return
+            self._closed = True
+        atexit.unregister(self._atexit_hook)
+        if self._proc.pid is not None:
+            if self._validator is None:  # still loading (a start-up failure or Ctrl-C): it reads nothing
+                timeout = 0.0
+            elif self._worker_alive():
+                with contextlib.suppress(PeerGone), self._send_lock:
+                    send(self._in, Shutdown(), self._worker_alive, timeout=1.0)
+            self._proc.join(timeout)
+            for stop in (self._proc.terminate, self._proc.kill):
+                if self._proc.exitcode is None:
+                    stop()
+                    self._proc.join(5.0)
+        if self._receiver is not None and self._receiver is not threading.current_thread():
+            self._receiver.join(5.0)
+        self._fail_all(EngineDeadError("the executor was shut down"))
+        with self._send_lock:
+            self._in.close(linger=0)
+            self._out.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""The engine worker process: runs PyExecutor's step loop in its main thread.
+
+Started by MultiProcessExecutor with the ``spawn`` context (a fresh interpreter: no inherited
+CUDA or OpenMP state). Life cycle:
+
+1. connect both sockets (the parent has bound them), build the PyExecutor;
+   on failure send Fatal(during_startup=True) and exit with code 1;
+2. send Ready(engine.info());
+3. run the step loop: each iteration moves every queued message into the engine (waiting up to
+   0.1 s only when idle), steps, and sends one UpdateBatch with the KV stats after the step;
+4. exit 0 on Shutdown or when the parent process is gone; on a failed step the loop has already
+   sent the error updates: send Fatal and exit 1.
+
+The worker ignores SIGINT: Ctrl-C reaches the whole process group, and the parent decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import shutil
+import signal
+import sys
+import threading
+import traceback
+
+import zmq
+
+from rtllm.executor.messages import (
+    Abort,
+    Fatal,
+    NewRequest,
+    PeerGone,
+    Ready,
+    Shutdown,
+    UpdateBatch,
+    WorkerConfig,
+    recv_all,
+    send,
+)
+from rtllm.runtime.py_executor import PyExecutor
+from rtllm.runtime.scheduler import RequestUpdate
+
+
+class _Worker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.ctx = zmq.Context()
+        self.inp = self.ctx.socket(zmq.PULL)
+        self.inp.setsockopt(zmq.RCVHWM, 0)
+        self.inp.setsockopt(zmq.LINGER, 0)
+        self.inp.connect(cfg.input_addr)
+        self.out = self.ctx.socket(zmq.PUSH)
+        self.out.setsockopt(zmq.SNDHWM, 0)
+        self.out.setsockopt(zmq.LINGER, 5000)  # close() waits for queued messages (Fatal) to leave
+        self.out.connect(cfg.output_addr)
+        parent = multiprocessing.parent_process()
+        self.parent_sentinel = parent.sentinel if parent is not None else None
+        self.poller = zmq.Poller()
+        self.poller.register(self.inp, zmq.POLLIN)
+        if self.parent_sentinel is not None:
+            self.poller.register(self.parent_sentinel, zmq.POLLIN)
+        self.stop = threading.Event()
+        self.engine: PyExecutor | None = None
+        self.parent_gone = False
+        self.ipc_dir = cfg.ipc_dir
+
+    def parent_alive(self) -> bool:
+        if self.parent_sentinel is None:
+            return True
+        return not multiprocessing.connection.wait([self.parent_sentinel], timeout=0)
+
+    def send(self, msg: object) -> None:
+        try:
+            send(self.out, msg, self.parent_alive)
+        except PeerGone:
+            self.parent_gone = True
+            self.stop.set()
+            raise
+
+    def intake(self, timeout: float) -> None:
+        """Move queued messages into the engine; wait up to ``timeout`` s when there are none."""
+        events = dict(self.poller.poll(int(timeout * 1000)))
+        if self.parent_sentinel is not None and self.parent_sentinel in events:
+            self.parent_gone = True  # nobody will read our updates
+            self.stop.set()
+            return
+        if self.inp not in events:
+            return
+        for msg in recv_all(self.inp):
+            if isinstance(msg, NewRequest):
+                self.engine.enqueue(msg)
+            elif isinstance(msg, Abort):
+                self.engine.abort(msg.request_id)
+            elif isinstance(msg, Shutdown):
+                self.stop.set()
+
+    def emit(self, updates: list[RequestUpdate]) -> None:
+        self.send(UpdateBatch(updates, self.engine.kv.stats()))
+
+    def run(self, cfg: WorkerConfig) -> int:
+        try:
+            self.engine = PyExecutor(cfg.engine_config)
+            if cfg.eos_token_ids is not None:
+                self.engine.set_eos_token_ids(cfg.eos_token_ids)
+        except BaseException as e:
+            return self._fatal(e, during_startup=True)
+        try:
+            self.send(Ready(self.engine.info()))
+            self.engine.run_loop(self.emit, self.stop, self.intake)
+        except PeerGone:
+            return 0
+        except BaseException as e:
+            return self._fatal(e, during_startup=False)
+        return 0
+
+    def _fatal(self, e: BaseException, during_startup: bool) -> int:
+        msg = Fatal(type(e).__name__, str(e), traceback.format_exc(), during_startup)
+        with contextlib.suppress(PeerGone):
+            self.send(msg)
+        return 1
+
+    def close(self) -> None:
+        self.inp.close(linger=0)
+        self.out.close(linger=0 if self.parent_gone else None)
+        self.ctx.term()
+        if self.parent_gone and self.ipc_dir:  # the parent could not clean up after itself
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def worker_main(cfg: WorkerConfig) -> None:
+    """Entry point of the spawned process (must stay importable at module level)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = _Worker(cfg)
+    try:
+        code = worker.run(cfg)
+    finally:
+        worker.close()
+    sys.exit(code)

@@ -1,0 +1,85 @@
+"""GPU checks (skipped without CUDA; run by scripts/gpu_check.sh on the GPU machine).
+
+Oracles: transformers on the same GPU, and the CPU engine (fp32 greedy must be identical)."""
+
+import os
+
+import pytest
+import torch
+
+from rtllm import LLM, CompletionOutput, KvCacheConfig, SamplingParams  # noqa: F401
+from rtllm.config import CudaGraphConfig
+from tests.tiny import make_checkpoint, ramp_prompts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, min_tokens=n, temperature=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
+@pytest.mark.parametrize("graphs", [True, False])
+def test_tiny_fp32_greedy_matches_transformers_on_gpu(tmp_path, arch, graphs):
+    hf = make_checkpoint(str(tmp_path), arch).cuda()
+    prompts = ramp_prompts(6, seed=21, lo=3, hi=120)
+    with LLM(str(tmp_path), dtype="float32", device="cuda", max_seq_len=256, max_batch_size=8,
+             kv_cache_config=KvCacheConfig(max_tokens=4096, tokens_per_block=16),
+             cuda_graph_config=CudaGraphConfig(max_batch_size=8) if graphs else None) as llm:
+        outs = llm.generate(prompts, greedy(24), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ids = torch.tensor([p], device="cuda")
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                          do_sample=False)[0, len(p):].tolist()
+        assert o.outputs[0].token_ids == ref
+
+
+def test_graphs_on_equal_graphs_off_bf16(tmp_path):
+    make_checkpoint(str(tmp_path), "llama", dtype=torch.bfloat16)
+    prompts = ramp_prompts(12, seed=22, lo=3, hi=100)
+    outs = []
+    for cg in (CudaGraphConfig(max_batch_size=16), None):
+        with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=16,
+                 kv_cache_config=KvCacheConfig(max_tokens=8192), cuda_graph_config=cg) as llm:
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32), use_tqdm=False)])
+    assert outs[0] == outs[1]
+
+
+DEFAULT = os.environ.get("RTLLM_DEFAULT_MODEL")
+
+
+@pytest.mark.skipif(not DEFAULT, reason="the default model's GGUF is not on this machine")
+def test_default_model_fp32_gpu_equals_cpu():
+    prompts = ["The capital of France is", "def quicksort(arr):", "In 1492, Columbus"]
+    res = {}
+    for dev in ("cuda", "cpu"):
+        with LLM(dtype="float32", device=dev, max_seq_len=512, max_batch_size=4) as llm:
+            res[dev] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(48), use_tqdm=False)]
+    assert res["cuda"] == res["cpu"]
+
+
+@pytest.mark.skipif(not DEFAULT, reason="the default model's GGUF is not on this machine")
+def test_default_model_bf16_teacher_forced_agreement_with_transformers():
+    import transformers as tf
+
+    path = DEFAULT
+    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.bfloat16).cuda().eval()
+    topics = ["the ocean", "a robot", "Paris", "mathematics", "a dragon", "the moon", "coffee", "a library",
+              "winter", "a violin", "the internet", "gardening", "a volcano", "chess", "bread", "a lighthouse",
+              "trains", "the desert", "a museum", "rain"]
+    agree = total = 0
+    with LLM(dtype="bfloat16", device="cuda", max_seq_len=512, max_batch_size=20) as llm:
+        prompts = [llm.tokenizer.encode(f"Write a short paragraph about {t}.") for t in topics]
+        conts = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(64), use_tqdm=False)]
+        full = [p + c for p, c in zip(prompts, conts)]
+        outs = llm.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0), use_tqdm=False)
+        for p, c, f, o in zip(prompts, conts, full, outs):
+            ours = [max(top, key=lambda kv: kv[1])[0] for _, top in o.prompt_logprobs[len(p):]]
+            with torch.inference_mode():
+                ref = hf(torch.tensor([f], device="cuda")).logits[0, len(p) - 1 : len(f) - 1].argmax(-1).tolist()
+            agree += sum(a == b for a, b in zip(ours, ref))
+            total += len(c)
+    rate = agree / total
+    print(f"bf16 teacher-forced top-1 agreement with transformers: {rate:.4f} over {total} positions")
+    assert rate >= 0.99
