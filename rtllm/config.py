@@ -81,6 +81,7 @@ class EngineConfig:
     kv_cache_config: KvCacheConfig | None = None
     scheduler_config: SchedulerConfig | None = None
     cuda_graph_config: CudaGraphConfig | None = None  # None: no CUDA graphs
+    overlap: bool | None = None  # overlap scheduling; None: on for CUDA, off for CPU
     cpu_kv_cache_bytes: int = 2 << 30  # CPU default KV budget when kv_cache_config.max_tokens is None
 
     def __post_init__(self) -> None:

@@ -9,8 +9,13 @@ echo "--- batch-1 decode, ISL 128 / OSL 512 (CUDA graphs on), with transformers"
 $B latency --model "$CFG" --isl 128 --osl 512 --num-requests 2 --baseline hf --output-json "$OUT/latency.json"
 echo "--- batch-1 decode, CUDA graphs off"
 $B latency --model "$CFG" --isl 128 --osl 128 --num-requests 2 --no-cuda-graphs --output-json "$OUT/latency_nograph.json"
+echo "--- batch-1 decode, overlap off (graphs on)"
+$B latency --model "$CFG" --isl 128 --osl 128 --num-requests 2 --no-overlap --output-json "$OUT/latency_nooverlap.json"
 echo "--- TTFT at ISL 2048, batch 1"
 $B latency --model "$CFG" --isl 2048 --osl 2 --num-requests 4 --output-json "$OUT/ttft2048.json"
 echo "--- throughput ISL 128 / OSL 128, 1024 requests, concurrency 512"
 $B throughput --model "$CFG" --isl 128 --osl 128 --num-requests 1024 --concurrency 512 --max-num-tokens 8192 \
     --output-json "$OUT/tput128.json"
+echo "--- throughput ISL 1000 / OSL 1000, concurrency 200 (what the KV pool holds)"
+$B throughput --model "$CFG" --isl 1000 --osl 1000 --num-requests 400 --concurrency 200 --max-num-tokens 8192 \
+    --output-json "$OUT/tput1000.json"

@@ -23,6 +23,8 @@ def add_bench_parser(sub, engine_args) -> None:
             p.add_argument("--num-requests", type=int, default=4)
         p.add_argument("--baseline", choices=["none", "hf"], default="none")
         p.add_argument("--no-cuda-graphs", action="store_true")
+        p.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
+        p.add_argument("--executor", choices=["auto", "inprocess", "multiprocess"], default="auto")
         p.add_argument("--output-json", default=None)
         p.set_defaults(func=run_bench)
 
@@ -36,36 +38,37 @@ def _commit() -> str:
 
 
 def run_bench(args) -> int:
+    import torch
+
     from rtllm import LLM, KvCacheConfig
     from rtllm.bench.throughput import bench_engine, bench_hf
     from rtllm.bench.workload import Workload
 
     conc = getattr(args, "concurrency", 1)
     wl = Workload(args.num_requests, args.isl, args.osl, conc)
+    from rtllm.bench.bounds import measure_hardware
     from rtllm.config import CudaGraphConfig
 
+    # ceilings first, before the engine takes the GPU memory
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    hw_dtype = torch.float32 if args.dtype in ("float32", "fp32") else torch.bfloat16
+    hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
     llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
-              kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens),
-              executor_type="inprocess")  # the bench reads the engine's model for its bound
-    engine = llm.executor.engine
+              kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), executor_type=args.executor,
+              disable_overlap_scheduler=args.no_overlap)
+    ei = llm.executor.engine_info
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
-            or platform.machine(), "device": str(engine.device), "dtype": str(engine.loaded.dtype),
-            "model": engine.config.model, "workload": wl.__dict__}
-    from rtllm.bench.bounds import ModelCost, measure_hardware, workload_bound
-    from rtllm.runtime.model_runner import kv_bytes_per_token
+            or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],
+            "workload": wl.__dict__, "startup": ei.get("startup", {}), "kv_capacity_tokens": ei["kv_capacity_tokens"]}
+    from rtllm.bench.bounds import ModelCost, workload_bound
 
-    model = engine.loaded.model
-    cfg = engine.model_config
-    embed = model.model.embed_tokens.weight
-    per_forward = engine.loaded.weight_bytes - (0 if cfg.tie_word_embeddings else embed.numel() * embed.element_size())
-    cost = ModelCost(per_forward, per_forward // embed.element_size(),
-                     kv_bytes_per_token(model, engine.loaded.dtype), cfg.num_hidden_layers,
-                     cfg.num_attention_heads, cfg.head_dim)
-    hw = measure_hardware(engine.device, engine.loaded.dtype)
-    info["startup"] = getattr(engine, "startup", {})
+    elt = torch.tensor([], dtype=getattr(torch, ei["dtype"])).element_size()
+    per_forward = ei["weight_bytes"] - (0 if ei["tie_word_embeddings"] else ei["embedding_bytes"])
+    cost = ModelCost(per_forward, per_forward // elt, ei["kv_bytes_per_token"], ei["num_layers"], ei["num_heads"],
+                     ei["head_dim"])
     res = {"info": info, "rtllm": bench_engine(llm, wl)}
     if hw is not None:
         bound = workload_bound(cost, hw, wl.num_requests, wl.isl, wl.osl, conc)
@@ -75,14 +78,10 @@ def run_bench(args) -> int:
         r["ratio_to_bound"] = r["output_tok_s"] / bound["bound_output_tok_s"]
         r["ttft_ratio_to_bound"] = bound["bound_ttft_s"] / r["ttft_s"]["p50"]
     vocab, eos = llm.tokenizer.vocab_size, frozenset(llm.tokenizer.eos_token_ids)
-    model_path, dtype, device = engine.config.model, engine.loaded.dtype, str(engine.device)
-    # free the engine's weights and KV pool before the baseline loads its own copy
-    del engine, model, embed
-    llm.shutdown()
+    model_path, dtype, device = ei["model"], getattr(torch, ei["dtype"]), ei["device"]
+    llm.shutdown()  # frees the worker's weights and KV pool before the baseline loads its own copy
     del llm
     import gc
-
-    import torch
 
     gc.collect()
     if torch.cuda.is_available():

@@ -28,6 +28,7 @@ class LlmArgs:
     # "multiprocess": the engine loop runs in a worker process's main thread (torch is slower on a
     # non-main thread); "inprocess": on a background thread of this process; "auto": multiprocess
     executor_type: str = "auto"
+    disable_overlap_scheduler: bool = False  # overlap runs on CUDA only (no gain on a synchronous CPU)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -58,4 +59,5 @@ class LlmArgs:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
                             kv_cache_config=self.kv_cache_config, scheduler_config=self.scheduler_config,
-                            cuda_graph_config=self.cuda_graph_config)
+                            cuda_graph_config=self.cuda_graph_config,
+                            overlap=False if self.disable_overlap_scheduler else None)

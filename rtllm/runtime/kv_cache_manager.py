@@ -100,11 +100,12 @@ class KVCacheManager:
         return hits, len(hits) * bs
 
     def cache_full_blocks(self, req: Request) -> None:
-        """Publish req's full blocks whose K/V are computed (hashes chain over token ids)."""
+        """Publish req's full blocks whose K/V are computed and whose token ids are all known
+        (hashes chain over token ids; an overlap placeholder is not known yet)."""
         if not self.enable_block_reuse:
             return
         bs = self.block_size
-        num_full = req.num_computed_tokens // bs
+        num_full = min(req.num_computed_tokens, req.num_tokens - req.num_placeholders) // bs
         parent = req.block_hashes[-1] if req.block_hashes else None
         for i in range(len(req.block_hashes), num_full):
             h, key = self._block_key(parent, req.token_ids[i * bs : (i + 1) * bs])

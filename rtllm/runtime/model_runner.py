@@ -13,11 +13,19 @@ import torch
 
 from rtllm.layers.attention_metadata import AttentionMetadata
 from rtllm.runtime.cuda_graph import DecodeGraphs
-from rtllm.runtime.request import Request
+from rtllm.runtime.request import PLACEHOLDER, Request
 from rtllm.runtime.scheduler import ScheduledBatch
 from rtllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingTokens:
+    """Sampled token ids of a launched step, still on the device: row_of[request id] -> row."""
+
+    tokens: torch.Tensor  # [S] int64, on the model's device
+    row_of: dict[str, int]
 
 
 @dataclass
@@ -100,8 +108,12 @@ class ModelRunner:
         return self.graphs.capture_seconds
 
     # -- packing --------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, batch: ScheduledBatch, prev: PendingTokens | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat inputs and metadata. A PLACEHOLDER input (overlap scheduling: the previous step's
+        token, still on the device) is filled on the device from ``prev``."""
         bs = self.block_size
+        pending: list[tuple[int, int]] = []  # (flat index, row in prev.tokens)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -110,7 +122,12 @@ class ModelRunner:
         num_decodes = 0
         for req, n in zip(batch.requests, batch.num_new_tokens):
             c = req.num_computed_tokens
-            input_ids.extend(req.token_ids[c : c + n])
+            seg = req.token_ids[c : c + n]
+            if req.num_placeholders and seg and seg[-1] == PLACEHOLDER:
+                if prev is None or req.request_id not in prev.row_of or PLACEHOLDER in seg[:-1]:
+                    raise RuntimeError(f"request {req.request_id}: input token not known (overlap invariant)")
+                pending.append((len(input_ids) + n - 1, prev.row_of[req.request_id]))
+            input_ids.extend(seg)
             positions.extend(range(c, c + n))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + n))
@@ -136,12 +153,16 @@ class ModelRunner:
             if num_decodes < len(seq_lens) else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        if pending:
+            dst = torch.tensor([d for d, _ in pending], dtype=torch.int64).to(dev, non_blocking=True)
+            src = torch.tensor([r for _, r in pending], dtype=torch.int64).to(dev, non_blocking=True)
+            ids.index_copy_(0, dst, prev.tokens.index_select(0, src))
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, pos, meta
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> ModelOutput:
-        ids, pos, meta = self.prepare(batch)
+    def execute(self, batch: ScheduledBatch, prev: PendingTokens | None = None) -> ModelOutput:
+        ids, pos, meta = self.prepare(batch, prev)
         graphs = self.graphs
         if graphs is not None and meta.num_decodes == len(batch) and len(batch) <= graphs.max_bs:
             logits = graphs.replay(ids, pos, meta).float()

@@ -20,16 +20,30 @@ import torch
 from rtllm.config import EngineConfig
 from rtllm.models.loader import LoadedModel, load_model
 from rtllm.runtime.kv_cache_manager import KVCacheManager
-from rtllm.runtime.model_runner import ModelRunner, kv_bytes_per_token
+from rtllm.runtime.model_runner import ModelRunner, PendingTokens, kv_bytes_per_token
 from rtllm.runtime.request import Request, RequestStatus
-from rtllm.runtime.sampler import Sampler, SamplingRow, compute_logprobs, make_generator
-from rtllm.runtime.scheduler import RequestUpdate, Scheduler
+from rtllm.runtime.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs, make_generator
+from rtllm.runtime.scheduler import RequestUpdate, ScheduledBatch, Scheduler
 from rtllm.runtime.validation import RequestValidator
 from rtllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 8192
+
+
+@dataclass
+class _Launched:
+    """A step whose model and sampler work has been launched (and committed to the scheduler)."""
+
+    batch: ScheduledBatch
+    reqs: list[Request]  # requests that sample, in the order of their tokens
+    sampled: SamplerOutput | None
+    prompt_lp: dict[str, list]
+    rows: list[SamplingRow]
+    pending: PendingTokens | None = None
+    host: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -70,6 +84,9 @@ class PyExecutor:
         self.sampler = Sampler()
         self._inbox: queue.Queue = queue.Queue()
         self.num_steps = 0
+        # overlap scheduling pays off when a device runs the step asynchronously (CUDA)
+        self.overlap = (self.device.type == "cuda") if config.overlap is None else config.overlap
+        self._inflight: _Launched | None = None
 
     def set_eos_token_ids(self, ids: frozenset[int]) -> None:
         """The tokenizer may know more end tokens than config.json (e.g. a chat end token)."""
@@ -103,8 +120,18 @@ class PyExecutor:
         """What a client needs to know about this engine without holding it (plain, picklable values):
         the limits a RequestValidator is built from, the end tokens, and where and how it runs."""
         sc, kc = self.config.scheduler_config, self.config.kv_cache_config
+        mc = self.model_config
+        embed = self.loaded.model.model.embed_tokens.weight
         return {
             "model": self.config.model,
+            "architecture": mc.architecture,
+            "num_layers": mc.num_hidden_layers,
+            "num_heads": mc.num_attention_heads,
+            "head_dim": mc.head_dim,
+            "tie_word_embeddings": mc.tie_word_embeddings,
+            "embedding_bytes": embed.numel() * embed.element_size(),
+            "kv_bytes_per_token": kv_bytes_per_token(self.loaded.model, self.loaded.dtype),
+            "startup": dict(self.startup),
             "device": str(self.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "vocab_size": self.model_config.vocab_size,
@@ -157,38 +184,96 @@ class PyExecutor:
                       generator=make_generator(new.seed, self.device), wait_for=wait_for)
         self.scheduler.add_request(req)
 
+    # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
+        """One iteration. With overlap, step N+1 is scheduled and launched before step N's tokens
+        are read back, so the CPU work of both runs while the GPU computes; otherwise each step
+        completes before the next is scheduled. Both give the same tokens."""
         batch = self.scheduler.schedule()
+        prev = self._inflight
+        self._inflight = None
         if not batch.requests:
-            return []
-        out = self.runner.execute(batch)
+            return self._complete(prev) if prev is not None else []
+        if self.overlap and not self._needs_sync(batch):
+            launched = self._launch(batch, prev, to_cpu=False)
+            updates = self._complete(prev) if prev is not None else []
+            self._inflight = launched
+        else:
+            updates = self._complete(prev) if prev is not None else []
+            batch = self._drop_finished(batch)  # the completion may have finished some of them
+            if batch.requests:
+                updates.extend(self._complete(self._launch(batch, None, to_cpu=True)))
+        self.num_steps += 1
+        return updates
+
+    @staticmethod
+    def _needs_sync(batch: ScheduledBatch) -> bool:
+        """Penalties need every previous token on the host; logprobs are read back at once anyway."""
+        return any(r.sampling_params.needs_penalties or r.sampling_params.logprobs is not None
+                   or r.sampling_params.prompt_logprobs is not None for r in batch.requests)
+
+    @staticmethod
+    def _drop_finished(batch: ScheduledBatch) -> ScheduledBatch:
+        keep = [i for i, r in enumerate(batch.requests) if not r.is_finished]
+        if len(keep) == len(batch.requests):
+            return batch
+        return ScheduledBatch([batch.requests[i] for i in keep], [batch.num_new_tokens[i] for i in keep],
+                              batch.preempted)
+
+    def _launch(self, batch: ScheduledBatch, prev: _Launched | None, to_cpu: bool) -> _Launched:
+        """Run the model and the sampler for ``batch`` (asynchronously on a GPU when to_cpu is
+        False) and commit the step to the scheduler."""
+        out = self.runner.execute(batch, prev.pending if prev is not None else None)
         rows = []
         for i in out.sample_rows:
             r = batch.requests[i]
             rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids, r.output_token_ids,
                                     r.eos_token_ids))
-        sampled = self.sampler.sample(out.sample_logits, rows) if rows else None
-        tokens: dict[str, int] = {}
-        extra: dict[str, tuple] = {}
-        if sampled is not None:
-            toks = sampled.token_ids.tolist()
-            for j, i in enumerate(out.sample_rows):
-                rid = batch.requests[i].request_id
-                tokens[rid] = toks[j]
-                if sampled.logprobs is not None and rows[j].params.logprobs is not None:
-                    extra[rid] = (float(sampled.logprobs[j]), sampled.top_logprobs[j])
+        sampled = self.sampler.sample(out.sample_logits, rows, to_cpu=to_cpu) if rows else None
         prompt_lp = self._prompt_logprobs(batch, out)
-        updates = self.scheduler.update(batch, tokens)
+        reqs = self.scheduler.commit(batch)
+        launched = _Launched(batch, reqs, sampled, prompt_lp, rows)
+        if sampled is not None:
+            tokens = sampled.token_ids
+            launched.pending = PendingTokens(tokens, {batch.requests[i].request_id: j
+                                                      for j, i in enumerate(out.sample_rows)})
+            if tokens.is_cuda:  # start the copy to the host now; wait for it only in _complete
+                launched.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                launched.host.copy_(tokens, non_blocking=True)
+                launched.event = torch.cuda.Event()
+                launched.event.record()
+        return launched
+
+    def _complete(self, launched: _Launched) -> list[RequestUpdate]:
+        """Read a launched step's tokens back and apply them (stop rules, freeing, updates)."""
+        sampled = launched.sampled
+        updates: list[RequestUpdate] = []
+        if sampled is not None:
+            if launched.event is not None:
+                launched.event.synchronize()
+                toks = launched.host.tolist()
+            else:
+                toks = sampled.token_ids.tolist()
+            by_id = {rid: toks[j] for rid, j in launched.pending.row_of.items()}
+            extra: dict[str, tuple] = {}
+            if sampled.logprobs is not None:
+                for rid, j in launched.pending.row_of.items():
+                    if launched.rows[j].params.logprobs is not None:
+                        extra[rid] = (float(sampled.logprobs[j]), sampled.top_logprobs[j])
+            updates = self.scheduler.accept(launched.reqs, [by_id[r.request_id] for r in launched.reqs])
+            for u in updates:
+                if u.request_id in extra:
+                    u.logprob, u.top_logprobs = extra[u.request_id]
+        prompt_lp = launched.prompt_lp
         for u in updates:
-            if u.request_id in extra:
-                u.logprob, u.top_logprobs = extra[u.request_id]
             if u.request_id in prompt_lp:
                 u.prompt_logprobs = prompt_lp.pop(u.request_id)
-        for req in batch.requests:
-            if req.request_id in prompt_lp:  # a prefill chunk that did not sample yet
-                updates.append(RequestUpdate(req.request_id, [], False, prompt_logprobs=prompt_lp[req.request_id]))
-        self.num_steps += 1
+        for rid, lp in prompt_lp.items():  # a prefill chunk that did not sample yet
+            updates.append(RequestUpdate(rid, [], False, prompt_logprobs=lp))
         return updates
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self._inflight is not None
 
     def _prompt_logprobs(self, batch, out) -> dict[str, list]:
         result: dict[str, list] = {}
@@ -209,13 +294,13 @@ class PyExecutor:
         to ``timeout`` seconds for the first one (0 while there is work to step).
         """
         while not stop.is_set():
-            idle = not self.scheduler.has_work()
+            idle = not self.has_work()
             if intake is not None:
                 intake(0.1 if idle else 0.0)
                 updates = self._drain_inbox(block=False)
             else:
                 updates = self._drain_inbox(block=idle)
-            if self.scheduler.has_work():
+            if self.has_work():
                 t0 = time.perf_counter()
                 try:
                     updates.extend(self.step())

@@ -10,6 +10,8 @@ import torch
 
 from rtllm.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a token id not known on the host yet (overlap scheduling)
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -24,7 +26,7 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: requests sit in lists and sets compared per step
 class Request:
     """One sequence. ``token_ids`` = prompt + generated tokens; ``num_computed_tokens`` of them
     have their K/V in the cache. A request is "prefilling" while num_computed_tokens + 1 <
@@ -46,6 +48,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this request's full blocks
     stop_reason: int | None = None
+    # Overlap scheduling: a sampled token whose value is still on the GPU sits in token_ids as
+    # PLACEHOLDER; num_placeholders of them trail token_ids. length_pending: the pending token is
+    # the request's last (max_tokens / max_seq_len), so it is not scheduled again.
+    num_placeholders: int = 0
+    length_pending: bool = False
     token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

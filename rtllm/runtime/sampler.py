@@ -187,8 +187,11 @@ def _needs_processing(rows: list[SamplingRow]) -> bool:
 class Sampler:
     """Batched token sampler; stateless (per-request RNG state lives in SamplingRow.generator)."""
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """One token per row of ``logits`` [B, V]; ``rows[i]`` describes row i (see module doc)."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], to_cpu: bool = True) -> SamplerOutput:
+        """One token per row of ``logits`` [B, V]; ``rows[i]`` describes row i (see module doc).
+
+        ``to_cpu=False`` leaves the token ids on the logits' device (no host sync; the overlap
+        scheduler copies them later); only valid when no row asks for logprobs."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "one SamplingRow per logits row"
         if not _needs_processing(rows):
             tokens = logits.argmax(dim=-1)  # fast path: all greedy, nothing to apply
@@ -204,7 +207,7 @@ class Sampler:
                     tokens = torch.where(g_t, x.argmax(dim=-1), tokens)
         ks = [r.params.logprobs for r in rows]
         if all(k is None for k in ks):
-            return SamplerOutput(tokens.cpu(), None, None)
+            return SamplerOutput(tokens.cpu() if to_cpu else tokens, None, None)
         chosen, tops = compute_logprobs(logits, max(k for k in ks if k is not None), tokens)
         top_lists = [None if k is None else t[:k] for k, t in zip(ks, tops)]
         return SamplerOutput(tokens.cpu(), chosen, top_lists)

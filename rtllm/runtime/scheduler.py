@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from rtllm.config import SchedulerConfig
 from rtllm.runtime.kv_cache_manager import KVCacheManager
-from rtllm.runtime.request import Request, RequestStatus
+from rtllm.runtime.request import PLACEHOLDER, Request, RequestStatus
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Scheduler:
         preempted: list[Request] = []
 
         for req in list(self.running):
-            if req not in self.running:  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING or req.length_pending:  # preempted here / last token pending
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:
@@ -131,6 +131,9 @@ class Scheduler:
             if leader is not None and not leader.is_finished and not leader.prefill_done:
                 skipped.append(self.waiting.popleft())  # let its sibling fill the prefix cache first
                 continue
+            if req.num_placeholders:  # preempted with a token still in flight: recompute once it lands
+                skipped.append(self.waiting.popleft())
+                continue
             blocks, num_cached = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_cached
             if num_new > budget and not cfg.enable_chunked_prefill:
@@ -149,38 +152,60 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
 
-    def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[RequestUpdate]:
-        """Advance computed counts, append sampled tokens, apply stop rules, free finished requests.
+    def commit(self, batch: ScheduledBatch) -> list[Request]:
+        """The step's work has been launched: advance computed counts and, for every request that
+        samples, append a PLACEHOLDER for the token still on the device. Returns those requests.
 
-        ``sampled`` maps request id -> the token sampled for it (only requests that sampled).
-        """
-        updates: list[RequestUpdate] = []
-        max_seq_len = self.config.max_seq_len
-        for req, num_new in zip(batch.requests, batch.num_new_tokens):
+        A request whose pending token will be its last (max_tokens, max_seq_len) is marked
+        length_pending and not scheduled again; EOS and stop tokens are only known in accept()."""
+        sampling: list[Request] = []
+        for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            samples = batch.samples(i)
             if req.is_finished or req.request_id not in self.requests:
-                continue  # aborted while the step ran
+                continue  # aborted while the step was being prepared
             if req.num_computed_tokens < req.num_prompt_tokens:
                 self.prefill_tokens_computed += min(num_new, req.num_prompt_tokens - req.num_computed_tokens)
             req.num_computed_tokens += num_new
-            tok = sampled.get(req.request_id)
-            if tok is None:
-                self.kv.cache_full_blocks(req)
-                continue
-            req.token_ids.append(tok)
+            if samples:
+                req.token_ids.append(PLACEHOLDER)
+                req.num_placeholders += 1
+                if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_seq_len:
+                    req.length_pending = True
+                sampling.append(req)
+            self.kv.cache_full_blocks(req)
+        return sampling
+
+    def accept(self, reqs: list[Request], tokens: list[int]) -> list[RequestUpdate]:
+        """The sampled tokens of a committed step arrived: fill each request's oldest placeholder,
+        apply EOS / stop ids / length, free finished requests. ``tokens[i]`` belongs to ``reqs[i]``."""
+        updates: list[RequestUpdate] = []
+        max_seq_len = self.config.max_seq_len
+        for req, tok in zip(reqs, tokens):
+            if req.is_finished or req.request_id not in self.requests:
+                continue  # aborted or finished while the step ran: its token is dropped
+            pos = req.num_tokens - req.num_placeholders
+            req.token_ids[pos] = tok
+            req.num_placeholders -= 1
             self.kv.cache_full_blocks(req)
             params = req.sampling_params
+            n_out = pos + 1 - req.num_prompt_tokens  # output tokens up to and including this one
             reason = None
-            if not params.ignore_eos and tok in req.eos_token_ids and req.num_output_tokens > params.min_tokens:
+            if not params.ignore_eos and tok in req.eos_token_ids and n_out > params.min_tokens:
                 reason = "stop"
-            elif params.stop_token_ids and tok in params.stop_token_ids and (
-                req.num_output_tokens > params.min_tokens
-            ):
+            elif params.stop_token_ids and tok in params.stop_token_ids and n_out > params.min_tokens:
                 reason, req.stop_reason = "stop", tok
-            elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_seq_len:
+            elif n_out >= req.max_tokens or pos + 1 >= max_seq_len:
                 reason = "length"
             if reason is not None:
+                del req.token_ids[pos + 1 :]  # a later step's placeholder for a finished request
+                req.num_placeholders = 0
                 status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
                 self.finish_request(req.request_id, status)
             updates.append(RequestUpdate(req.request_id, [tok], reason is not None, reason, req.stop_reason,
                                          num_cached_tokens=req.num_cached_tokens))
         return updates
+
+    def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[RequestUpdate]:
+        """Synchronous step: commit() then accept() at once. ``sampled``: request id -> its token."""
+        reqs = self.commit(batch)
+        return self.accept(reqs, [sampled[r.request_id] for r in reqs])

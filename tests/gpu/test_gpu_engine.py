@@ -34,14 +34,17 @@ def test_tiny_fp32_greedy_matches_transformers_on_gpu(tmp_path, arch, graphs):
         assert o.outputs[0].token_ids == ref
 
 
-def test_graphs_on_equal_graphs_off_bf16(tmp_path):
+def test_graphs_and_overlap_on_equal_both_off_bf16(tmp_path):
+    """Same semantics everywhere: greedy and seeded sampling, with stop tokens mid-flight."""
     make_checkpoint(str(tmp_path), "llama", dtype=torch.bfloat16)
     prompts = ramp_prompts(12, seed=22, lo=3, hi=100)
+    params = [SamplingParams(max_tokens=32, temperature=0 if i % 2 else 0.8, seed=i, stop_token_ids=[i])
+              for i in range(12)]
     outs = []
-    for cg in (CudaGraphConfig(max_batch_size=16), None):
-        with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=16,
+    for cg, no_overlap in ((CudaGraphConfig(max_batch_size=16), False), (None, True)):
+        with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=16, disable_overlap_scheduler=no_overlap,
                  kv_cache_config=KvCacheConfig(max_tokens=8192), cuda_graph_config=cg) as llm:
-            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32), use_tqdm=False)])
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     assert outs[0] == outs[1]
 
 
