@@ -16,6 +16,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-tokens", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache capacity in tokens")
+    p.add_argument("--quant", choices=["none", "w4a16"], default="none",
+                   help="weight quantization applied at load: w4a16 = INT4 weights, 16-bit activations (CPU)")
+    p.add_argument("--quant-group-size", type=int, default=32,
+                   help="input channels per INT4 scale/zero: 32 | 64 | 128 | 256. 32 keeps a Q4_1 GGUF's codes "
+                        "exactly (coarser groups requantize a 4-bit model); 128 stores ~15%% fewer bytes")
     p.add_argument("--log-level", default="warning")
 
 
@@ -28,11 +33,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _make_llm(args):
-    from rtllm import LLM, KvCacheConfig
+    from rtllm import LLM, KvCacheConfig, QuantConfig
 
+    quant = None if args.quant == "none" else QuantConfig(args.quant, args.quant_group_size)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
-               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens))
+               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant)
 
 
 def _params(args):

@@ -83,6 +83,9 @@ class EngineConfig:
     cuda_graph_config: CudaGraphConfig | None = None  # None: no CUDA graphs
     overlap: bool | None = None  # overlap scheduling; None: on for CUDA, off for CPU
     cpu_kv_cache_bytes: int = 2 << 30  # CPU default KV budget when kv_cache_config.max_tokens is None
+    # a rtllm.quantization.QuantConfig or None (typed loosely: this bottom module imports nothing
+    # above it; LlmArgs validates it), handed to load_model
+    quant_config: object | None = None
 
     def __post_init__(self) -> None:
         self.kv_cache_config = self.kv_cache_config or KvCacheConfig()

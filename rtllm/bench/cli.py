@@ -40,7 +40,7 @@ def _commit() -> str:
 def run_bench(args) -> int:
     import torch
 
-    from rtllm import LLM, KvCacheConfig
+    from rtllm import LLM, KvCacheConfig, QuantConfig
     from rtllm.bench.throughput import bench_engine, bench_hf
     from rtllm.bench.workload import Workload
 
@@ -54,7 +54,8 @@ def run_bench(args) -> int:
     hw_dtype = torch.float32 if args.dtype in ("float32", "fp32") else torch.bfloat16
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
-    llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device,
+    quant = None if args.quant == "none" else QuantConfig(args.quant, args.quant_group_size)
+    llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), executor_type=args.executor,
@@ -62,7 +63,9 @@ def run_bench(args) -> int:
     ei = llm.executor.engine_info
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],
-            "workload": wl.__dict__, "startup": ei.get("startup", {}), "kv_capacity_tokens": ei["kv_capacity_tokens"]}
+            "workload": wl.__dict__, "startup": ei.get("startup", {}), "kv_capacity_tokens": ei["kv_capacity_tokens"],
+            "quant": None if quant is None else f"{quant.quant_algo} g{quant.group_size}",
+            "weight_bytes": ei["weight_bytes"]}
     from rtllm.bench.bounds import ModelCost, workload_bound
 
     elt = torch.tensor([], dtype=getattr(torch, ei["dtype"])).element_size()
@@ -99,7 +102,9 @@ def run_bench(args) -> int:
 def _print(res: dict) -> None:
     i = res["info"]
     w = i["workload"]
-    print(f"# rtllm bench  {i['date']}  commit {i['commit']}  {i['device']} {i['dtype']}")
+    quant = f"  weights {i['quant']}" if i.get("quant") else ""
+    print(f"# rtllm bench  {i['date']}  commit {i['commit']}  {i['device']} {i['dtype']}{quant}"
+          f"  ({i['weight_bytes'] / 2**20:.1f} MiB of weights)")
     print(f"# workload: {w['num_requests']} requests, ISL {w['isl']}, OSL {w['osl']}, concurrency {w['concurrency']}")
     for key in ("rtllm", "transformers"):
         if key not in res:

@@ -17,6 +17,11 @@ from rtllm.bench.workload import Workload, percentiles
 from rtllm.sampling_params import SamplingParams
 
 
+def _summary(engine: str, wall: float, out_tokens: int, num_requests: int, **stats) -> dict:
+    return {"engine": engine, "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
+            "request_s": num_requests / wall, **stats}
+
+
 async def _run_one(llm, prompt, params, sem, rec) -> None:
     async with sem:
         t0 = time.perf_counter()
@@ -52,16 +57,8 @@ def bench_engine(llm, wl: Workload) -> dict:
     itl = [b - a for _, s, _ in rec for a, b in zip(s, s[1:])]
     tpot = [(s[-1] - s[0]) / (n - 1) for _, s, n in rec if n > 1]
     out_tokens = sum(n for _, _, n in rec)
-    return {
-        "engine": "rtllm",
-        "wall_s": wall,
-        "output_tokens": out_tokens,
-        "output_tok_s": out_tokens / wall,
-        "request_s": len(rec) / wall,
-        "ttft_s": percentiles(ttft),
-        "tpot_s": percentiles(tpot),
-        "itl_s": percentiles(itl),
-    }
+    return _summary("rtllm", wall, out_tokens, len(rec), ttft_s=percentiles(ttft), tpot_s=percentiles(tpot),
+                    itl_s=percentiles(itl))
 
 
 def bench_hf(model_path: str, wl: Workload, dtype: torch.dtype, device: str, vocab_size: int,
@@ -107,11 +104,5 @@ def bench_hf(model_path: str, wl: Workload, dtype: torch.dtype, device: str, voc
     wall = time.perf_counter() - t0
     del model
     gc.collect()
-    return {
-        "engine": "transformers",
-        "wall_s": wall,
-        "output_tokens": out_tokens,
-        "output_tok_s": out_tokens / wall,
-        "request_s": len(prompts) / wall,
-        "tpot_s": percentiles([t / wl.osl for t in batch_times]),
-    }
+    return _summary("transformers", wall, out_tokens, len(prompts),
+                    tpot_s=percentiles([t / wl.osl for t in batch_times]))

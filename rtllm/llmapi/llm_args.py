@@ -8,6 +8,7 @@ import torch
 
 from rtllm.config import CudaGraphConfig, EngineConfig, KvCacheConfig, SchedulerConfig
 from rtllm.errors import ConfigError
+from rtllm.quantization.config import QuantConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 _EXECUTOR_TYPES = ("auto", "inprocess", "multiprocess")
@@ -29,6 +30,8 @@ class LlmArgs:
     # non-main thread); "inprocess": on a background thread of this process; "auto": multiprocess
     executor_type: str = "auto"
     disable_overlap_scheduler: bool = False  # overlap runs on CUDA only (no gain on a synchronous CPU)
+    # weight quantization applied at load, e.g. QuantConfig(quant_algo="W4A16", group_size=64); None: none
+    quant_config: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -48,6 +51,11 @@ class LlmArgs:
                               f"got {type(self.cuda_graph_config).__name__}")
         if self.executor_type not in _EXECUTOR_TYPES:
             raise ConfigError(f"LlmArgs.executor_type={self.executor_type!r}: must be one of {_EXECUTOR_TYPES}")
+        if self.quant_config is not None:
+            if not isinstance(self.quant_config, QuantConfig):
+                raise ConfigError(f"LlmArgs.quant_config must be a QuantConfig or None, "
+                                  f"got {type(self.quant_config).__name__}")
+            self.quant_config.check_device(self.device)
         self.scheduler_config = SchedulerConfig(self.max_batch_size, self.max_num_tokens, self.max_seq_len,
                                                 self.enable_chunked_prefill)
 
@@ -60,4 +68,5 @@ class LlmArgs:
         return EngineConfig(model=self.model, dtype=self.dtype, device=self.device,
                             kv_cache_config=self.kv_cache_config, scheduler_config=self.scheduler_config,
                             cuda_graph_config=self.cuda_graph_config,
-                            overlap=False if self.disable_overlap_scheduler else None)
+                            overlap=False if self.disable_overlap_scheduler else None,
+                            quant_config=self.quant_config)

@@ -18,8 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rtllm.errors import ModelLoadError
+from rtllm.layers.quantized_linear import quantize_linear_layers
 from rtllm.models.config import ModelConfig, parse_dtype
 from rtllm.models.registry import get_model_class
+from rtllm.quantization.config import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +106,16 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype, device: t
 
 def load_model(
     model_path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
-    max_positions: int | None = None,
+    max_positions: int | None = None, quant_config: QuantConfig | None = None,
 ) -> LoadedModel:
-    """Build the model for ``model_path`` on ``device`` and load its weights."""
+    """Build the model for ``model_path`` on ``device`` and load its weights.
+
+    ``quant_config`` (enabled): the loaded Linear layers are then quantized in place
+    (rtllm.layers.quantized_linear); ``weight_bytes`` is the quantized size."""
     t0 = time.perf_counter()
     device = torch.device(device)
+    if quant_config is not None:
+        quant_config.check_device(device)  # before reading any weights
     if not os.path.exists(model_path):
         raise ModelLoadError(f"model path {model_path!r} does not exist")
     gguf_path = find_gguf(model_path)
@@ -155,8 +162,32 @@ def load_model(
     missing = sorted(expected - loaded)
     if missing:
         raise ModelLoadError(f"{model_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = _weight_bytes(model)
+    if quant_config is not None and quant_config.enabled:
+        weight_bytes = _quantize(model, quant_config, weight_bytes)
     secs = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.2f s: %.1f MiB of weights", model_path, config.architecture,
                 torch_dtype, secs, weight_bytes / 2**20)
     return LoadedModel(model, config, torch_dtype, tokenizer_source, secs, weight_bytes)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied tensors counted once
+
+
+@torch.no_grad()
+def _quantize(model: torch.nn.Module, quant_config: QuantConfig, dense_bytes: int) -> int:
+    """Quantize the loaded model's linear layers in place; returns the new weight bytes."""
+    t0 = time.perf_counter()
+    report = quantize_linear_layers(model, quant_config)
+    weight_bytes = _weight_bytes(model)
+    groups: dict[int, int] = {}
+    for g in report.quantized.values():
+        groups[g] = groups.get(g, 0) + 1
+    logger.info("%s: quantized %d linear layers (group size: layer count %s) in %.2f s; weights %.1f MiB -> "
+                "%.1f MiB (embeddings, norms and LM head stay dense)", quant_config.quant_algo,
+                len(report.quantized), groups, time.perf_counter() - t0, dense_bytes / 2**20, weight_bytes / 2**20)
+    if report.skipped:
+        logger.warning("%s: %d linear layers left dense, e.g. %s", quant_config.quant_algo, len(report.skipped),
+                       dict(list(report.skipped.items())[:3]))
+    return weight_bytes

@@ -63,7 +63,8 @@ class PyExecutor:
         self.device = torch.device(config.device)
         sc, kc = config.scheduler_config, config.kv_cache_config
         self.loaded = loaded or load_model(config.model, config.dtype, self.device,
-                                           max_positions=sc.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+                                           max_positions=sc.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+                                           quant_config=config.quant_config)
         self.model_config = self.loaded.config
         if sc.max_seq_len is None:
             sc = replace(sc, max_seq_len=min(self.model_config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
