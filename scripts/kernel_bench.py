@@ -115,7 +115,7 @@ def bench_decode(device, dtype, batches, contexts, sweep: bool) -> None:
         k_cache, v_cache, tables = paged_cache(seq_lens, dtype, device, gen)
         sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         q = torch.randn((B, HQ, D), dtype=dtype, device=device)
-        sms = triton_attention._sm_count(q)
+        sms = triton_attention.sm_count(q)
         splits, _ = triton_attention.decode_num_splits(B, HKV, max_len, 64, sms)
         args = (q, k_cache, v_cache, tables, sl, D**-0.5, max_len)
         out = triton_attention.paged_decode_attention_triton(*args)

@@ -1,0 +1,262 @@
+"""Flash-decoding over a paged cache: split-K partials, then a reduction."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rtllm.kernels.triton_attention.common import LOG2E, dot_config, sm_count
+
+# --------------------------------------------------------------------------------------------
+# decode: flash-decoding over a paged cache
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    qk_scale,
+    split_tokens,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Program (b, kv head, split): the G query heads of the group against tokens
+    [split * split_tokens, min(+split_tokens, seq_len)). Writes (max, sum, unnormalized out) in
+    the log2 domain, or the final output when there is one split."""
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    s = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = s * split_tokens
+    end = tl.minimum(start + split_tokens, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < G
+    mask_d = offs_d < HEAD_DIM
+    heads = hk * G + offs_g
+    mask_q = mask_g[:, None] & mask_d[None, :]
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_q,
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    k_head = k_ptr + hk * stride_kh + offs_d[None, :] * stride_kd
+    v_head = v_ptr + hk * stride_vh + offs_d[None, :] * stride_vd
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        mask_n = pos < end
+        blk = tl.load(bt_row + pos // PAGE, mask=mask_n, other=0).to(tl.int64)
+        row = pos % PAGE
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    if ONE_SPLIT:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+            o.to(out_ptr.dtype.element_ty),
+            mask=mask_q,
+        )
+    else:
+        # partials: m/l [B, Hq, S], acc [B, Hq, S, D], contiguous
+        part = (b.to(tl.int64) * (num_kv_heads * G) + heads) * num_splits + s
+        tl.store(m_ptr + part, m_i, mask=mask_g)
+        tl.store(l_ptr + part, l_i, mask=mask_g)
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_q)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    seq_lens_ptr,
+    split_tokens,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Program (b, q head): merge the splits that hold tokens of sequence b."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_valid
+    mask_d = offs_d < HEAD_DIM
+    part = (b.to(tl.int64) * num_heads + h) * num_splits + offs_s
+    m = tl.load(m_ptr + part, mask=mask_s, other=float("-inf"))
+    lsum = tl.load(l_ptr + part, mask=mask_s, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(w * lsum, 0)
+    acc = tl.load(
+        acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+        o.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+DECODE_MAX_SPLITS = 64
+
+
+def decode_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, num_sms: int = 132
+) -> tuple[int, int]:
+    """(num_splits, split_tokens) for flash-decoding.
+
+    Decode is bound by memory bandwidth, which one or two pipelined programs per SM already
+    draw near its peak; what hurts is idle SMs. So: with batch * num_kv_heads >= num_sms
+    programs there is no split (and no reduce launch). Below that the KV length is split so
+    the grid has at most 2 * num_sms programs (all resident at once: the bf16 split kernel
+    takes 115 registers/thread and 39 KB of shared memory on sm_90a, so up to 4 fit per SM;
+    a single wave, no tail), with at least one BLOCK_N tile per split and at most
+    DECODE_MAX_SPLITS splits.
+    split_tokens is a multiple of block_n and num_splits * split_tokens >= max_seq_len.
+    Examples (8 KV heads, 132 SMs, block_n 64): batch 1 at 8192 tokens -> 32 splits of 256;
+    batch 8 at 8192 -> 4 of 2048; batch 16 and up -> 1.
+    """
+    max_seq_len = max(int(max_seq_len), 1)
+    base = max(batch * num_kv_heads, 1)
+    n_tiles = triton.cdiv(max_seq_len, block_n)
+    splits = 1 if base >= num_sms else min(max(2 * num_sms // base, 1), n_tiles, DECODE_MAX_SPLITS)
+    split_tokens = triton.cdiv(n_tiles, splits) * block_n
+    return triton.cdiv(max_seq_len, split_tokens), split_tokens
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    *,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] (q's dtype).
+
+    Flash-decoding: kernel 1 has grid (B, Hkv, num_splits); each program loads the G = Hq/Hkv
+    query heads of one KV head once (padded to >= 16 rows for tensor cores) and streams its
+    split of the sequence's KV in BLOCK_N-token tiles (gathered through the block table, any
+    block_size), keeping an online softmax in fp32. Kernel 2 (grid (B, Hq)) merges the splits;
+    with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
+    seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``
+    and ``block_n`` override the heuristics (tests, tuning).
+    """
+    B, Hq, D = q.shape
+    _, page, Hkv, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
+    G = Hq // Hkv
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    block_d = triton.next_power_of_2(D)
+    if block_n is None:  # sm_90a: no spills at these sizes (16-bit: <= 117 regs; fp32 FMA: <= 92)
+        if k_cache.element_size() >= 4:
+            block_n = 32 if block_d <= 128 else 16
+        else:
+            block_n = 64 if block_d <= 128 else 32
+    if num_splits is None:
+        num_splits, split_tokens = decode_num_splits(B, Hkv, max_seq_len, block_n, sm_count(q))
+    else:
+        split_tokens = triton.cdiv(triton.cdiv(max(int(max_seq_len), 1), num_splits), block_n) * block_n
+        num_splits = triton.cdiv(max(int(max_seq_len), 1), split_tokens)
+    upcast, prec = dot_config(q, k_cache.dtype)
+    block_g = max(16, triton.next_power_of_2(G))
+    one = num_splits == 1
+    if one:
+        m = lsum = acc = out  # unused
+    else:
+        m = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+        lsum = torch.empty_like(m)
+        acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    num_warps = 4 if block_g * block_d <= 64 * 128 else 8
+    stages = 3 if (k_cache.element_size() <= 2 and block_d <= 128) else 2
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
+        scale * LOG2E, split_tokens, num_splits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
+        ONE_SPLIT=one, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=num_warps, num_stages=stages,
+    )  # fmt: skip
+    if not one:
+        _decode_reduce_kernel[(B, Hq)](
+            out, m, lsum, acc, seq_lens, split_tokens, num_splits, *out.stride(),
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out
