@@ -117,7 +117,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        starts = [0]
+        starts = batch.query_starts
         seq_lens: list[int] = []
         num_decodes = 0
         for req, n in zip(batch.requests, batch.num_new_tokens):
@@ -131,7 +131,6 @@ class ModelRunner:
             positions.extend(range(c, c + n))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(c, c + n))
-            starts.append(starts[-1] + n)
             seq_lens.append(c + n)
             if n == 1 and len(seq_lens) == num_decodes + 1 and c + 1 == req.num_tokens:
                 num_decodes += 1
@@ -168,11 +167,7 @@ class ModelRunner:
             logits = graphs.replay(ids, pos, meta).float()
             return ModelOutput(logits, list(range(len(batch))), {})
         hidden = self.model(ids, pos, meta)
-        starts = meta.query_start_loc.tolist() if self.device.type == "cpu" else None
-        if starts is None:
-            starts = [0]
-            for n in batch.num_new_tokens:
-                starts.append(starts[-1] + n)
+        starts = batch.query_starts
         sample_rows = [i for i in range(len(batch)) if batch.samples(i)]
         idx = torch.tensor([starts[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=self.device)
         sample_logits = self.model.compute_logits(hidden.index_select(0, idx)).float()

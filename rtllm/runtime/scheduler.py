@@ -10,6 +10,8 @@ The scheduler needs no model: tests drive it with fake sampled tokens.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,6 +27,11 @@ class ScheduledBatch:
     requests: list[Request]
     num_new_tokens: list[int]
     preempted: list[Request] = field(default_factory=list)
+
+    @functools.cached_property
+    def query_starts(self) -> list[int]:
+        """Offset of each request's first new token in the flat batch, plus the total: [B + 1]."""
+        return [0, *itertools.accumulate(self.num_new_tokens)]
 
     @property
     def total_tokens(self) -> int:
