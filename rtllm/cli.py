@@ -1,4 +1,4 @@
-"""Command line: rtllm generate | chat | bench."""
+"""Command line: rtllm generate | chat | serve | bench."""
 
 from __future__ import annotations
 
@@ -32,13 +32,45 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _make_llm(args):
+def _make_llm(args, **kw):
     from rtllm import LLM, KvCacheConfig, QuantConfig
 
     quant = None if args.quant == "none" else QuantConfig(args.quant, args.quant_group_size)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
-               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant)
+               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant, **kw)
+
+
+def _served_name(model: str | None) -> str:
+    import os
+
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf").removesuffix(".json")
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from rtllm.serve.app import ServerConfig
+    from rtllm.serve.logs import configure_logging
+    from rtllm.serve.server import run_server
+
+    if args.model_pos is not None:
+        if args.model is not None and args.model != args.model_pos:
+            print("error: give the model once (positional or --model)", file=sys.stderr)
+            return 2
+        args.model = args.model_pos
+    configure_logging(args.log_format, args.log_level if args.log_level != "warning" else "info")
+    if args.model is not None and not os.path.exists(args.model):
+        print(f"error: model path {args.model!r} does not exist", file=sys.stderr)
+        return 2
+    names = args.served_model_name or [_served_name(args.model)]
+    config = ServerConfig(served_model_names=names, api_key=args.api_key or os.environ.get("RTLLM_API_KEY") or None,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
+                          shutdown_timeout=args.shutdown_timeout)
+    factory = lambda: _make_llm(args, executor_type=args.executor)
+    return run_server(factory, config, host=args.host, port=args.port, on_engine_death=args.on_engine_death)
 
 
 def _params(args):
@@ -121,12 +153,34 @@ def main(argv: list[str] | None = None) -> int:
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, models, health, metrics)")
+    s.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                   help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (or set RTLLM_API_KEY)")
+    s.add_argument("--served-model-name", action="append", default=None,
+                   help="model name(s) clients send (default: the model file or directory name)")
+    s.add_argument("--max-queue", type=int, default=1024,
+                   help="sequences allowed to wait beyond --max-batch-size; more get 429 with Retry-After")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="request body size limit (413 beyond)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
+    s.add_argument("--on-engine-death", choices=["exit", "restart"], default="exit",
+                   help="when the engine worker dies: exit with code 1 (for a supervisor) or restart it in place")
+    s.add_argument("--executor", choices=["multiprocess", "inprocess"], default="multiprocess")
+    s.add_argument("--log-format", choices=["json", "text"], default="json")
+    s.add_argument("--log-prompts", action="store_true", help="include prompt and completion text in the logs")
+    _engine_args(s)
+    s.set_defaults(func=cmd_serve)
+
     from rtllm.bench.cli import add_bench_parser
 
     add_bench_parser(sub, _engine_args)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "warning").upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

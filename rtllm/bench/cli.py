@@ -1,4 +1,5 @@
-"""`rtllm bench throughput | latency`: offline engine benchmarks with an optional HF baseline."""
+"""`rtllm bench throughput | latency | serve`: offline engine benchmarks with an optional HF baseline,
+and the client-side benchmark of a running server (rtllm.bench.serve)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import time
 
 
 def add_bench_parser(sub, engine_args) -> None:
-    b = sub.add_parser("bench", help="offline benchmarks (throughput, latency)")
+    from rtllm.bench.serve import add_serve_parser
+
+    b = sub.add_parser("bench", help="benchmarks: offline (throughput, latency) and of a server (serve)")
     bsub = b.add_subparsers(dest="mode", required=True)
+    add_serve_parser(bsub)
     for mode in ("throughput", "latency"):
         p = bsub.add_parser(mode)
         engine_args(p)

@@ -59,8 +59,21 @@ class GenerationExecutor(ABC):
         """The KV cache's block usage and prefix hit counts (as of the latest engine step)."""
 
     @abstractmethod
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting) sequences in the engine's scheduler (as of the latest engine step)."""
+
+    @abstractmethod
     def shutdown(self) -> None:
         """Stop the engine loop; pending requests fail. Idempotent."""
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine died (None while it runs or after a clean shutdown)."""
+        return self._dead
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and not self._closed
 
     def _set_engine_info(self, info: dict[str, Any]) -> None:
         self.engine_info = dict(info)

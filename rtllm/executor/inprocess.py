@@ -49,6 +49,10 @@ class InProcessExecutor(GenerationExecutor):
     def stats(self) -> KVCacheStats:
         return self.engine.kv.stats()
 
+    def num_requests(self) -> tuple[int, int]:
+        s = self.engine.scheduler
+        return len(s.running), len(s.waiting)
+
     def shutdown(self) -> None:
         if self._closed:
             return

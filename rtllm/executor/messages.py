@@ -58,6 +58,8 @@ class Ready:
 class UpdateBatch:
     updates: list[RequestUpdate]
     stats: KVCacheStats  # the KV cache after this step (blocks of finished requests already freed)
+    num_running: int = 0  # sequences in the scheduler's running batch / waiting queue after this step
+    num_waiting: int = 0
 
 
 @dataclass

@@ -92,6 +92,7 @@ class MultiProcessExecutor(GenerationExecutor):
                  startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
         super().__init__(tokenizer)
         self._stats: KVCacheStats | None = None
+        self._num_requests = (0, 0)
         self._send_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
         self._receiver: threading.Thread | None = None
@@ -207,6 +208,7 @@ class MultiProcessExecutor(GenerationExecutor):
         for msg in msgs:
             if isinstance(msg, UpdateBatch):
                 self._stats = msg.stats  # first: a caller woken by the updates sees the freed blocks
+                self._num_requests = (msg.num_running, msg.num_waiting)
                 self._on_updates(msg.updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker failed:\n%s", msg.traceback)
@@ -242,6 +244,9 @@ class MultiProcessExecutor(GenerationExecutor):
             return KVCacheStats(num_blocks=n, used_blocks=0, free_blocks=n, cached_blocks=0,
                                 queried_tokens=0, hit_tokens=0)
         return self._stats
+
+    def num_requests(self) -> tuple[int, int]:
+        return self._num_requests
 
     # -- shutdown ---------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -44,6 +44,14 @@ class RequestMetrics:
     finished_time: float | None = None
     num_generated_tokens: int = 0
     num_cached_prompt_tokens: int = 0
+    first_scheduled_time: float | None = None  # when the engine first scheduled it (same clock)
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds between submission and the engine first scheduling the request."""
+        if self.first_scheduled_time is None:
+            return None
+        return max(0.0, self.first_scheduled_time - self.arrival_time)
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -111,6 +119,8 @@ class GenerationResult:
             if self.metrics.first_token_time is None:
                 self.metrics.first_token_time = now
                 self.metrics.num_cached_prompt_tokens = u.num_cached_tokens
+            if u.scheduled_time is not None and self.metrics.first_scheduled_time is None:
+                self.metrics.first_scheduled_time = u.scheduled_time
             seq.out.token_ids.append(tok)
             self.metrics.num_generated_tokens += 1
             if seq.out.logprobs is not None and u.logprob is not None:

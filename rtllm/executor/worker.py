@@ -96,7 +96,8 @@ class _Worker:
                 self.stop.set()
 
     def emit(self, updates: list[RequestUpdate]) -> None:
-        self.send(UpdateBatch(updates, self.engine.kv.stats()))
+        s = self.engine.scheduler
+        self.send(UpdateBatch(updates, self.engine.kv.stats(), len(s.running), len(s.waiting)))
 
     def run(self, cfg: WorkerConfig) -> int:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class RequestUpdate:
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_logprobs: list | None = None  # per prompt position: (logprob of the token, top-k) or None
     num_cached_tokens: int = 0
+    scheduled_time: float | None = None  # time.monotonic() (system-wide) when the request was first scheduled
     error: str | None = None
 
 
@@ -153,6 +155,8 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             if req.status == RequestStatus.WAITING:
                 req.num_cached_tokens = num_cached
+                if req.scheduled_time is None:
+                    req.scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             chosen.append((req, num_new))
@@ -209,7 +213,8 @@ class Scheduler:
                 status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
                 self.finish_request(req.request_id, status)
             updates.append(RequestUpdate(req.request_id, [tok], reason is not None, reason, req.stop_reason,
-                                         num_cached_tokens=req.num_cached_tokens))
+                                         num_cached_tokens=req.num_cached_tokens,
+                                         scheduled_time=req.scheduled_time if n_out == 1 else None))
         return updates
 
     def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[RequestUpdate]:

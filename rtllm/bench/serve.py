@@ -1,0 +1,196 @@
+"""`rtllm bench serve`: a client-side benchmark of an OpenAI-compatible server (like `vllm bench serve`).
+
+Sends ``--num-requests`` streaming /v1/completions requests, either at most ``--concurrency`` at
+a time or arriving as a Poisson process at ``--request-rate`` per second. Prompts are random
+token ids of ``--isl`` tokens (every id >= 100, distinct per request, so the prefix cache stays
+out of the measurement) with ``ignore_eos`` so each request yields exactly ``--osl`` tokens, or
+the lines of ``--prompts-file`` (text; the output length is then ``--osl`` at most).
+
+Per request it records TTFT (send -> first content chunk), the gaps between chunks (ITL), TPOT
+((e2e - TTFT) / (tokens - 1), tokens from the final usage chunk), e2e latency, and any error;
+it prints request/s, output tok/s and p50/p90/p99 of each, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from rtllm.bench.workload import Workload, percentiles
+
+
+@dataclass
+class _Record:
+    ok: bool = False
+    error: str | None = None
+    ttft: float | None = None
+    e2e: float | None = None
+    tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+
+
+async def _one(client: httpx.AsyncClient, body: dict, headers: dict) -> _Record:
+    rec = _Record()
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
+                return rec
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    rec.error = chunk["error"].get("message", "error event")
+                    return rec
+                if chunk.get("usage"):
+                    rec.tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if rec.ttft is None:
+                    rec.ttft = now - t0
+                else:
+                    rec.itl.append(now - last)
+                last = now
+    except httpx.HTTPError as e:
+        rec.error = f"{type(e).__name__}: {e}"
+        return rec
+    rec.e2e = time.perf_counter() - t0
+    rec.ok = rec.ttft is not None
+    return rec
+
+
+async def run_serve_bench(base_url: str, model: str | None, prompts: list, osl: int, concurrency: int | None,
+                          request_rate: float | None, api_key: str | None, ignore_eos: bool = True,
+                          seed: int = 0) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=(concurrency or len(prompts)) + 8,
+                          max_keepalive_connections=(concurrency or len(prompts)) + 8)
+    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(3600.0, connect=30.0),
+                                 limits=limits) as client:
+        if model is None:
+            r = await client.get("/v1/models", headers=headers)
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+
+        def body(p) -> dict:
+            return {"model": model, "prompt": p, "max_tokens": osl, "temperature": 0.0, "stream": True,
+                    "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+
+        sem = asyncio.Semaphore(concurrency) if concurrency else None
+        rng = random.Random(seed)
+
+        async def limited(p) -> _Record:
+            if sem is None:
+                return await _one(client, body(p), headers)
+            async with sem:
+                return await _one(client, body(p), headers)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for p in prompts:
+            tasks.append(asyncio.create_task(limited(p)))
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))
+        records = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    return summarize(records, wall, model, base_url, concurrency, request_rate)
+
+
+def summarize(records: list[_Record], wall: float, model: str, base_url: str, concurrency, request_rate) -> dict:
+    ok = [r for r in records if r.ok]
+    out_tokens = sum(r.tokens for r in ok)
+    tpot = [(r.e2e - r.ttft) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            key = (r.error or "no tokens")[:120]
+            errors[key] = errors.get(key, 0) + 1
+    return {
+        "engine": "rtllm-serve", "base_url": base_url, "model": model, "concurrency": concurrency,
+        "request_rate": request_rate, "num_requests": len(records), "completed": len(ok),
+        "failed": len(records) - len(ok), "errors": errors, "wall_s": wall,
+        "requests_per_s": len(ok) / wall, "output_tok_per_s": out_tokens / wall, "output_tokens": out_tokens,
+        "ttft_s": percentiles([r.ttft for r in ok]), "tpot_s": percentiles(tpot),
+        "itl_s": percentiles([x for r in ok for x in r.itl]), "e2e_s": percentiles([r.e2e for r in ok]),
+    }
+
+
+def add_serve_parser(bsub) -> None:
+    p = bsub.add_parser("serve", help="client-side benchmark of a running OpenAI-compatible server")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--isl", type=int, default=128, help="random prompt tokens per request")
+    p.add_argument("--osl", type=int, default=128, help="output tokens per request (EOS ignored)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="random prompt ids are drawn below this")
+    p.add_argument("--prompts-file", default=None, help="one text prompt per line instead of random tokens")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--concurrency", type=int, default=None, help="requests in flight at most")
+    g.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args) -> int:
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        if not lines:
+            raise SystemExit(f"error: {args.prompts_file} has no prompts")
+        prompts: list = [lines[i % len(lines)] for i in range(args.num_requests)]
+    else:
+        prompts = Workload(args.num_requests, args.isl, args.osl, args.concurrency or 0, args.seed).prompts(
+            args.vocab_size)
+    if args.concurrency is None and args.request_rate is None:
+        args.concurrency = 64
+    res = asyncio.run(run_serve_bench(args.base_url, args.model, prompts, args.osl, args.concurrency,
+                                      args.request_rate, args.api_key, ignore_eos=not args.prompts_file,
+                                      seed=args.seed))
+    res.update(isl=None if args.prompts_file else args.isl, osl=args.osl)
+    print_serve_summary(res)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0 if res["failed"] == 0 else 1
+
+
+def print_serve_summary(res: dict) -> None:
+    print(f"rtllm bench serve  {res['base_url']}  model={res['model']}  concurrency={res['concurrency']}  "
+          f"rate={res['request_rate']}")
+    print(f"  completed {res['completed']}/{res['num_requests']} in {res['wall_s']:.2f} s  "
+          f"({res['requests_per_s']:.2f} req/s, {res['output_tok_per_s']:.1f} output tok/s)")
+    for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        p = res[name]
+        print(f"  {name[:-2].upper():5s} ms  p50 {p['p50'] * 1e3:9.2f}  p90 {p['p90'] * 1e3:9.2f}  "
+              f"p99 {p['p99'] * 1e3:9.2f}  mean {p['mean'] * 1e3:9.2f}")
+    for err, n in res["errors"].items():
+        print(f"  error x{n}: {err}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rtllm-bench-serve")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    add_serve_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv if argv[:1] == ["serve"] else ["serve", *argv])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
