@@ -20,10 +20,17 @@ returns one token per row (int64, on CPU). Semantics, in the order applied per r
    exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``. A row with a generator draws its
    ``q`` from it alone, so a seed gives the same tokens whatever else is in the batch.
 
+Steps 5-6 run in ``rtllm.kernels.sampling.sample_tokens``: on CUDA one Triton program per row
+finds the top-k / top-p cut-offs by a bounded search over the row (no sort) and runs the race;
+elsewhere the torch reference above runs (a full sort for top-p). Given the same noise both pick
+the same token, except where a run of tied logits straddles the top-p cut (the kernel keeps the
+whole run) or two candidates tie to the last bits.
+
 Invariants: ``logits`` is never modified; per-row parameters become [B] tensors and no python
 loop runs over the vocabulary (loops only build padded token tensors, min_tokens index lists
-and draw seeded noise); CPU and CUDA use the same code with one host sync (the final ``.cpu()``,
-plus the top-k lists when logprobs are asked); a row's generator must live on the logits' device.
+and draw seeded noise); host lists reach the device with non-blocking copies, so a step has one
+host sync (the final ``.cpu()``, plus the top-k lists when logprobs are asked) and none with
+``to_cpu=False``; a row's generator must live on the logits' device.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rtllm.kernels import sampling
 from rtllm.sampling_params import SamplingParams
 
 
@@ -78,12 +86,18 @@ def compute_logprobs(
     return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device`` without a host sync (``torch.tensor(..., device=cuda)``
+    copies synchronously)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[B, V] float32 occurrence counts, via one scatter_add over a padded token tensor."""
     width = max(1, max(len(t) for t in token_lists))
     padded = torch.tensor([t + [vocab] * (width - len(t)) for t in token_lists], dtype=torch.int64)
     counts = torch.zeros(len(token_lists), vocab + 1, dtype=torch.float32, device=device)
-    padded = padded.to(device).clamp_(0, vocab)  # out-of-range ids land in the dropped pad column
+    padded = padded.to(device, non_blocking=True).clamp_(0, vocab)  # out-of-range ids land in the dropped pad column
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab]
 
@@ -101,7 +115,7 @@ def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
             )
             > 0
         )
-        pen = torch.tensor(rep, dtype=torch.float32, device=dev).unsqueeze(1)
+        pen = _to_device(rep, torch.float32, dev).unsqueeze(1)
         x.copy_(torch.where(seen, torch.where(x < 0, x * pen, x / pen), x))
     freq = [r.params.frequency_penalty for r in rows]
     pres = [r.params.presence_penalty for r in rows]
@@ -111,8 +125,8 @@ def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
             vocab,
             dev,
         )
-        f_t = torch.tensor(freq, dtype=torch.float32, device=dev).unsqueeze(1)
-        p_t = torch.tensor(pres, dtype=torch.float32, device=dev).unsqueeze(1)
+        f_t = _to_device(freq, torch.float32, dev).unsqueeze(1)
+        p_t = _to_device(pres, torch.float32, dev).unsqueeze(1)
         x.sub_(f_t * counts + p_t * (counts > 0).float())
 
 
@@ -130,35 +144,38 @@ def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow]) -> None:
         ri += [i] * len(banned)
         ti += sorted(banned)
     if ri:
-        x[torch.tensor(ri, device=x.device), torch.tensor(ti, device=x.device)] = float("-inf")
+        x[_to_device(ri, torch.int64, x.device), _to_device(ti, torch.int64, x.device)] = float("-inf")
 
 
-def _warp(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on sampled rows (greedy rows pass through unchanged)."""
-    vocab, dev = x.shape[1], x.device
-    sampled = [not r.params.greedy for r in rows]
-    temps = [r.params.temperature if s else 1.0 for r, s in zip(rows, sampled)]
-    if any(t != 1.0 for t in temps):
-        x = x / torch.tensor(temps, dtype=torch.float32, device=dev).unsqueeze(1)
-    ks = [min(r.params.top_k, vocab) if s else 0 for r, s in zip(rows, sampled)]
-    if any(ks):
-        k_t = torch.tensor(ks, dtype=torch.int64, device=dev).unsqueeze(1)
-        top = torch.topk(x, max(ks), dim=-1).values
-        kth = top.gather(1, (k_t - 1).clamp_(min=0))
-        x = x.masked_fill((x < kth) & (k_t > 0), float("-inf"))
-    ps = [r.params.top_p if s else 1.0 for r, s in zip(rows, sampled)]
-    if any(p < 1.0 for p in ps):
-        sorted_x, order = torch.sort(x, dim=-1, descending=False)
-        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-        thr = torch.tensor([1.0 - p for p in ps], dtype=torch.float32, device=dev).unsqueeze(1)
-        drop = (cum <= thr) & torch.tensor([p < 1.0 for p in ps], device=dev).unsqueeze(1)
-        drop[:, -1] = False  # always keep the most probable token
-        x = x.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    mps = [r.params.min_p if s else 0.0 for r, s in zip(rows, sampled)]
-    if any(m > 0.0 for m in mps):
-        probs = x.softmax(dim=-1)
-        m_t = torch.tensor(mps, dtype=torch.float32, device=dev).unsqueeze(1)
-        x = x.masked_fill(probs < m_t * probs.amax(dim=-1, keepdim=True), float("-inf"))
+@dataclass
+class _RowParams:
+    """Per-row sampling parameters as [B] tensors on the logits' device (greedy rows: temperature 0)."""
+
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float64, so that 1 - top_p is the Python value's
+    min_p: torch.Tensor  # float32
+    max_top_k: int
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab: int, device: torch.device) -> _RowParams:
+        sampled = [not r.params.greedy for r in rows]
+        ks = [min(r.params.top_k, vocab) if s else 0 for r, s in zip(rows, sampled)]
+        return cls(
+            _to_device([r.params.temperature if s else 0.0 for r, s in zip(rows, sampled)], torch.float32, device),
+            _to_device(ks, torch.int64, device),
+            _to_device([r.params.top_p if s else 1.0 for r, s in zip(rows, sampled)], torch.float64, device),
+            _to_device([r.params.min_p if s else 0.0 for r, s in zip(rows, sampled)], torch.float32, device),
+            max(ks),
+        )
+
+
+def _penalized(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """A float32 copy of ``logits`` with penalties and min_tokens masks applied (steps 2-4)."""
+    x = logits.to(torch.float32, copy=True)
+    if any(r.params.needs_penalties for r in rows):
+        _apply_penalties(x, rows)
+    _apply_min_tokens(x, rows)
     return x
 
 
@@ -166,14 +183,13 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     """The logits each row samples from: a new float32 [B, V] tensor, filtered tokens at -inf.
 
     Greedy rows get penalties and min_tokens masks only (their argmax is the greedy token);
-    sampled rows also get temperature, top-k, top-p and min-p. ``logits`` is left untouched.
+    sampled rows also get temperature, top-k, top-p and min-p (the torch reference's filter,
+    on every device). ``logits`` is left untouched.
     """
-    x = logits.to(torch.float32, copy=True)
-    if any(r.params.needs_penalties for r in rows):
-        _apply_penalties(x, rows)
-    _apply_min_tokens(x, rows)
+    x = _penalized(logits, rows)
     if not all(r.params.greedy for r in rows):
-        x = _warp(x, rows)
+        p = _RowParams.build(rows, x.shape[1], x.device)
+        x = sampling.filter_logits_torch(x, p.temperature, p.top_k, p.top_p, p.min_p, max_top_k=p.max_top_k)
     return x
 
 
@@ -196,15 +212,14 @@ class Sampler:
         if not _needs_processing(rows):
             tokens = logits.argmax(dim=-1)  # fast path: all greedy, nothing to apply
         else:
-            x = process_logits(logits, rows)
-            greedy = [r.params.greedy for r in rows]
-            if all(greedy):
+            x = _penalized(logits, rows)
+            if all(r.params.greedy for r in rows):
                 tokens = x.argmax(dim=-1)
             else:
-                tokens = self._draw(x, rows)
-                if any(greedy):
-                    g_t = torch.tensor(greedy, device=x.device)
-                    tokens = torch.where(g_t, x.argmax(dim=-1), tokens)
+                p = _RowParams.build(rows, x.shape[1], x.device)
+                q = self._noise(x, rows)
+                tokens = sampling.sample_tokens(x, p.temperature, p.top_k, p.top_p, p.min_p, q,
+                                                max_top_k=p.max_top_k)
         ks = [r.params.logprobs for r in rows]
         if all(k is None for k in ks):
             return SamplerOutput(tokens.cpu() if to_cpu else tokens, None, None)
@@ -213,14 +228,13 @@ class Sampler:
         return SamplerOutput(tokens.cpu(), chosen, top_lists)
 
     @staticmethod
-    def _draw(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Exponential race: argmax(probs / q), q ~ Exp(1) from each row's generator (or global)."""
-        probs = x.softmax(dim=-1)
-        q = torch.empty_like(probs)
+    def _noise(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The race's noise q ~ Exp(1), [B, V] float32: each seeded sampled row's from its own
+        generator, the rest from the global RNG (drawn for the whole batch when any row has none)."""
+        q = torch.empty_like(x)
         if any(r.generator is None for r in rows):
             q.exponential_()
         for i, r in enumerate(rows):
             if r.generator is not None and not r.params.greedy:
                 q[i].exponential_(generator=r.generator)
-        q.clamp_(min=torch.finfo(q.dtype).tiny)  # 0 noise would turn a 0-prob token into nan
-        return probs.div_(q).argmax(dim=-1)
+        return q
