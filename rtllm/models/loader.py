@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from rtllm.errors import ModelLoadError
 from rtllm.layers.quantized_linear import quantize_linear_layers
 from rtllm.models.config import ModelConfig, parse_dtype
 from rtllm.models.registry import get_model_class
-from rtllm.quantization.config import QuantConfig
+from rtllm.quantization.config import NVFP4, W4A16_AWQ, QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,14 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype, device: t
 def load_model(
     model_path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
     max_positions: int | None = None, quant_config: QuantConfig | None = None,
+    calib_tokenize: Callable[[str], list[int]] | None = None,
 ) -> LoadedModel:
     """Build the model for ``model_path`` on ``device`` and load its weights.
 
     ``quant_config`` (enabled): the loaded Linear layers are then quantized in place
-    (rtllm.layers.quantized_linear); ``weight_bytes`` is the quantized size."""
+    (rtllm.layers.quantized_linear); ``weight_bytes`` is the quantized size. W4A16_AWQ first
+    calibrates on KJV text (rtllm.models.calibration), tokenized by ``calib_tokenize`` or, when
+    None, by the tokenizer rtllm.tokenizer registers for the checkpoint."""
     t0 = time.perf_counter()
     device = torch.device(device)
     if quant_config is not None:
@@ -164,7 +167,10 @@ def load_model(
         raise ModelLoadError(f"{model_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
     weight_bytes = _weight_bytes(model)
     if quant_config is not None and quant_config.enabled:
-        weight_bytes = _quantize(model, quant_config, weight_bytes)
+        weight_bytes = quantize_model(model, quant_config, tokenizer_source, calib_tokenize)
+    if quant_config is not None and quant_config.kv_cache_quant_algo is not None:
+        logger.warning("QuantConfig.kv_cache_quant_algo=%r is accepted but not implemented yet: the KV cache "
+                       "stays in %s", quant_config.kv_cache_quant_algo, torch_dtype)
     secs = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.2f s: %.1f MiB of weights", model_path, config.architecture,
                 torch_dtype, secs, weight_bytes / 2**20)
@@ -176,17 +182,29 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def _quantize(model: torch.nn.Module, quant_config: QuantConfig, dense_bytes: int) -> int:
-    """Quantize the loaded model's linear layers in place; returns the new weight bytes."""
+def quantize_model(model: torch.nn.Module, quant_config: QuantConfig, tokenizer_source: object = None,
+                   calib_tokenize: Callable[[str], list[int]] | None = None) -> int:
+    """Quantize a loaded (dense) model's linear layers in place, calibrating first for W4A16_AWQ;
+    returns the new weight bytes. ``load_model`` calls it; tools that compare formats call it on
+    copies of one loaded model."""
+    dense_bytes = _weight_bytes(model)
     t0 = time.perf_counter()
+    if quant_config.quant_algo == W4A16_AWQ:
+        from rtllm.models.calibration import apply_awq, calibration_encoder, calibration_sequences
+
+        encode = calib_tokenize or calibration_encoder(tokenizer_source)
+        apply_awq(model, quant_config, calibration_sequences(encode, quant_config))
     report = quantize_linear_layers(model, quant_config)
     weight_bytes = _weight_bytes(model)
     groups: dict[int, int] = {}
     for g in report.quantized.values():
         groups[g] = groups.get(g, 0) + 1
-    logger.info("%s: quantized %d linear layers (group size: layer count %s) in %.2f s; weights %.1f MiB -> "
-                "%.1f MiB (embeddings, norms and LM head stay dense)", quant_config.quant_algo,
+    logger.info("%s: quantized %d linear layers (group size, 0 = per channel: layer count %s) in %.2f s; weights "
+                "%.1f MiB -> %.1f MiB (embeddings, norms and LM head stay dense)", quant_config.quant_algo,
                 len(report.quantized), groups, time.perf_counter() - t0, dense_bytes / 2**20, weight_bytes / 2**20)
+    if quant_config.quant_algo == NVFP4:
+        logger.warning("NVFP4: weights are dequantized to 16 bits before every GEMM (Hopper has no FP4 tensor "
+                       "cores; there is no FP4 GEMM path here): it saves memory, not time")
     if report.skipped:
         logger.warning("%s: %d linear layers left dense, e.g. %s", quant_config.quant_algo, len(report.skipped),
                        dict(list(report.skipped.items())[:3]))

@@ -1,8 +1,19 @@
 """QuantConfig: which quantization the engine applies to a model's weights (TensorRT-LLM names).
 
-Validated on construction: a wrong value fails at once with a ConfigError naming the field.
-Supported now: ``W4A16`` (INT4 weight-only, round-to-nearest asymmetric per group along the
-input dimension, 16-bit activations), on the CPU. FP8 / INT8 / AWQ / GPTQ come later.
+Validated on construction: a wrong value fails at once with a ConfigError naming the field and
+the allowed values. Algorithms (docs/QUANTIZATION.md has the layouts and kernels):
+
+- ``FP8``: e4m3 weights with per-output-channel scales, activations quantized per token at run
+  time (``torch._scaled_mm`` on CUDA sm_89+; an exact-semantics emulation on the CPU).
+- ``W8A16``: INT8 weight-only, per-channel symmetric scales.
+- ``W4A16``: INT4 weight-only, round-to-nearest asymmetric per group along the input dimension.
+- ``W4A16_AWQ``: the W4A16 format after AWQ's activation-aware per-input-channel scaling, found
+  on calibration text (public-domain KJV verses, see rtllm.quantization.calib_data).
+- ``NVFP4``: e2m1 weights, e4m3 scales per 16 input channels and one fp32 scale per tensor;
+  dequantized to 16 bits for the GEMM (no FP4 tensor cores before Blackwell).
+
+``kv_cache_quant_algo`` (None or ``FP8``) is validated and stored; the attention kernels that
+read an FP8 KV cache are not built yet, so the cache stays in the model dtype (the loader warns).
 """
 
 from __future__ import annotations
@@ -11,44 +22,120 @@ from dataclasses import dataclass
 
 from rtllm.errors import ConfigError
 
+FP8 = "FP8"
+W8A16 = "W8A16"
 W4A16 = "W4A16"
-SUPPORTED_QUANT_ALGOS: tuple[str, ...] = (W4A16,)
+W4A16_AWQ = "W4A16_AWQ"
+NVFP4 = "NVFP4"
+SUPPORTED_QUANT_ALGOS: tuple[str, ...] = (FP8, W8A16, W4A16, W4A16_AWQ, NVFP4)
+KV_CACHE_QUANT_ALGOS: tuple[str, ...] = (FP8,)
+
 W4A16_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
-# devices each algorithm has kernels for today
-_DEVICES = {W4A16: ("cpu",)}
+NVFP4_BLOCK_SIZE = 16
+# group sizes each grouped format accepts, and the one it uses when group_size is None
+GROUP_SIZES: dict[str, tuple[int, ...]] = {W4A16: W4A16_GROUP_SIZES, W4A16_AWQ: W4A16_GROUP_SIZES,
+                                           NVFP4: (NVFP4_BLOCK_SIZE,)}
+DEFAULT_GROUP_SIZE: dict[str, int] = {W4A16: 128, W4A16_AWQ: 128, NVFP4: NVFP4_BLOCK_SIZE}
+# devices each algorithm has kernels for
+_DEVICES: dict[str, tuple[str, ...]] = {a: ("cpu", "cuda") for a in SUPPORTED_QUANT_ALGOS}
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) on
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"QuantConfig.{name}={value!r}: must be a positive int")
 
 
 @dataclass
 class QuantConfig:
     """quant_algo: None (no quantization) or one of SUPPORTED_QUANT_ALGOS (case-insensitive,
-    stored upper-case). group_size: input channels that share one scale and zero (W4A16: 32, 64,
-    128 or 256). A layer whose in_features the group does not divide uses the largest supported
-    group below it that does (the loader logs which)."""
+    stored upper-case).
+
+    group_size: input channels that share one scale (W4A16 / W4A16_AWQ: 32, 64, 128 or 256;
+    NVFP4: 16; FP8 / W8A16 are per-channel and take None). None uses the format's default (128
+    for INT4), and a layer whose in_features it does not divide uses the largest supported group
+    below it that does (the loader logs which). An explicit group_size must divide the
+    in_features of every layer it quantizes, else loading fails with a ConfigError.
+
+    kv_cache_quant_algo: None or "FP8" (stored; see the module doc).
+    calib_size / calib_max_seq_length: W4A16_AWQ calibration, the number of text sequences and
+    the tokens in each (TensorRT-LLM's names)."""
 
     quant_algo: str | None = None
-    group_size: int = 128
+    group_size: int | None = None
+    kv_cache_quant_algo: str | None = None
+    calib_size: int = 16
+    calib_max_seq_length: int = 256
 
     def __post_init__(self) -> None:
-        if self.quant_algo is not None:
-            if not isinstance(self.quant_algo, str) or self.quant_algo.upper() not in SUPPORTED_QUANT_ALGOS:
-                raise ConfigError(f"QuantConfig.quant_algo={self.quant_algo!r}: must be None or one of "
-                                  f"{list(SUPPORTED_QUANT_ALGOS)}")
-            self.quant_algo = self.quant_algo.upper()
-        if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
-                or self.group_size not in W4A16_GROUP_SIZES):
-            raise ConfigError(f"QuantConfig.group_size={self.group_size!r}: must be one of {list(W4A16_GROUP_SIZES)}")
+        self.quant_algo = self._algo("quant_algo", self.quant_algo, SUPPORTED_QUANT_ALGOS)
+        self.kv_cache_quant_algo = self._algo("kv_cache_quant_algo", self.kv_cache_quant_algo,
+                                              KV_CACHE_QUANT_ALGOS)
+        g = self.group_size
+        if g is not None:
+            allowed = GROUP_SIZES.get(self.quant_algo) if self.quant_algo else W4A16_GROUP_SIZES
+            if allowed is None:
+                raise ConfigError(f"QuantConfig.group_size={g!r}: {self.quant_algo} has per-channel scales; "
+                                  f"group_size must be None")
+            if not isinstance(g, int) or isinstance(g, bool) or g not in allowed:
+                algo = f" for {self.quant_algo}" if self.quant_algo else ""
+                raise ConfigError(f"QuantConfig.group_size={g!r}: must be None or one of {list(allowed)}{algo}")
+        _check_positive_int("calib_size", self.calib_size)
+        _check_positive_int("calib_max_seq_length", self.calib_max_seq_length)
+
+    @staticmethod
+    def _algo(name: str, value: object, allowed: tuple[str, ...]) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or value.upper() not in allowed:
+            raise ConfigError(f"QuantConfig.{name}={value!r}: must be None or one of {list(allowed)}")
+        return value.upper()
 
     @property
     def enabled(self) -> bool:
         return self.quant_algo is not None
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the weight format has group-wise scales along the input dimension."""
+        return self.quant_algo in GROUP_SIZES
+
+    def resolve_group_size(self, in_features: int) -> int | None:
+        """The group a layer with ``in_features`` inputs uses (grouped formats only).
+
+        Explicit group_size: it, or ConfigError when it does not divide in_features. None: the
+        format's default, else the largest allowed group below it that divides in_features, else
+        None (the layer stays dense; the loader reports it)."""
+        allowed = GROUP_SIZES[self.quant_algo]
+        fits = [g for g in allowed if in_features % g == 0]
+        if self.group_size is not None:
+            if in_features % self.group_size:
+                raise ConfigError(f"QuantConfig.group_size={self.group_size}: does not divide in_features="
+                                  f"{in_features} of a layer to quantize; allowed for it: {fits or 'none'} "
+                                  f"(or None: the largest that fits, per layer)")
+            return self.group_size
+        below = [g for g in fits if g <= DEFAULT_GROUP_SIZE[self.quant_algo]]
+        return max(below) if below else None
+
     def check_device(self, device: object) -> None:
-        """Raise ConfigError when this algorithm has no kernel for ``device`` (a str or torch.device)."""
+        """Raise ConfigError when this algorithm has no kernel for ``device`` (a str or torch.device).
+
+        FP8 on CUDA needs FP8 tensor cores (compute capability 8.9+), checked when a GPU is visible."""
         if not self.enabled:
             return
         kind = str(device).split(":")[0]
         allowed = _DEVICES[self.quant_algo]
         if kind not in allowed:
             raise ConfigError(f"QuantConfig.quant_algo={self.quant_algo!r}: {self.quant_algo} runs on "
-                              f"{' / '.join(d.upper() for d in allowed)} only for now (device={str(device)!r}); "
-                              f"the GPU kernel comes with the quantization issue")
+                              f"{' / '.join(d.upper() for d in allowed)} only (device={str(device)!r})")
+        if kind == "cuda" and self.quant_algo == FP8:
+            import torch
+
+            try:
+                cap = torch.cuda.get_device_capability(device if ":" in str(device) else None)
+            except (RuntimeError, AssertionError, AttributeError):  # no GPU visible: checked again at load
+                return
+            if tuple(cap) < FP8_MIN_CAPABILITY:
+                raise ConfigError(f"QuantConfig.quant_algo='FP8': needs a GPU with FP8 tensor cores (compute "
+                                  f"capability >= 8.9, Ada / Hopper); this one is sm_{cap[0]}{cap[1]}. "
+                                  f"Allowed here: {[a for a in SUPPORTED_QUANT_ALGOS if a != FP8]}")

@@ -101,3 +101,14 @@ def dequantize_packed_cpu_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor
     zp = scales_and_zeros[..., 1] - 8 * s  # (q - 8) * s + z == q * s + (z - 8 s): two passes instead of three
     out.view(groups, group_size, N).mul_(s.unsqueeze(1)).add_(zp.unsqueeze(1))
     return out
+
+
+def pack_int4_k8(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> int32 [K/8, N] for the Triton kernels (rtllm.kernels.quant_gemm's W4
+    layout): word (i, n) holds codes[n, 8i + j] in bits 4j..4j+3. K must be a multiple of 8."""
+    N, K = codes.shape
+    if K % 8:
+        raise ValueError(f"in_features={K} must be a multiple of 8 to pack int4 codes")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=codes.device)
+    q = codes.to(torch.int32).t().reshape(K // 8, 8, N)
+    return (q << shifts.view(1, 8, 1)).sum(1, dtype=torch.int32)

@@ -210,8 +210,12 @@ def test_quantize_linear_layers_keeps_fused_layout():
         p.data.normal_(0, 0.05)
     model.requires_grad_(False)
     qkv_w = model.qkv.weight.clone()
-    report = quantize_linear_layers(model, QuantConfig("W4A16", group_size=128))
-    assert report.quantized == {"qkv": 128, "gate_up": 32}  # 96 takes the largest group dividing it
+    with pytest.raises(ConfigError,
+                       match=r"QuantConfig\.group_size=128: does not divide in_features=96.*\[32\].*gate_up"):
+        quantize_linear_layers(model, QuantConfig("W4A16", group_size=128))  # explicit: must divide
+    assert isinstance(model.qkv, QKVLinear)  # validated before any layer was replaced
+    report = quantize_linear_layers(model, QuantConfig("W4A16"))  # None: 128, else the largest that divides
+    assert report.quantized == {"qkv": 128, "gate_up": 32}
     assert set(report.skipped) == {"odd_k", "odd_n"}
     assert isinstance(model.qkv, W4A16Linear) and isinstance(model.gate_up, W4A16Linear)
     assert isinstance(model.odd_k, Linear) and isinstance(model.head, torch.nn.Linear)
@@ -285,8 +289,9 @@ def test_llama_w4a16_matches_dequantized_model(tmp_path):
 def test_quant_config_validation():
     assert QuantConfig().quant_algo is None and not QuantConfig().enabled
     assert QuantConfig("w4a16").quant_algo == "W4A16" and QuantConfig("W4A16", 32).group_size == 32
-    with pytest.raises(ConfigError, match=r"QuantConfig\.quant_algo='FP8'.*\['W4A16'\]"):
-        QuantConfig("FP8")
+    with pytest.raises(ConfigError, match=r"QuantConfig\.quant_algo='FP4'.*\['FP8', 'W8A16', 'W4A16', "
+                                          r"'W4A16_AWQ', 'NVFP4'\]"):
+        QuantConfig("FP4")
     with pytest.raises(ConfigError, match=r"QuantConfig\.quant_algo"):
         QuantConfig(4)
     for bad in (16, 100, 512, True, "64", 64.0):
@@ -300,23 +305,24 @@ def test_quant_config_validation():
     assert args.engine_config().quant_config == QuantConfig("W4A16", 64)
 
 
-def test_w4a16_on_cuda_fails_clearly(tmp_path, monkeypatch):
+def test_w4a16_devices(tmp_path, monkeypatch):
     qc = QuantConfig("W4A16")
-    with pytest.raises(ConfigError, match="W4A16 runs on CPU only for now"):
-        qc.check_device("cuda:0")
-    QuantConfig().check_device("cuda")  # no quantization: any device
+    qc.check_device("cuda:0")  # the Triton kernel serves CUDA
+    qc.check_device("cpu")
+    with pytest.raises(ConfigError, match="W4A16 runs on CPU / CUDA only"):
+        qc.check_device("mps")
+    QuantConfig().check_device("mps")  # no quantization: any device
     from rtllm.models.loader import load_model
 
-    # fails before any weight is read or any CUDA call is made
-    with pytest.raises(ConfigError, match="CPU only"):
-        load_model(str(tmp_path / "missing"), "bfloat16", "cuda", quant_config=qc)
+    # fails before any weight is read
+    with pytest.raises(ConfigError, match="CPU / CUDA only"):
+        load_model(str(tmp_path / "missing"), "bfloat16", "mps", quant_config=qc)
     from rtllm.llmapi.llm_args import LlmArgs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ConfigError, match="CPU only"):
-        LlmArgs("model-dir", device="cuda", quant_config=qc)
-    # weights already on another device (meta stands in for CUDA here)
+    assert LlmArgs("model-dir", device="cuda", quant_config=qc).quant_config is qc
+    # weights on a device without kernels (meta)
     with torch.device("meta"):
         model = torch.nn.Sequential(Linear(64, 64))
-    with pytest.raises(ConfigError, match="CPU only"):
+    with pytest.raises(ConfigError, match="CPU / CUDA only"):
         quantize_linear_layers(model, qc)

@@ -1,0 +1,203 @@
+"""Quantized GEMMs and dequantization: the torch references (the CPU path) and device dispatch.
+
+Every function takes a flat activation ``x [M, K]`` and a weight in one of the packed layouts
+below, and returns ``y [M, N]`` = x @ W^T. Kernels know nothing of the engine: quantizing a
+weight into these layouts is ``rtllm.quantization``'s business; only the layouts are fixed here.
+
+Layouts (N = out_features, K = in_features):
+
+- **W4 (int4 group-wise, asymmetric)**: ``qweight`` int32 ``[K/8, N]``; word ``(i, n)`` holds the
+  codes of ``W[n, 8i .. 8i+7]``, code ``j`` in bits ``4j .. 4j+3`` (0..15). ``scales`` and
+  ``zeros`` ``[K/g, N]`` (16-bit float): ``W[n, k] = (q - 8) * scales[k//g, n] + zeros[k//g, n]``.
+  K-major packing lets a GEMM tile read whole words along K and contiguous runs along N.
+- **W8 (int8 per-channel, symmetric)**: ``qweight`` int8 ``[N, K]``, ``scales`` fp32 ``[N]``:
+  ``W[n, k] = q[n, k] * scales[n]``; since the scale is per output row, ``y = (x @ q^T) * scales``
+  and an int8 -> 16-bit conversion is exact (|q| <= 127), so the dense path needs no dequantize.
+- **FP8 (e4m3 per-channel weights, dynamic per-token activations)**: ``weight`` float8_e4m3fn
+  ``[N, K]``, ``scales`` fp32 ``[N]``; activations are quantized per row at run time
+  (``x ~= xq * sx``, ``sx = amax(|x_row|) / 448``) and ``y = (xq @ wq^T) * sx * sw`` accumulated
+  in fp32 and rounded once to bf16: exactly ``torch._scaled_mm`` with row-wise scales.
+- **NVFP4**: ``packed`` uint8 ``[N, K/2]`` of e2m1 codes (element ``2i`` in the low nibble, like
+  ``torch.float4_e2m1fn_x2``), ``block_scales`` float8_e4m3fn ``[N, K/16]`` and a per-tensor fp32
+  ``global_scale``: ``W[n, k] = e2m1(code) * block_scales[n, k//16] * global_scale``.
+
+Dispatch: Triton on CUDA tensors (``triton_enabled``); the references here elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rtllm.kernels.dispatch import triton_enabled
+
+# At most this many rows run the fused dequantize-GEMM Triton kernels; larger batches dequantize
+# the weight once and run a dense 16-bit GEMM (compute-bound there, where cuBLAS wins).
+SMALL_M = 16
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes by 3-bit code (sign in bit 3)
+NVFP4_BLOCK = 16
+
+
+# --------------------------------------------------------------------------------------------
+# W4: int4 group-wise
+
+
+def unpack_int4_k8(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight int32 [K/8, N] -> codes int32 [K, N] (0..15)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    q = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF  # [K/8, 8, N]
+    return q.reshape(-1, qweight.shape[1])
+
+
+def dequantize_w4_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The reference: W^T [K, N], computed in fp32 and rounded once to ``dtype``."""
+    q = unpack_int4_k8(qweight).float()
+    K, N = q.shape
+    g = K // scales.shape[0]
+    w = (q.view(-1, g, N) - 8.0) * scales.float().unsqueeze(1) + zeros.float().unsqueeze(1)
+    return w.view(K, N).to(dtype)
+
+
+def w4a16_gemm_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         zeros: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = x @ W, the weight rounded to x's 16-bit dtype (as a kernel feeds its tensor
+    cores), products summed in fp32, rounded once to x's dtype."""
+    wt = dequantize_w4_t(qweight, scales, zeros, x.dtype if x.dtype != torch.float32 else torch.float32)
+    return (x.float() @ wt.float()).to(x.dtype)
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W^T [K, N] in ``dtype``: Triton on CUDA, the reference elsewhere."""
+    if triton_enabled(qweight):
+        from rtllm.kernels.triton_quant_gemm import dequantize_w4_triton
+
+        return dequantize_w4_triton(qweight, scales, zeros, dtype)
+    return dequantize_w4_t(qweight, scales, zeros, dtype)
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T for the W4 layout; y in x's dtype.
+
+    CUDA: M <= SMALL_M runs the fused Triton dequantize-GEMM; larger M dequantizes W^T to x's
+    dtype (Triton) and runs one dense GEMM. Elsewhere: the reference."""
+    if triton_enabled(x):
+        from rtllm.kernels.triton_quant_gemm import dequantize_w4_triton, w4a16_gemm_triton
+
+        if x.shape[0] <= SMALL_M:
+            return w4a16_gemm_triton(x, qweight, scales, zeros)
+        return torch.mm(x, dequantize_w4_triton(qweight, scales, zeros, x.dtype))
+    return w4a16_gemm_reference(x, qweight, scales, zeros)
+
+
+# --------------------------------------------------------------------------------------------
+# W8: int8 per-channel weight-only
+
+
+def w8a16_gemm_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = (x @ q^T) * scales: fp32 products and sums, the per-channel scale applied to the
+    fp32 sum, rounded once to x's dtype."""
+    return ((x.float() @ qweight.float().t()) * scales.float()).to(x.dtype)
+
+
+def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (q * scales)^T; y in x's dtype.
+
+    CUDA: M <= SMALL_M runs the fused Triton kernel; larger M converts q to x's dtype (exact)
+    and runs one dense GEMM, scaling its output. CPU: torch's int8 weight-only kernel
+    (``aten._weight_int8pack_mm``, bf16 activations: its fast path) up to SMALL_M rows, the
+    dense path above (faster there, measured on a 2-core AVX-512 machine)."""
+    if triton_enabled(x):
+        from rtllm.kernels.triton_quant_gemm import w8a16_gemm_triton
+
+        if x.shape[0] <= SMALL_M:
+            return w8a16_gemm_triton(x, qweight, scales)
+        return (torch.mm(x, qweight.t().to(x.dtype)) * scales).to(x.dtype)
+    if x.device.type == "cpu":
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= SMALL_M:
+            y = torch.ops.aten._weight_int8pack_mm(xb, qweight, scales.to(torch.bfloat16))
+        else:
+            y = torch.mm(xb, qweight.t().to(torch.bfloat16)).float().mul_(scales)
+        return y.to(x.dtype)
+    return w8a16_gemm_reference(x, qweight, scales)
+
+
+# --------------------------------------------------------------------------------------------
+# FP8: e4m3 weights with per-channel scales, dynamic per-token activations
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq float8_e4m3fn [M, K], scales fp32 [M, 1]) with x ~= xq * scales.
+
+    ``scale = amax(|row|) / 448`` (an all-zero row gets scale 1); values are divided by the scale
+    in fp32 and rounded to nearest e4m3 (saturating at +-448)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    xq = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return xq, scale
+
+
+def fp8_to_float(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float8_e4m3fn -> ``dtype``, exact (every e4m3 value is a bf16/fp32 value).
+
+    On the CPU this is ~2x faster than ``w.to(dtype)``: the e4m3 bit pattern, placed in the top
+    bits of an fp16, is the same number times 2^-8 (subnormals and zero included)."""
+    if w.device.type != "cpu":
+        return w.to(dtype)
+    v = w.view(torch.uint8).to(torch.int16)
+    bits = ((v & 0x80) << 8) | ((v & 0x7F) << 7)
+    return bits.view(torch.float16).to(dtype).mul_(256.0)
+
+
+def fp8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The emulation (CPU path): quantize x per token to e4m3, multiply the e4m3 values in fp32
+    (their products are exact there), apply both scales to the fp32 sum and round once to bf16,
+    as ``torch._scaled_mm(out_dtype=bfloat16)`` does; returned in x's dtype."""
+    xq, sx = quantize_fp8_per_token(x)
+    acc = fp8_to_float(xq) @ fp8_to_float(weight).t()
+    return (acc * sx * scales.float()).to(torch.bfloat16).to(x.dtype)
+
+
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ (weight * scales)^T with x quantized per token to e4m3; y in x's dtype.
+
+    CUDA: ``torch._scaled_mm`` (FP8 tensor cores, sm_89+) with row-wise scales
+    ``scale_a [M, 1]`` and ``scale_b [1, N]`` (fp32), which requires a bf16 output. K and N must be
+    multiples of 16. Elsewhere: the emulation."""
+    if x.is_cuda:
+        xq, sx = quantize_fp8_per_token(x)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.view(1, -1).float(),
+                             out_dtype=torch.bfloat16)
+        return y.to(x.dtype)
+    return fp8_gemm_reference(x, weight, scales)
+
+
+# --------------------------------------------------------------------------------------------
+# NVFP4: e2m1 values, e4m3 scales per 16, fp32 per-tensor scale
+
+
+def dequantize_nvfp4_reference(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W [N, K] in ``dtype``: e2m1 value * block scale * global scale, computed in fp32."""
+    N = packed.shape[0]
+    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=packed.device)
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(N, -1)  # [N, K]
+    vals = lut[codes.long()]
+    K = vals.shape[1]
+    bs = fp8_to_float(block_scales) * global_scale.float()
+    return (vals.view(N, K // NVFP4_BLOCK, NVFP4_BLOCK) * bs.unsqueeze(-1)).view(N, K).to(dtype)
+
+
+def dequantize_nvfp4(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W [N, K] in ``dtype``: the Triton kernel on CUDA, the reference elsewhere."""
+    if triton_enabled(packed):
+        from rtllm.kernels.triton_nvfp4 import dequantize_nvfp4_triton
+
+        return dequantize_nvfp4_triton(packed, block_scales, global_scale, dtype)
+    return dequantize_nvfp4_reference(packed, block_scales, global_scale, dtype)

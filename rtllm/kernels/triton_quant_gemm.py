@@ -1,0 +1,238 @@
+"""Triton weight-only GEMMs for small batches (W4A16, W8A16) and the W4 dequantize kernel.
+
+Semantics and layouts are those of :mod:`rtllm.kernels.quant_gemm` (the references):
+``y = x @ W^T`` with W dequantized in fp32, rounded to x's 16-bit dtype for the tensor-core dot,
+fp32 accumulation, one rounding of the output.
+
+Decode (M <= 16) is bound by reading the weight: each program owns BLOCK_N output columns and
+one slice of K (split-K when N alone gives too few programs to fill the SMs), streams packed
+weight tiles through registers, dequantizes them and runs ``tl.dot`` against a BLOCK_M = 16 row
+tile of x (rows past M are masked). Split-K partials land in an fp32 buffer that one sum reduces.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    """CPU tensors reach a Triton kernel only under TRITON_INTERPRET=1 (bf16 math is wrong there)."""
+    return t.device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 132  # H100, the target: only shapes the split heuristic on the CPU
+
+
+def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Split K so that about two waves of programs run, keeping >= 4 K tiles per split."""
+    want = max(1, (2 * sms) // max(n_tiles, 1))
+    return max(1, min(want, k_tiles // 4 or 1))
+
+
+def _gemm_config(M: int, N: int, K: int, group: int, interpreting: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    bm = 16
+    if interpreting:
+        return bm, 32, min(32, group), 4, 1
+    bk = min(128, group)
+    bn = 64 if N <= 8192 else 128
+    return bm, bn, bk, 4, 4
+
+
+# --------------------------------------------------------------------------------------------
+# W4A16
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :],
+                     mask=(offs_w < k_hi // 8)[:, None] & mask_n[None, :], other=0)
+        q = (qw[:, None, :] >> shifts[None, :, None]) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        # a tile never straddles groups: GROUP and BLOCK_K are powers of two, BLOCK_K <= GROUP
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = (q - 8.0) * s[None, :] + z[None, :]
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    o = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      *, block_n: int | None = None, block_k: int | None = None,
+                      split_k: int | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T for the W4 layout (qweight int32 [K/8, N], scales/zeros [K/g, N]).
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, 16)). Group g must be a power of two >= 32 (K a
+    multiple of it); the overrides are for tests and tuning."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    assert qweight.shape[0] * 8 == K and scales.shape == zeros.shape and scales.shape[1] == N
+    group = K // scales.shape[0]
+    assert group * scales.shape[0] == K and group & (group - 1) == 0 and group >= 16, group
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    interp = _interpreting(x)
+    bm, bn, bk, warps, stages = _gemm_config(M, N, K, group, interp)
+    bn, bk = block_n or bn, block_k or bk
+    assert bk <= group and bk % 8 == 0
+    n_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(K, bk)
+    split = split_k or _split_k(n_tiles, k_tiles, _sm_count(x))
+    k_per_split = triton.cdiv(k_tiles, split) * bk
+    split = triton.cdiv(K, k_per_split)
+    out = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    if M == 0:
+        return out.sum(0).to(x.dtype)
+    grid = (n_tiles, split, triton.cdiv(M, bm))
+    _w4a16_kernel[grid](
+        x, qweight, scales, zeros, out, M, N, K, k_per_split,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        UPCAST=interp or x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+
+
+@triton.jit
+def _w4_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, out_ptr, K, N, stride_qk, stride_sg, stride_ok,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_w = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :],
+                 mask=(offs_w < K // 8)[:, None] & mask_n[None, :], other=0)
+    shifts = tl.arange(0, 8) * 4
+    q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_k < K)[:, None] & mask_n[None, :]
+    sp = offs_k[:, None] // GROUP * stride_sg + offs_n[None, :]
+    s = tl.load(s_ptr + sp, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sp, mask=mask, other=0.0).to(tl.float32)
+    w = (q - 8.0) * s + z
+    tl.store(out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_w4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W^T [K, N] in ``dtype`` from the W4 layout. Grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    group = K // scales.shape[0]
+    out = torch.empty((K, N), dtype=dtype, device=qweight.device)
+    bk, bn = (32, 32) if _interpreting(qweight) else (64, 128)
+    grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
+    _w4_dequant_kernel[grid](qweight, scales, zeros, out, K, N, qweight.stride(0), scales.stride(0), out.stride(0),
+                             GROUP=group, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# W8A16
+
+
+@triton.jit
+def _w8a16_kernel(
+    x_ptr, qw_ptr, s_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_qn, stride_os, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, APPLY_SCALE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(qw_ptr + offs_n[None, :] * stride_qn + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N]
+        if UPCAST:
+            acc += tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, q.to(x.dtype))  # |q| <= 127: exact in bf16 / fp16
+    if APPLY_SCALE:  # one split: scale before the single rounding
+        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    o = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
+                      block_n: int | None = None, block_k: int | None = None,
+                      split_k: int | None = None) -> torch.Tensor:
+    """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 [N, K], scales [N].
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, 16)); split-K partials are summed in fp32 and
+    scaled once."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    assert qweight.shape[1] == K and scales.shape == (N,)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    interp = _interpreting(x)
+    bm, bn, bk, warps, stages = _gemm_config(M, N, K, 128, interp)
+    bn, bk = block_n or bn, block_k or bk
+    n_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(K, bk)
+    split = split_k or _split_k(n_tiles, k_tiles, _sm_count(x))
+    k_per_split = triton.cdiv(k_tiles, split) * bk
+    split = triton.cdiv(K, k_per_split)
+    out = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    if M > 0:
+        grid = (n_tiles, split, triton.cdiv(M, bm))
+        _w8a16_kernel[grid](
+            x, qweight, scales, out, M, N, K, k_per_split,
+            x.stride(0), qweight.stride(0), out.stride(0), out.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=interp or x.dtype == torch.float32,
+            APPLY_SCALE=split == 1, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    if split == 1:
+        return out[0]
+    return (out.sum(0) * scales.float()).to(x.dtype)

@@ -1,0 +1,67 @@
+"""What every quantized linear layer shares: attribute copying, the optional AWQ input scale, bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# set on a dense Linear by AWQ calibration when 1/s cannot be folded into the previous op: the
+# weight already holds W diag(s) and the quantized layer multiplies its input by this [K] tensor
+AWQ_INPUT_SCALE_ATTR = "awq_input_scale"
+
+
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    """A parameter that is data, not trainable (so the model's weight bytes count it)."""
+    return nn.Parameter(t, requires_grad=False)
+
+
+class QuantizedLinear(nn.Module):
+    """Base: y = (x * input_scale) W^T (+ b), with W held in some packed format by the subclass.
+
+    Subclasses implement ``_matmul(x2d) -> y2d`` (x2d [M, K], contiguous) and
+    ``dequantized_weight() -> W [N, K]`` (the reference value of W, fp32)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if bias is not None:
+            self.bias = frozen(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+        if input_scale is not None:
+            self.input_scale = frozen(input_scale.detach().clone())
+        else:
+            self.register_parameter("input_scale", None)
+
+    def copy_attributes(self, layer: nn.Module) -> None:
+        """Keep the replaced layer's plain attributes (q_size, output_sizes, ...) so model code never knows."""
+        for k, v in vars(layer).items():
+            if not k.startswith("_") and k not in ("training", AWQ_INPUT_SCALE_ATTR) and not hasattr(self, k):
+                setattr(self, k, v)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale.to(x2.dtype)
+        y = self._matmul(x2 if x2.is_contiguous() else x2.contiguous())
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{', awq_input_scale' if self.input_scale is not None else ''}")
+
+
+def input_scale_of(layer: nn.Module) -> torch.Tensor | None:
+    return getattr(layer, AWQ_INPUT_SCALE_ATTR, None)
