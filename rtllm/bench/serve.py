@@ -71,14 +71,31 @@ async def _one(client: httpx.AsyncClient, body: dict, headers: dict) -> _Record:
     return rec
 
 
+async def _wait_ready(client: httpx.AsyncClient, timeout: float) -> None:
+    """Poll /health until 200 (the engine may still be loading); raise SystemExit after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = await client.get("/health")
+            if r.status_code == 200:
+                return
+            why = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            why = f"{type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"error: the server at {client.base_url} is not ready ({why})")
+        await asyncio.sleep(0.5)
+
+
 async def run_serve_bench(base_url: str, model: str | None, prompts: list, osl: int, concurrency: int | None,
                           request_rate: float | None, api_key: str | None, ignore_eos: bool = True,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, ready_timeout: float = 0.0) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=(concurrency or len(prompts)) + 8,
                           max_keepalive_connections=(concurrency or len(prompts)) + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(3600.0, connect=30.0),
                                  limits=limits) as client:
+        await _wait_ready(client, ready_timeout)
         if model is None:
             r = await client.get("/v1/models", headers=headers)
             r.raise_for_status()
@@ -141,6 +158,8 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--concurrency", type=int, default=None, help="requests in flight at most")
     g.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for GET /health to answer 200 before sending requests")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_bench_serve)
 
@@ -159,7 +178,7 @@ def cmd_bench_serve(args) -> int:
         args.concurrency = 64
     res = asyncio.run(run_serve_bench(args.base_url, args.model, prompts, args.osl, args.concurrency,
                                       args.request_rate, args.api_key, ignore_eos=not args.prompts_file,
-                                      seed=args.seed))
+                                      seed=args.seed, ready_timeout=args.ready_timeout))
     res.update(isl=None if args.prompts_file else args.isl, osl=args.osl)
     print_serve_summary(res)
     if args.output_json:

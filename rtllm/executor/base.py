@@ -24,7 +24,7 @@ from typing import Any
 from rtllm.config import EngineConfig
 from rtllm.errors import EngineDeadError
 from rtllm.executor.request import GenerationRequest
-from rtllm.executor.result import GenerationResult
+from rtllm.executor.result import GenerationResult, wake_all
 from rtllm.runtime.kv_cache_manager import KVCacheStats
 from rtllm.runtime.py_executor import NewRequest
 from rtllm.runtime.scheduler import RequestUpdate
@@ -128,20 +128,25 @@ class GenerationExecutor(ABC):
 
     # -- engine side ----------------------------------------------------------------------------
     def _on_updates(self, updates: list[RequestUpdate]) -> None:
-        """Apply one step's updates (called on one thread at a time, in engine order)."""
-        for u in updates:
-            with self._lock:
-                entry = self._results.get(u.request_id)
-            if entry is None:
-                continue
-            res, index = entry
-            if u.error is not None:
-                res.fail(EngineDeadError(u.error))
-            elif res.apply(index, u):
-                self._send_abort(u.request_id)  # a stop string ended it: free its blocks
-            if u.finished or u.error is not None or res._seqs[index].out.finished:
+        """Apply one step's updates (called on one thread at a time, in engine order); asyncio
+        consumers are woken once per step, after all of it is applied."""
+        wake: list = []
+        try:
+            for u in updates:
                 with self._lock:
-                    self._results.pop(u.request_id, None)
+                    entry = self._results.get(u.request_id)
+                if entry is None:
+                    continue
+                res, index = entry
+                if u.error is not None:
+                    res.fail(EngineDeadError(u.error))
+                elif res.apply(index, u, wake):
+                    self._send_abort(u.request_id)  # a stop string ended it: free its blocks
+                if u.finished or u.error is not None or res._seqs[index].out.finished:
+                    with self._lock:
+                        self._results.pop(u.request_id, None)
+        finally:
+            wake_all(wake)
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every pending result with ``error``. Set ``_dead`` or ``_closed`` first: a submit

@@ -9,6 +9,7 @@ that consumer's previous snapshot, so the diffs always concatenate to the final 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -88,6 +89,26 @@ class _Sequence:
         self.detok = detok
 
 
+AsyncWaiter = tuple[asyncio.AbstractEventLoop, asyncio.Event]
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for ev in events:
+        ev.set()
+
+
+def wake_all(waiters: list[AsyncWaiter]) -> None:
+    """Set each waiter's event from any thread: one ``call_soon_threadsafe`` per event loop (each
+    call writes to the loop's self-pipe; one per request and token cost the server's event loop
+    a syscall and a wake-up per streamed token)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for loop, ev in waiters:
+        by_loop.setdefault(loop, []).append(ev)
+    for loop, events in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop was closed: its waiters are gone
+            loop.call_soon_threadsafe(_set_all, events)
+
+
 class GenerationResult:
     def __init__(self, request: GenerationRequest, make_detok: Callable[[], IncrementalDetokenizer],
                  abort_fn: Callable[[int], None]) -> None:
@@ -97,7 +118,7 @@ class GenerationResult:
         self._seqs = [_Sequence(i, make_detok(), p.logprobs is not None) for i in range(p.n)]
         self._abort_fn = abort_fn
         self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._async_waiters: list[AsyncWaiter] = []
         self._version = 0
         self._error: BaseException | None = None
         self.prompt_logprobs: list | None = [] if p.prompt_logprobs is not None else None
@@ -105,9 +126,12 @@ class GenerationResult:
         self.finished = False
 
     # -- fed by the executor (engine thread) ------------------------------------------------
-    def apply(self, index: int, u: RequestUpdate) -> bool:
+    def apply(self, index: int, u: RequestUpdate, wake: list[AsyncWaiter] | None = None) -> bool:
         """Apply one engine update to sequence ``index``. Returns True when a stop string ended it
-        (the executor then aborts the engine-side request)."""
+        (the executor then aborts the engine-side request).
+
+        ``wake``: collect the asyncio waiters to wake instead of waking each one now, so that the
+        executor wakes an event loop once per engine step, not once per request (``wake_all``)."""
         seq = self._seqs[index]
         if seq.out.finished:
             return False
@@ -138,7 +162,7 @@ class GenerationResult:
             seq.out.stop_reason = u.stop_reason
         # Streamed text never shows a tail that a stop string could still trim.
         seq.out.text += seq.detok.finish() if seq.out.finished else seq.detok.pop_delta()
-        self._notify(now)
+        self._notify(now, wake)
         return stopped_by_string
 
     def fail(self, error: BaseException) -> None:
@@ -148,7 +172,7 @@ class GenerationResult:
                 seq.out.finish_reason = "abort"
         self._notify(time.monotonic())
 
-    def _notify(self, now: float) -> None:
+    def _notify(self, now: float, wake: list[AsyncWaiter] | None = None) -> None:
         with self._cond:
             self._version += 1
             if all(s.out.finished for s in self._seqs):
@@ -156,8 +180,10 @@ class GenerationResult:
                 self.metrics.finished_time = now
             self._cond.notify_all()
             waiters = list(self._async_waiters)
-        for loop, ev in waiters:
-            loop.call_soon_threadsafe(ev.set)
+        if wake is None:
+            wake_all(waiters)
+        else:
+            wake.extend(waiters)
 
     # -- client side ------------------------------------------------------------------------
     def abort(self) -> None:

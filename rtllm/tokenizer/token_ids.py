@@ -8,9 +8,11 @@ from rtllm.errors import InvalidRequestError
 
 
 class TokenIdTokenizer:
-    """Accepts token-id prompts only; decodes every id to the empty string.
+    """Accepts token-id prompts only; decodes each id ``i`` to the text ``" i"``.
 
     Lets the engine serve a model built from a bare config.json, where only token counts matter.
+    Every token still has visible text, so streaming sends one delta per token and serving
+    benchmarks measure inter-token latency as with a real tokenizer.
     """
 
     chat_template = None
@@ -26,7 +28,7 @@ class TokenIdTokenizer:
         raise InvalidRequestError("this model has no tokenizer (built from a bare config): pass token-id prompts")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return ""
+        return "".join(f" {i}" for i in ids)
 
     def is_special(self, token_id: int) -> bool:
         return False

@@ -167,6 +167,7 @@ def test_sampler_through_the_kernel(monkeypatch):
     logits = random_logits(len(specs), 2500, seed=15)
     ref = Sampler().sample(logits, sampler_rows(specs)).token_ids
     monkeypatch.setattr(sampling, "triton_enabled", lambda t: True)
+    monkeypatch.setattr(sampling, "TRITON_MIN_ROWS", 1)
     got = Sampler().sample(logits, sampler_rows(specs)).token_ids
     assert got.tolist() == ref.tolist()
     alone = Sampler().sample(logits[2:3], sampler_rows(specs[2:3])).token_ids
