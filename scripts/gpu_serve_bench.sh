@@ -45,8 +45,9 @@ echo "--- serve: throughput ISL 128 / OSL 128, concurrency 256"
 $B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --output-json "$OUT/serve_tput.json"
 echo "--- serve: the same from two client processes (128 + 128 streams): is one client the limit?"
 $B --isl 128 --osl 128 --num-requests 512 --concurrency 128 --seed 1 --output-json "$OUT/serve_tput_a.json" > "$OUT/client_a.txt" &
+CLIENT_A=$!
 $B --isl 128 --osl 128 --num-requests 512 --concurrency 128 --seed 2 --output-json "$OUT/serve_tput_b.json" > "$OUT/client_b.txt"
-wait %2 2>/dev/null; sleep 1
+wait $CLIENT_A
 cat "$OUT/client_a.txt" "$OUT/client_b.txt" | grep -E "completed"
 echo "--- serve: TTFT at concurrency 1, ISL 128"
 $B --isl 128 --osl 16 --num-requests 16 --concurrency 1 --output-json "$OUT/serve_latency.json"
