@@ -39,16 +39,12 @@ until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health
 done
 B="$R bench serve --base-url http://127.0.0.1:$PORT --vocab-size 128000 --ready-timeout 600"
 echo "--- warm-up"
-$B --isl 128 --osl 16 --num-requests 64 --concurrency 64 > /dev/null
+$B --isl 128 --osl 8 --num-requests 256 --concurrency 256 --num-clients 2 > /dev/null
 echo "--- serve: throughput ISL 128 / OSL 128, concurrency 256"
 (sleep 3; top -b -d 1 -n 5 -w 200 | grep -E "^ *[0-9]+ .*python" | head -40) > "$OUT/serve_top.txt" 2>&1 &
 $B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --output-json "$OUT/serve_tput.json"
-echo "--- serve: the same from two client processes (128 + 128 streams): is one client the limit?"
-$B --isl 128 --osl 128 --num-requests 512 --concurrency 128 --seed 1 --output-json "$OUT/serve_tput_a.json" > "$OUT/client_a.txt" &
-CLIENT_A=$!
-$B --isl 128 --osl 128 --num-requests 512 --concurrency 128 --seed 2 --output-json "$OUT/serve_tput_b.json" > "$OUT/client_b.txt"
-wait $CLIENT_A
-cat "$OUT/client_a.txt" "$OUT/client_b.txt" | grep -E "completed"
+echo "--- serve: the same from two client processes (one Python client parses ~10k streamed tokens/s)"
+$B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --num-clients 2 --output-json "$OUT/serve_tput2.json"
 echo "--- serve: TTFT at concurrency 1, ISL 128"
 $B --isl 128 --osl 16 --num-requests 16 --concurrency 1 --output-json "$OUT/serve_latency.json"
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^rtllm:(request_success|generation_tokens|num_requests|kv_cache)' \
@@ -59,14 +55,14 @@ echo "server exit code $?"
 python3 - "$OUT" <<'PY'
 import json, sys
 d = sys.argv[1]
-off, srv = json.load(open(f"{d}/offline_tput.json")), json.load(open(f"{d}/serve_tput.json"))
+off, srv = json.load(open(f"{d}/offline_tput.json")), json.load(open(f"{d}/serve_tput2.json"))
 offl, srvl = json.load(open(f"{d}/offline_latency.json")), json.load(open(f"{d}/serve_latency.json"))
 def tok_s(r):
     return r.get("output_tok_per_s") or r["rtllm"]["output_tok_s"]
 def ttft(r):
     t = r.get("ttft_s") or r["rtllm"]["ttft_s"]
     return t["p50"]
-print(f"serve / offline throughput: {tok_s(srv):.0f} / {tok_s(off):.0f} tok/s = {tok_s(srv) / tok_s(off):.1%} (target >= 90%)")
+print(f"serve (2 client processes) / offline throughput: {tok_s(srv):.0f} / {tok_s(off):.0f} tok/s = {tok_s(srv) / tok_s(off):.1%} (target >= 90%)")
 print(f"TTFT p50 at concurrency 1: serve {ttft(srvl) * 1e3:.2f} ms, offline {ttft(offl) * 1e3:.2f} ms, "
       f"difference {(ttft(srvl) - ttft(offl)) * 1e3:.2f} ms (target <= 10 ms)")
 PY

@@ -33,3 +33,18 @@ def percentiles(values: list[float], ps=(50, 90, 99)) -> dict[str, float]:
     out = {f"p{p}": float(np.percentile(arr, p)) for p in ps}
     out["mean"] = float(arr.mean())
     return out
+
+
+def run_event_loop(coro):
+    """``asyncio.run`` on uvloop when it is installed (as uvicorn does for the server), so offline and
+    serving benchmarks drive their clients on the same kind of event loop."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    if hasattr(uvloop, "run"):
+        return uvloop.run(coro)
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(coro)

@@ -41,6 +41,15 @@ def test_bench_serve_counts_match_the_server(server, tmp_path):
     assert res["output_tok_per_s"] > 0 and "output tok/s" in log
 
 
+def test_bench_serve_from_two_client_processes(server, tmp_path):
+    before = _gen_tokens(server)
+    rc, res, log = _bench(server, tmp_path, "--api-key", API_KEY, "--concurrency", "4", "--num-clients", "2")
+    assert rc == 0, log
+    assert res["num_clients"] == 2 and res["completed"] == 12 and res["output_tokens"] == 12 * 8
+    assert _gen_tokens(server) - before == 12 * 8
+    assert "clients=2" in log
+
+
 def test_bench_serve_with_request_rate(server, tmp_path):
     rc, res, log = _bench(server, tmp_path, "--api-key", API_KEY, "--request-rate", "50")
     assert rc == 0, log
