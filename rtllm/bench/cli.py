@@ -3,6 +3,7 @@ and the client-side benchmark of a running server (rtllm.bench.serve)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -22,7 +23,10 @@ def add_bench_parser(sub, engine_args) -> None:
         p.add_argument("--osl", type=int, default=128, help="output tokens per request")
         if mode == "throughput":
             p.add_argument("--num-requests", type=int, default=64)
-            p.add_argument("--concurrency", type=int, default=16)
+            p.add_argument("--concurrency", type=_int_list, default=[16],
+                           help="requests in flight at most; a list (16,64,256) sweeps them on one engine")
+            p.add_argument("--plot", default=None, metavar="PNG",
+                           help="write throughput and TPOT against concurrency (a --concurrency list) to PNG")
         else:
             p.add_argument("--num-requests", type=int, default=4)
         p.add_argument("--baseline", choices=["none", "hf"], default="none")
@@ -31,6 +35,16 @@ def add_bench_parser(sub, engine_args) -> None:
         p.add_argument("--executor", choices=["auto", "inprocess", "multiprocess"], default="auto")
         p.add_argument("--output-json", default=None)
         p.set_defaults(func=run_bench)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int or a comma-separated list of ints") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: concurrencies must be >= 1")
+    return sorted(set(vals))
 
 
 def _commit() -> str:
@@ -48,7 +62,15 @@ def run_bench(args) -> int:
     from rtllm.bench.throughput import bench_engine, bench_hf
     from rtllm.bench.workload import Workload
 
-    conc = getattr(args, "concurrency", 1)
+    concs = getattr(args, "concurrency", [1])
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --plot needs matplotlib (pip install matplotlib)") from None
+        if len(concs) < 2:
+            raise SystemExit("error: --plot needs a --concurrency list, e.g. --concurrency 16,64,256")
+    conc = max(concs)
     wl = Workload(args.num_requests, args.isl, args.osl, conc)
     from rtllm.bench.bounds import measure_hardware
     from rtllm.config import CudaGraphConfig
@@ -76,14 +98,24 @@ def run_bench(args) -> int:
     per_forward = ei["weight_bytes"] - (0 if ei["tie_word_embeddings"] else ei["embedding_bytes"])
     cost = ModelCost(per_forward, per_forward // elt, ei["kv_bytes_per_token"], ei["num_layers"], ei["num_heads"],
                      ei["head_dim"])
-    res = {"info": info, "rtllm": bench_engine(llm, wl)}
+    res: dict = {"info": info}
     if hw is not None:
-        bound = workload_bound(cost, hw, wl.num_requests, wl.isl, wl.osl, conc)
         info["hardware"] = hw.__dict__
-        res["bound"] = bound
-        r = res["rtllm"]
-        r["ratio_to_bound"] = r["output_tok_s"] / bound["bound_output_tok_s"]
-        r["ttft_ratio_to_bound"] = bound["bound_ttft_s"] / r["ttft_s"]["p50"]
+    sweep = []
+    for c in concs:  # ascending: the last run is the workload's own concurrency
+        w = Workload(args.num_requests, args.isl, args.osl, c)
+        r = bench_engine(llm, w)
+        r["concurrency"] = c
+        if hw is not None:
+            bound = workload_bound(cost, hw, w.num_requests, w.isl, w.osl, c)
+            res["bound"] = bound
+            r["ratio_to_bound"] = r["output_tok_s"] / bound["bound_output_tok_s"]
+            r["ttft_ratio_to_bound"] = bound["bound_ttft_s"] / r["ttft_s"]["p50"]
+        sweep.append(r)
+    res["rtllm"] = sweep[-1]
+    if len(sweep) > 1:
+        res["sweep"] = sweep
+    res["rtllm"]["peak_gpu_memory_bytes"] = llm.executor.peak_memory_bytes()
     vocab, eos = llm.tokenizer.vocab_size, frozenset(llm.tokenizer.eos_token_ids)
     model_path, dtype, device = ei["model"], getattr(torch, ei["dtype"]), ei["device"]
     llm.shutdown()  # frees the worker's weights and KV pool before the baseline loads its own copy
@@ -97,6 +129,9 @@ def run_bench(args) -> int:
         res["transformers"] = bench_hf(model_path, wl, dtype, device, vocab, eos)
         res["ratio_vs_hf"] = res["rtllm"]["output_tok_s"] / res["transformers"]["output_tok_s"]
     _print(res)
+    if getattr(args, "plot", None):
+        _plot(res, args.plot)
+        print(f"  plot: {args.plot}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=2)
@@ -131,5 +166,41 @@ def _print(res: dict) -> None:
         print(f"  TTFT bound {b['bound_ttft_s']*1e3:.2f} ms; rtllm p50 at {r['ttft_ratio_to_bound']:.1%} of it")
     if i.get("startup"):
         print("  startup: " + ", ".join(f"{k} {v:.2f}" for k, v in i["startup"].items()))
+    peak = res["rtllm"].get("peak_gpu_memory_bytes")
+    if peak:
+        print(f"  peak GPU memory (engine, torch reserved: weights + KV pool + activations + graphs): "
+              f"{peak / 2**30:.2f} GiB")
+    if "sweep" in res:
+        print("  concurrency sweep:  conc  output tok/s  TPOT p50 ms  TTFT p50 ms  ratio to bound")
+        for r in res["sweep"]:
+            ratio = f"{r['ratio_to_bound']:.1%}" if "ratio_to_bound" in r else "-"
+            print(f"  {r['concurrency']:>23d}  {r['output_tok_s']:12.1f}  {r['tpot_s']['p50'] * 1e3:11.2f}  "
+                  f"{r['ttft_s']['p50'] * 1e3:11.1f}  {ratio:>14s}")
     if "ratio_vs_hf" in res:
         print(f"  ratio rtllm / transformers: {res['ratio_vs_hf']:.2f}x")
+
+
+def _plot(res: dict, path: str) -> None:
+    """Output tok/s and TPOT p50 against concurrency, one PNG (two y axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = res["sweep"]
+    conc = [r["concurrency"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(conc, [r["output_tok_s"] for r in sweep], "o-", color="tab:blue", label="output tok/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(conc, [str(c) for c in conc])
+    ax.minorticks_off()
+    ax.set_xlabel("concurrency (requests in flight)")
+    ax.set_ylabel("output tok/s", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(conc, [r["tpot_s"]["p50"] * 1e3 for r in sweep], "s--", color="tab:red", label="TPOT p50")
+    ax2.set_ylabel("TPOT p50 (ms)", color="tab:red")
+    i, w = res["info"], res["info"]["workload"]
+    ax.set_title(f"rtllm {i['model']} {i['dtype']} on {i['device']}: ISL {w['isl']} / OSL {w['osl']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

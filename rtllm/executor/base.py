@@ -62,6 +62,10 @@ class GenerationExecutor(ABC):
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting) sequences in the engine's scheduler (as of the latest engine step)."""
 
+    def peak_memory_bytes(self) -> int:
+        """The engine's peak device memory (bytes, as of the latest engine step; 0 on the CPU)."""
+        return 0
+
     @abstractmethod
     def shutdown(self) -> None:
         """Stop the engine loop; pending requests fail. Idempotent."""

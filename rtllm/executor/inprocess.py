@@ -53,6 +53,9 @@ class InProcessExecutor(GenerationExecutor):
         s = self.engine.scheduler
         return len(s.running), len(s.waiting)
 
+    def peak_memory_bytes(self) -> int:
+        return self.engine.peak_memory_bytes()
+
     def shutdown(self) -> None:
         if self._closed:
             return

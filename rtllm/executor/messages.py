@@ -60,6 +60,7 @@ class UpdateBatch:
     stats: KVCacheStats  # the KV cache after this step (blocks of finished requests already freed)
     num_running: int = 0  # sequences in the scheduler's running batch / waiting queue after this step
     num_waiting: int = 0
+    peak_memory: int = 0  # the engine's peak device memory so far, bytes (0 on CPU)
 
 
 @dataclass

@@ -93,6 +93,7 @@ class MultiProcessExecutor(GenerationExecutor):
         super().__init__(tokenizer)
         self._stats: KVCacheStats | None = None
         self._num_requests = (0, 0)
+        self._peak_memory = 0
         self._send_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
         self._receiver: threading.Thread | None = None
@@ -209,6 +210,7 @@ class MultiProcessExecutor(GenerationExecutor):
             if isinstance(msg, UpdateBatch):
                 self._stats = msg.stats  # first: a caller woken by the updates sees the freed blocks
                 self._num_requests = (msg.num_running, msg.num_waiting)
+                self._peak_memory = msg.peak_memory
                 self._on_updates(msg.updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker failed:\n%s", msg.traceback)
@@ -247,6 +249,9 @@ class MultiProcessExecutor(GenerationExecutor):
 
     def num_requests(self) -> tuple[int, int]:
         return self._num_requests
+
+    def peak_memory_bytes(self) -> int:
+        return self._peak_memory
 
     # -- shutdown ---------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -97,7 +97,8 @@ class _Worker:
 
     def emit(self, updates: list[RequestUpdate]) -> None:
         s = self.engine.scheduler
-        self.send(UpdateBatch(updates, self.engine.kv.stats(), len(s.running), len(s.waiting)))
+        self.send(UpdateBatch(updates, self.engine.kv.stats(), len(s.running), len(s.waiting),
+                              self.engine.peak_memory_bytes()))
 
     def run(self, cfg: WorkerConfig) -> int:
         try:

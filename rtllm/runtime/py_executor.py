@@ -117,6 +117,11 @@ class PyExecutor:
         """Reject a request that can never run, with a message naming the problem."""
         self.validator.validate(prompt_token_ids, params)
 
+    def peak_memory_bytes(self) -> int:
+        """Peak device memory the caching allocator has held so far (weights, KV pool, activations,
+        CUDA-graph pools); 0 on the CPU. A host-side counter: no device sync."""
+        return int(torch.cuda.max_memory_reserved(self.device)) if self.device.type == "cuda" else 0
+
     def info(self) -> dict[str, Any]:
         """What a client needs to know about this engine without holding it (plain, picklable values):
         the limits a RequestValidator is built from, the end tokens, and where and how it runs."""

@@ -1,0 +1,49 @@
+"""`rtllm bench throughput` on a bare-config model (random weights) on the CPU: the JSON it writes
+agrees with the workload it was given, a concurrency sweep runs each point on one engine, and
+--plot writes a PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    from tests.tiny import hf_config
+
+    cfg = hf_config("llama").to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    path = tmp_path_factory.mktemp("bench") / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rtllm.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_throughput_sweep_json_and_plot(tiny_config, tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "sweep.png"
+    p = _bench("throughput", "--model", tiny_config, "--dtype", "float32", "--num-requests", "12", "--isl", "16",
+               "--osl", "6", "--concurrency", "4,2", "--plot", str(png), "--output-json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    assert [r["concurrency"] for r in res["sweep"]] == [2, 4]  # sorted, the last is the workload's
+    for r in res["sweep"]:
+        assert r["output_tokens"] == 12 * 6  # ignore_eos + min_tokens: every request runs to OSL
+        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"]
+    assert res["rtllm"] == res["sweep"][-1] | {"peak_gpu_memory_bytes": 0}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "concurrency sweep" in p.stdout
+
+
+def test_bad_concurrency_and_plot_without_a_sweep(tiny_config, tmp_path):
+    p = _bench("throughput", "--model", tiny_config, "--concurrency", "0")
+    assert p.returncode != 0 and "concurrencies must be >= 1" in p.stderr
+    p = _bench("throughput", "--model", tiny_config, "--concurrency", "4", "--plot", str(tmp_path / "x.png"))
+    assert p.returncode != 0 and "needs a --concurrency list" in (p.stdout + p.stderr)
