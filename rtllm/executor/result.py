@@ -46,6 +46,8 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     first_scheduled_time: float | None = None  # when the engine first scheduled it (same clock)
+    # when each generated token reached this process (same clock; all sequences of an n > 1 request)
+    token_times: list[float] = field(default_factory=list)
 
     @property
     def queue_time(self) -> float | None:
@@ -118,7 +120,8 @@ class GenerationResult:
         self._seqs = [_Sequence(i, make_detok(), p.logprobs is not None) for i in range(p.n)]
         self._abort_fn = abort_fn
         self._cond = threading.Condition()
-        self._async_waiters: list[AsyncWaiter] = []
+        self._async_waiters: list[AsyncWaiter] = []  # streaming consumers: woken on every update
+        self._final_waiters: list[AsyncWaiter] = []  # aresult(): woken once, when the request ends
         self._version = 0
         self._error: BaseException | None = None
         self.prompt_logprobs: list | None = [] if p.prompt_logprobs is not None else None
@@ -147,6 +150,7 @@ class GenerationResult:
                 self.metrics.first_scheduled_time = u.scheduled_time
             seq.out.token_ids.append(tok)
             self.metrics.num_generated_tokens += 1
+            self.metrics.token_times.append(now)
             if seq.out.logprobs is not None and u.logprob is not None:
                 entry = dict(u.top_logprobs or [])
                 entry[tok] = u.logprob
@@ -179,7 +183,7 @@ class GenerationResult:
                 self.finished = True
                 self.metrics.finished_time = now
             self._cond.notify_all()
-            waiters = list(self._async_waiters)
+            waiters = self._async_waiters + self._final_waiters if self.finished else list(self._async_waiters)
         if wake is None:
             wake_all(waiters)
         else:
@@ -240,8 +244,9 @@ class GenerationResult:
     async def _aiter(self, yield_all: bool) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         ev = asyncio.Event()
+        waiters = self._async_waiters if yield_all else self._final_waiters
         with self._cond:
-            self._async_waiters.append((loop, ev))
+            waiters.append((loop, ev))
         seen = [(0, 0)] * len(self._seqs)
         version = -1
         try:
@@ -261,4 +266,4 @@ class GenerationResult:
                 ev.clear()
         finally:
             with self._cond:
-                self._async_waiters.remove((loop, ev))
+                waiters.remove((loop, ev))
