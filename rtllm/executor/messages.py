@@ -37,6 +37,7 @@ class WorkerConfig:
     output_addr: str  # the worker PUSHes Ready / UpdateBatch / Fatal here
     eos_token_ids: frozenset[int] | None = None  # the tokenizer's end tokens, applied with set_eos_token_ids
     ipc_dir: str | None = None  # the sockets' directory: the worker removes it if the parent dies first
+    log_level: int | None = None  # the parent's effective root log level (spawn does not carry logging setup)
 
 
 @dataclass

@@ -109,7 +109,7 @@ class MultiProcessExecutor(GenerationExecutor):
         self._out.bind(f"ipc://{self._ipc_dir}/out")
         eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else None
         cfg = WorkerConfig(engine_config, f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out", eos,
-                           self._ipc_dir)
+                           self._ipc_dir, logging.getLogger().getEffectiveLevel())
         self._proc = multiprocessing.get_context("spawn").Process(
             target=worker_main, args=(cfg,), name="rtllm-engine-worker", daemon=True)
         ref = weakref.ref(self)

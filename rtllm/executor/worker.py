@@ -17,6 +17,8 @@ The worker ignores SIGINT: Ctrl-C reaches the whole process group, and the paren
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import multiprocessing
 import multiprocessing.connection
 import shutil
@@ -39,8 +41,11 @@ from rtllm.executor.messages import (
     recv_all,
     send,
 )
+from rtllm.runtime.gc_monitor import GcMonitor
 from rtllm.runtime.py_executor import PyExecutor
 from rtllm.runtime.scheduler import RequestUpdate
+
+logger = logging.getLogger(__name__)
 
 
 class _Worker:
@@ -107,6 +112,11 @@ class _Worker:
                 self.engine.set_eos_token_ids(cfg.eos_token_ids)
         except BaseException as e:
             return self._fatal(e, during_startup=True)
+        # start-up objects (model, caches, captured graphs) live as long as the process: keep them out
+        # of every later collection, so a full collection walks only what serving allocates
+        gc.collect()
+        gc.freeze()
+        monitor = GcMonitor().install()
         try:
             self.send(Ready(self.engine.info()))
             self.engine.run_loop(self.emit, self.stop, self.intake)
@@ -114,6 +124,10 @@ class _Worker:
             return 0
         except BaseException as e:
             return self._fatal(e, during_startup=False)
+        finally:
+            monitor.uninstall()
+            log = logger.warning if monitor.max_s >= 0.05 else logger.info
+            log("engine worker %s", monitor.summary())
         return 0
 
     def _fatal(self, e: BaseException, during_startup: bool) -> int:
@@ -133,6 +147,8 @@ class _Worker:
 def worker_main(cfg: WorkerConfig) -> None:
     """Entry point of the spawned process (must stay importable at module level)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cfg.log_level is not None:
+        logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s")
     worker = _Worker(cfg)
     try:
         code = worker.run(cfg)

@@ -12,7 +12,10 @@ from rtllm.kernels.triton_attention.common import LOG2E, dot_config, sm_count
 # decode: flash-decoding over a paged cache
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized (Triton would compile one
+# variant per "== 1" / "divisible by 16" class of each, and a compile stalls the step loop for
+# ~1 s whenever serving first meets a new class).
+@triton.jit(do_not_specialize=["split_tokens", "num_splits", "stride_btb"])
 def _decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -121,7 +124,7 @@ def _decode_split_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
 def _decode_reduce_kernel(
     out_ptr,
     m_ptr,
@@ -256,7 +259,7 @@ def paged_decode_attention_triton(
     if not one:
         _decode_reduce_kernel[(B, Hq)](
             out, m, lsum, acc, seq_lens, split_tokens, num_splits, *out.stride(),
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few variants
             num_warps=4,
         )  # fmt: skip
     return out

@@ -63,7 +63,7 @@ def _prefill_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # the block table's width changes every step
 def _prefill_kernel(
     q_ptr,
     k_ptr,
