@@ -16,11 +16,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-tokens", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache capacity in tokens")
-    p.add_argument("--quant", choices=["none", "w4a16"], default="none",
-                   help="weight quantization applied at load: w4a16 = INT4 weights, 16-bit activations (CPU)")
-    p.add_argument("--quant-group-size", type=int, default=32,
-                   help="input channels per INT4 scale/zero: 32 | 64 | 128 | 256. 32 keeps a Q4_1 GGUF's codes "
-                        "exactly (coarser groups requantize a 4-bit model); 128 stores ~15%% fewer bytes")
+    p.add_argument("--quant", choices=["none", "fp8", "w8a16", "w4a16", "w4a16_awq", "nvfp4"], default="none",
+                   help="weight quantization applied at load (docs/QUANTIZATION.md): fp8 = e4m3 weights and "
+                        "per-token activations; w8a16 / w4a16 = INT8 / INT4 weights, 16-bit activations; "
+                        "w4a16_awq = INT4 after AWQ calibration; nvfp4 = e2m1 weights with e4m3 block scales")
+    p.add_argument("--quant-group-size", type=int, default=None,
+                   help="input channels per INT4 scale: 32 | 64 | 128 | 256 (default 128 where it divides). 32 "
+                        "keeps a Q4_1 GGUF's codes exactly (coarser groups requantize a 4-bit model)")
     p.add_argument("--log-level", default="warning")
 
 
@@ -35,7 +37,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args, **kw):
     from rtllm import LLM, KvCacheConfig, QuantConfig
 
-    quant = None if args.quant == "none" else QuantConfig(args.quant, args.quant_group_size)
+    quant = QuantConfig.from_name(args.quant, args.quant_group_size)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
                kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant, **kw)

@@ -80,7 +80,7 @@ def run_bench(args) -> int:
     hw_dtype = torch.float32 if args.dtype in ("float32", "fp32") else torch.bfloat16
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
-    quant = None if args.quant == "none" else QuantConfig(args.quant, args.quant_group_size)
+    quant = QuantConfig.from_name(args.quant, args.quant_group_size)
     llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=args.max_seq_len or args.isl + args.osl + 8,

@@ -76,6 +76,9 @@ class GGUFCheckpoint:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     tokenizer: GGUFTokenizerData
+    # the quantization block of the file's block-quantized weights (32 for Q4_0 / Q4_1 / Q8_0 and the
+    # K-quants' sub-blocks); None when every tensor is stored in floating point
+    quant_block: int | None = None
 
 
 class _Reader(gguf.GGUFReader):
@@ -309,4 +312,6 @@ def load_gguf(path: str) -> GGUFCheckpoint:
         if arch == "llama" and proj in heads:
             arr = unpermute_qk(arr, heads[proj])
         tensors[hf] = torch.from_numpy(np.ascontiguousarray(arr))
-    return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tok)
+    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    block_quantized = any(t.tensor_type not in float_types for t in reader.tensors if len(t.shape) == 2)
+    return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=tok, quant_block=32 if block_quantized else None)

@@ -83,6 +83,19 @@ class QuantConfig:
         _check_positive_int("calib_size", self.calib_size)
         _check_positive_int("calib_max_seq_length", self.calib_max_seq_length)
 
+    @classmethod
+    def from_name(cls, name: str, group_size: int | None = None) -> QuantConfig | None:
+        """The config for a command-line name ("none", "fp8", "w8a16", "w4a16", "w4a16_awq", "nvfp4");
+        ``group_size`` applies to the grouped INT4 formats only (a ConfigError for the others)."""
+        if name is None or name.lower() == "none":
+            if group_size is not None:
+                raise ConfigError(f"QuantConfig.group_size={group_size}: given without a quantization algorithm")
+            return None
+        algo = name.upper()
+        if group_size is not None and algo not in (W4A16, W4A16_AWQ):
+            raise ConfigError(f"QuantConfig.group_size={group_size}: applies to {W4A16} / {W4A16_AWQ}, not {algo}")
+        return cls(algo, group_size)
+
     @staticmethod
     def _algo(name: str, value: object, allowed: tuple[str, ...]) -> str | None:
         if value is None:
