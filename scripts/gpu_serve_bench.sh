@@ -27,7 +27,7 @@ echo "=== offline: throughput ISL 128 / OSL 128, concurrency 256"
 $R bench throughput $ENGINE --isl 128 --osl 128 --num-requests 1024 --concurrency 256 \
     --output-json "$OUT/offline_tput.json"
 echo "=== offline: TTFT at batch 1, ISL 128"
-$R bench latency $ENGINE --isl 128 --osl 16 --num-requests 8 --output-json "$OUT/offline_latency.json"
+$R bench latency $ENGINE --isl 128 --osl 16 --num-requests 32 --output-json "$OUT/offline_latency.json"
 fi
 
 echo "=== server: rtllm serve $CFG"
@@ -39,15 +39,15 @@ until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health
 done
 B="$R bench serve --base-url http://127.0.0.1:$PORT --vocab-size 128000 --ready-timeout 600"
 echo "--- warm-up"
-$B --isl 128 --osl 8 --num-requests 256 --concurrency 256 --num-clients 2 > /dev/null
+$B --isl 128 --osl 8 --num-requests 256 --concurrency 256 --num-clients 2 --seed 100 > /dev/null
 echo "--- serve: throughput ISL 128 / OSL 128, concurrency 256"
 echo "--- serve: 2 client processes (one Python client parses ~11k streamed tokens/s)"
-$B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --num-clients 2 --output-json "$OUT/serve_tput2.json"
+$B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --num-clients 2 --seed 1 --output-json "$OUT/serve_tput2.json"
 echo "--- serve: 4 client processes"
 (sleep 4; top -b -d 1 -n 4 -w 200 | grep -E "^ *[0-9]+ .*python" | head -40) > "$OUT/serve_top.txt" 2>&1 &
-$B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --num-clients 4 --output-json "$OUT/serve_tput4.json"
+$B --isl 128 --osl 128 --num-requests 1024 --concurrency 256 --num-clients 4 --seed 2 --output-json "$OUT/serve_tput4.json"
 echo "--- serve: TTFT at concurrency 1, ISL 128"
-$B --isl 128 --osl 16 --num-requests 16 --concurrency 1 --output-json "$OUT/serve_latency.json"
+$B --isl 128 --osl 16 --num-requests 32 --concurrency 1 --seed 3 --output-json "$OUT/serve_latency.json"
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^rtllm:(request_success|generation_tokens|num_requests|kv_cache)' \
     > "$OUT/serve_metrics.txt"
 kill -TERM $SERVER

@@ -102,8 +102,10 @@ def run_bench(args) -> int:
     if hw is not None:
         info["hardware"] = hw.__dict__
     sweep = []
-    for c in concs:  # ascending: the last run is the workload's own concurrency
-        w = Workload(args.num_requests, args.isl, args.osl, c)
+    for i, c in enumerate(concs):  # ascending: the last run is the workload's own concurrency
+        # distinct prompts per point (and per warm-up, seed + 1): a repeated prompt would be served
+        # from the prefix cache and inflate the later points
+        w = Workload(args.num_requests, args.isl, args.osl, c, seed=1000 * i)
         r = bench_engine(llm, w)
         r["concurrency"] = c
         if hw is not None:

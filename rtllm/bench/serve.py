@@ -71,6 +71,18 @@ async def _one(client: httpx.AsyncClient, body: dict, headers: dict) -> _Record:
     return rec
 
 
+async def _prefix_hits(client: httpx.AsyncClient) -> float | None:
+    """rtllm:prefix_cache_hits_total from the server's /metrics (None when it has none)."""
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    for line in r.text.splitlines() if r.status_code == 200 else []:
+        if line.startswith("rtllm:prefix_cache_hits_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 async def _wait_ready(client: httpx.AsyncClient, timeout: float) -> None:
     """Poll /health until 200 (the engine may still be loading); raise SystemExit after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -97,6 +109,7 @@ async def _run_records(base_url: str, model: str | None, prompts: list, osl: int
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(3600.0, connect=30.0),
                                  limits=limits) as client:
         await _wait_ready(client, ready_timeout)
+        hits0 = await _prefix_hits(client)
         if model is None:
             r = await client.get("/v1/models", headers=headers)
             r.raise_for_status()
@@ -123,6 +136,10 @@ async def _run_records(base_url: str, model: str | None, prompts: list, osl: int
                 await asyncio.sleep(rng.expovariate(request_rate))
         records = await asyncio.gather(*tasks)
         t1 = time.perf_counter()
+        hits1 = await _prefix_hits(client)
+    if hits0 is not None and hits1 is not None and hits1 > hits0:
+        print(f"  note: the server's prefix cache served {hits1 - hits0:.0f} prompt tokens during this run "
+              f"(repeated prompts: use a new --seed to measure uncached prefill)")
     return model, list(records), t0, t1
 
 
