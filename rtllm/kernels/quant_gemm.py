@@ -168,7 +168,15 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
 
     CUDA: ``torch._scaled_mm`` (FP8 tensor cores, sm_89+) with row-wise scales
     ``scale_a [M, 1]`` and ``scale_b [1, N]`` (fp32), which requires a bf16 output. K and N must be
-    multiples of 16. Elsewhere: the emulation."""
+    multiples of 16. Up to SMALL_M rows (decode) the weights are read by the weight-only Triton
+    kernel instead, activations unquantized: at M = 1 the per-token quantization (several small
+    kernels per layer) and a tensor-core tile padded 64-fold cost more than the bytes FP8 saves
+    (H100, Llama-3.1-8B shape: batch-1 decode 0.85x bf16 through ``_scaled_mm``). Elsewhere: the
+    emulation."""
+    if triton_enabled(x) and x.shape[0] <= SMALL_M:
+        from rtllm.kernels.triton_quant_gemm import w8a16_gemm_triton
+
+        return w8a16_gemm_triton(x, weight, scales)
     if x.is_cuda:
         xq, sx = quantize_fp8_per_token(x)
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.view(1, -1).float(),

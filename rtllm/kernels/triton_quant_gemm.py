@@ -177,7 +177,7 @@ def _w8a16_kernel(
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_qn, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, APPLY_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, APPLY_SCALE: tl.constexpr, FP8_BITS: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -196,10 +196,14 @@ def _w8a16_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q = tl.load(qw_ptr + offs_n[None, :] * stride_qn + offs_k[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N]
+        if FP8_BITS:  # e4m3 bytes: sign and 7 bits into an fp16 = the value * 2^-8 (exact, subnormals too)
+            v = q.to(tl.int32)
+            h = (((v & 0x80) << 8) | ((v & 0x7F) << 7)).to(tl.int16)
+            q = h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
         if UPCAST:
             acc += tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
-            acc += tl.dot(x, q.to(x.dtype))  # |q| <= 127: exact in bf16 / fp16
+            acc += tl.dot(x, q.to(x.dtype))  # int8 |q| <= 127 and e4m3 (3 mantissa bits): exact in bf16
     if APPLY_SCALE:  # one split: scale before the single rounding
         acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     o = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -209,7 +213,8 @@ def _w8a16_kernel(
 def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
                       block_n: int | None = None, block_k: int | None = None,
                       split_k: int | None = None) -> torch.Tensor:
-    """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 [N, K], scales [N].
+    """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 or float8_e4m3fn [N, K], scales [N]
+    (e4m3 weights are read as bytes and decoded in the kernel: the weight-only FP8 path).
 
     Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, 16)); split-K partials are summed in fp32 and
     scaled once."""
@@ -217,6 +222,9 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     N = qweight.shape[0]
     assert qweight.shape[1] == K and scales.shape == (N,)
     x = x if x.stride(-1) == 1 else x.contiguous()
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    if fp8:
+        qweight = qweight.view(torch.uint8)
     interp = _interpreting(x)
     bm, bn, bk, warps, stages = _gemm_config(M, N, K, 128, interp)
     bn, bk = block_n or bn, block_k or bk
@@ -231,7 +239,7 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             x, qweight, scales, out, M, N, K, k_per_split,
             x.stride(0), qweight.stride(0), out.stride(0), out.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=interp or x.dtype == torch.float32,
-            APPLY_SCALE=split == 1, num_warps=warps, num_stages=stages,
+            APPLY_SCALE=split == 1, FP8_BITS=fp8, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if split == 1:
         return out[0]

@@ -188,3 +188,19 @@ def test_nvfp4_triton_matches_reference(shape):
     exact = qg.dequantize_nvfp4_reference(packed, bs, gs, torch.float32)
     assert torch.equal(dequantize_nvfp4_triton(packed, bs, gs, torch.float32), exact)
     _assert_16bit_store(dequantize_nvfp4_triton(packed, bs, gs, BF16), exact)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_fp8_weight_only_triton_decodes_every_code(M):
+    """The small-M FP8 path: e4m3 bytes decoded in the kernel (all 256 codes but NaN appear as
+    weights) equal the exact decode, x unquantized; one rounding to bf16."""
+    g = _gen(11)
+    N, K = 48, 256
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn's NaNs
+    w = codes[torch.randint(0, len(codes), (N, K), generator=g)].view(torch.float8_e4m3fn)
+    scales = torch.rand(N, generator=g) / 100 + 1e-3
+    x = torch.randn(M, K, generator=g).to(BF16)
+    exact = (x.float() @ qg.fp8_to_float(w).t()) * scales
+    _assert_16bit_store(w8a16_gemm_triton(x, w, scales), exact)
+    _assert_16bit_store(w8a16_gemm_triton(x, w, scales, split_k=2), exact)
