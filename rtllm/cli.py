@@ -16,7 +16,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-tokens", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache capacity in tokens")
-    p.add_argument("--quant", choices=["none", "fp8", "w8a16", "w4a16", "w4a16_awq", "nvfp4"], default="none",
+    from rtllm.quantization.config import SUPPORTED_QUANT_ALGOS
+
+    p.add_argument("--quant", type=str.lower, choices=["none", *(a.lower() for a in SUPPORTED_QUANT_ALGOS)],
+                   default="none",
                    help="weight quantization applied at load (docs/QUANTIZATION.md): fp8 = e4m3 weights and "
                         "per-token activations; w8a16 / w4a16 = INT8 / INT4 weights, 16-bit activations; "
                         "w4a16_awq = INT4 after AWQ calibration; nvfp4 = e2m1 weights with e4m3 block scales")
