@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from rtllm.kernels.triton_quant_gemm import w4a16_gemm_triton, w8a16_gemm_triton
+from rtllm.kernels.triton_quant_gemm import w4_gemv_triton, w4a16_gemm_triton, w8a16_gemm_triton
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -60,6 +60,7 @@ def main() -> None:
         print(f"{name} N={N} K={K}: bf16 F.linear {t_dense * 1e6:.1f} us ({N * K * 2 / t_dense / bw:.0%} of copy)")
         cases = {
             "w4a16 g128": (partial(w4a16_gemm_triton, xs, qw4, s4, z4), N * K // 2 + 2 * s4.numel() * 2),
+            "w4 gemv": (partial(w4_gemv_triton, xs, qw4, s4, z4), N * K // 2 + 2 * s4.numel() * 2),
             "w8a16 int8": (partial(w8a16_gemm_triton, xs, q8, s8), N * K + N * 4),
             "w8a16 fp8": (partial(w8a16_gemm_triton, xs, f8, s8), N * K + N * 4),
         }
@@ -67,7 +68,7 @@ def main() -> None:
             t0 = _time(fn)
             best = (t0, "default")
             for bn, bk, sk in grid:
-                if label.startswith("w4") and bk > 128:
+                if label.startswith("w4") and bk > 128 or label == "w4 gemv" and bn < 64:
                     continue
                 try:
                     t = _time(partial(fn, block_n=bn, block_k=bk, split_k=sk), 20)

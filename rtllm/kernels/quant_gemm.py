@@ -82,11 +82,14 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T for the W4 layout; y in x's dtype.
 
-    CUDA: M <= SMALL_M runs the fused Triton dequantize-GEMM; larger M dequantizes W^T to x's
-    dtype (Triton) and runs one dense GEMM. Elsewhere: the reference."""
+    CUDA: M = 1 (batch-1 decode) runs the GEMV kernel on CUDA cores; M <= SMALL_M the fused
+    Triton dequantize-GEMM; larger M dequantizes W^T to x's dtype (Triton) and runs one dense
+    GEMM. Elsewhere: the reference."""
     if triton_enabled(x):
-        from rtllm.kernels.triton_quant_gemm import dequantize_w4_triton, w4a16_gemm_triton
+        from rtllm.kernels.triton_quant_gemm import dequantize_w4_triton, w4_gemv_triton, w4a16_gemm_triton
 
+        if x.shape[0] == 1:
+            return w4_gemv_triton(x, qweight, scales, zeros)
         if x.shape[0] <= SMALL_M:
             return w4a16_gemm_triton(x, qweight, scales, zeros)
         return torch.mm(x, dequantize_w4_triton(qweight, scales, zeros, x.dtype))

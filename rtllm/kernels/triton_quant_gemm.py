@@ -131,6 +131,70 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
 
+@triton.jit(do_not_specialize=["K_PER_SPLIT"])
+def _w4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    N, K, K_PER_SPLIT,
+    stride_qk, stride_sg, stride_os,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One activation row (decode at batch 1): program (n tile, k split) reduces its K range without
+    tensor cores. Per (BLOCK_K tile, column): sum_k x_k * ((q - 8) * s + z)
+    = s * sum_k x_k (q - 8) + z * sum_k x_k, so the group's scale and zero apply once per tile."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    i8 = tl.arange(0, BLOCK_K // 8)
+    j8 = tl.arange(0, 8)
+    shifts = j8 * 4
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + i8[:, None] * 8 + j8[None, :]  # [BLOCK_K / 8, 8]: word i, nibble j holds k = 8 i + j
+        xk = tl.load(x_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)
+        rows = k0 // 8 + i8
+        qw = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :],
+                     mask=(rows < k_hi // 8)[:, None] & mask_n[None, :], other=0)  # [BLOCK_K / 8, BLOCK_N]
+        q = ((qw[:, None, :] >> shifts[None, :, None]) & 0xF).to(tl.float32) - 8.0
+        part = tl.sum(tl.sum(q * xk[:, :, None], axis=1), axis=0)  # [BLOCK_N]
+        xsum = tl.sum(tl.sum(xk, axis=1), axis=0)
+        g = k0 // GROUP  # BLOCK_K <= GROUP and both powers of two: a tile lies in one group
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s + xsum * z
+    tl.store(out_ptr + pid_k * stride_os + offs_n, acc, mask=mask_n)
+
+
+def w4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   *, block_n: int | None = None, block_k: int | None = None,
+                   split_k: int | None = None) -> torch.Tensor:
+    """y [1, N] = x [1, K] @ W^T for the W4 layout, on CUDA cores (fp32 sums, one rounding to x's
+    dtype). Grid (cdiv(N, BLOCK_N), SPLIT_K), about two waves of programs."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    assert M == 1 and qweight.shape[0] * 8 == K and scales.shape == zeros.shape and scales.shape[1] == N
+    group = K // scales.shape[0]
+    assert group * scales.shape[0] == K and group & (group - 1) == 0 and group >= 16, group
+    x = x.contiguous()
+    interp = _interpreting(x)
+    bn = block_n or (32 if interp else 128)
+    bk = min(block_k or (32 if interp else 64), group)
+    assert bk % 8 == 0
+    n_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(K, bk)
+    split = split_k or max(1, min((2 * _sm_count(x)) // n_tiles, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, split) * bk
+    split = triton.cdiv(K, k_per_split)
+    out = torch.empty((split, N), dtype=torch.float32, device=x.device)
+    _w4_gemv_kernel[(n_tiles, split)](
+        x, qweight, scales, zeros, out, N, K, k_per_split, qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )  # fmt: skip
+    y = out[0] if split == 1 else out.sum(0)
+    return y.to(x.dtype).view(1, N)
+
+
 @triton.jit
 def _w4_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, out_ptr, K, N, stride_qk, stride_sg, stride_ok,
