@@ -4,13 +4,7 @@
 # Logs go to $OUT (the device tool brings them back). Carried wheels in .whl/ are installed to
 # /tmp/site first; the default model's GGUF is reassembled from .gpucache/ when its parts are there.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/rtllm-gpu-out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD:/tmp/site"
+source scripts/gpu_env.sh
 if compgen -G ".gpucache/smollm.part*" >/dev/null; then
     cat .gpucache/smollm.part* > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
     export RTLLM_DEFAULT_MODEL=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -3,13 +3,7 @@
 # load, batch-1 decode (ISL 128 / OSL 256) and throughput (ISL 128 / OSL 128, 1024 requests,
 # concurrency 512) per weight format, bf16 first as the same-run baseline. Logs and JSON to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/rtllm-gpu-out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD:/tmp/site"
+source scripts/gpu_env.sh
 CFG=${CFG:-configs/llama-3.1-8b.json}
 FORMATS=${FORMATS:-"none fp8 w8a16 w4a16"}
 TPUT_FORMATS=${TPUT_FORMATS:-"none fp8"}

@@ -7,13 +7,7 @@
 #      within 10 ms.
 # Run from the repo root on the GPU machine; carried wheels in .whl/ go to /tmp/site. Logs to $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/rtllm-gpu-out}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="$PWD:/tmp/site"
+source scripts/gpu_env.sh
 python3 -c "import fastapi, uvicorn, zmq, prometheus_client, httpx" || { echo "server packages missing"; exit 1; }
 CFG=${CFG:-configs/llama-3.1-8b.json}
 PORT=${PORT:-8123}

@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 
+from rtllm.bench.bounds import time_cuda
 from rtllm.kernels.sampling import sample_tokens_torch
 from rtllm.kernels.triton_sampling import sample_tokens_triton
 from rtllm.runtime.sampler import Sampler, SamplingRow
@@ -43,19 +44,8 @@ def _tensors(ps: list[SamplingParams], dev) -> tuple[torch.Tensor, ...]:
 
 
 def _time(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    """Median ms per call."""
+    return time_cuda(fn, iters) * 1e3
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ class Hardware:
     matmul_flops: float  # FLOP / s at the model's dtype
 
 
-def _time_cuda(fn, iters: int = 20) -> float:
+def time_cuda(fn, iters: int = 20) -> float:
+    """Median seconds per call of ``fn`` on the current CUDA device (events around each call)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -40,11 +41,11 @@ def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware | Non
     n = 1 << 28  # 512 MiB of bf16 in, as much out
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    bw = 2 * src.numel() * src.element_size() / _time_cuda(lambda: dst.copy_(src))
+    bw = 2 * src.numel() * src.element_size() / time_cuda(lambda: dst.copy_(src))
     m = 8192
     x = torch.randn(m, m, dtype=dtype, device=device)
     y = torch.randn(m, m, dtype=dtype, device=device)
-    flops = 2 * m**3 / _time_cuda(lambda: x @ y, iters=10)
+    flops = 2 * m**3 / time_cuda(lambda: x @ y, iters=10)
     src = dst = x = y = None
     torch.cuda.empty_cache()
     return Hardware(torch.cuda.get_device_name(device), bw, flops)

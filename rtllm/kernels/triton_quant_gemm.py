@@ -12,27 +12,11 @@ tile of x (rows past M are masked). Split-K partials land in an fp32 buffer that
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting(t: torch.Tensor) -> bool:
-    """CPU tensors reach a Triton kernel only under TRITON_INTERPRET=1 (bf16 math is wrong there)."""
-    return t.device.type != "cuda"
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(t: torch.Tensor) -> int:
-    if t.is_cuda:
-        return _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return 132  # H100, the target: only shapes the split heuristic on the CPU
+from rtllm.kernels.triton_attention.common import interpreting, sm_count
 
 
 def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
@@ -110,12 +94,12 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     group = K // scales.shape[0]
     assert group * scales.shape[0] == K and group & (group - 1) == 0 and group >= 16, group
     x = x if x.stride(-1) == 1 else x.contiguous()
-    interp = _interpreting(x)
+    interp = interpreting(x)
     bm, bn, bk, warps, stages = _gemm_config(M, N, K, group, interp)
     bn, bk = block_n or bn, block_k or bk
     assert bk <= group and bk % 8 == 0
     n_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(K, bk)
-    split = split_k or _split_k(n_tiles, k_tiles, _sm_count(x))
+    split = split_k or _split_k(n_tiles, k_tiles, sm_count(x))
     k_per_split = triton.cdiv(k_tiles, split) * bk
     split = triton.cdiv(K, k_per_split)
     out = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
@@ -178,14 +162,14 @@ def w4_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     group = K // scales.shape[0]
     assert group * scales.shape[0] == K and group & (group - 1) == 0 and group >= 16, group
     x = x.contiguous()
-    interp = _interpreting(x)
+    interp = interpreting(x)
     # H100 grid search (scripts/quant_kernel_tune.py, group 128): qkv 6144x4096 16.6 us, o 4096x4096
     # 14.9, gate_up 28672x4096 45.7, down 4096x14336 26.3 (bf16 F.linear: 22.6 / 13.4 / 85.6 / 46.8)
     bn = block_n or (32 if interp else (256 if N >= 16384 else 128))
     bk = min(block_k or (32 if interp else 128), group)
     assert bk % 8 == 0
     n_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(K, bk)
-    split = split_k or (max(1, min(2 * _sm_count(x) // n_tiles, k_tiles)) if interp else (16 if K > 8192 else 8))
+    split = split_k or (max(1, min(2 * sm_count(x) // n_tiles, k_tiles)) if interp else (16 if K > 8192 else 8))
     k_per_split = triton.cdiv(k_tiles, split) * bk
     split = triton.cdiv(K, k_per_split)
     out = torch.empty((split, N), dtype=torch.float32, device=x.device)
@@ -226,7 +210,7 @@ def dequantize_w4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     group = K // scales.shape[0]
     out = torch.empty((K, N), dtype=dtype, device=qweight.device)
-    bk, bn = (32, 32) if _interpreting(qweight) else (64, 128)
+    bk, bn = (32, 32) if interpreting(qweight) else (64, 128)
     grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
     _w4_dequant_kernel[grid](qweight, scales, zeros, out, K, N, qweight.stride(0), scales.stride(0), out.stride(0),
                              GROUP=group, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
@@ -291,7 +275,7 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     fp8 = qweight.dtype == torch.float8_e4m3fn
     if fp8:
         qweight = qweight.view(torch.uint8)
-    interp = _interpreting(x)
+    interp = interpreting(x)
     bm, bn, bk, warps, stages = _gemm_config(M, N, K, 128, interp)
     if not interp and M <= 16 and block_n is None and block_k is None and split_k is None:
         # decode: narrow N tiles and long K tiles, no split unless K is long (scripts/quant_kernel_tune.py,
@@ -299,7 +283,7 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         bn, bk, split_k = (32, 128, 1) if K <= 8192 else (64, 128, 4)
     bn, bk = block_n or bn, block_k or bk
     n_tiles, k_tiles = triton.cdiv(N, bn), triton.cdiv(K, bk)
-    split = split_k or _split_k(n_tiles, k_tiles, _sm_count(x))
+    split = split_k or _split_k(n_tiles, k_tiles, sm_count(x))
     k_per_split = triton.cdiv(k_tiles, split) * bk
     split = triton.cdiv(K, k_per_split)
     out = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)

@@ -1,0 +1,9 @@
+# Sourced by the GPU scripts: unbuffered output, $OUT for logs, carried wheels (.whl/) installed to
+# /tmp/site, the repo and /tmp/site on PYTHONPATH. The GPU image's own torch is never reinstalled.
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/rtllm-gpu-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="$PWD:/tmp/site"
