@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from rtllm.errors import ModelLoadError
 from rtllm.layers.quantized_linear import quantize_linear_layers
 from rtllm.models.config import ModelConfig, parse_dtype
+from rtllm.models.prequantized import PrequantizedLoader, check_no_quant_config, read_checkpoint_quant
 from rtllm.models.registry import get_model_class
 from rtllm.quantization.config import NVFP4, W4A16, W4A16_AWQ, QuantConfig
 
@@ -112,6 +113,10 @@ def load_model(
 ) -> LoadedModel:
     """Build the model for ``model_path`` on ``device`` and load its weights.
 
+    A pre-quantized HF checkpoint (config.json ``quantization_config``: FP8, AWQ, GPTQ) loads onto
+    rtllm's quantized layers as it is (rtllm.models.prequantized); ``quant_config`` must then not
+    set ``quant_algo``.
+
     ``quant_config`` (enabled): the loaded Linear layers are then quantized in place
     (rtllm.layers.quantized_linear); ``weight_bytes`` is the quantized size. W4A16_AWQ first
     calibrates on KJV text (rtllm.models.calibration), tokenized by ``calib_tokenize`` or, when
@@ -124,6 +129,7 @@ def load_model(
         raise ModelLoadError(f"model path {model_path!r} does not exist")
     gguf_path = find_gguf(model_path)
     random_init = model_path.endswith(".json") and os.path.isfile(model_path)
+    prequant = None
     if random_init:  # a bare config.json: random weights, for benchmarks that need no weight files
         config = ModelConfig.from_file(model_path)
         weights = iter(())
@@ -140,6 +146,9 @@ def load_model(
         if not os.path.isdir(model_path):
             raise ModelLoadError(f"{model_path!r} is neither a model directory nor a .gguf file")
         config = ModelConfig.from_file(os.path.join(model_path, "config.json"))
+        prequant = read_checkpoint_quant(model_path)
+        if prequant is not None:
+            check_no_quant_config(prequant, quant_config, model_path)
         weights = iter_safetensors(safetensors_files(model_path))
         tokenizer_source = model_path
 
@@ -156,6 +165,11 @@ def load_model(
     if random_init:
         init_random_weights(model, seed=0)
         weights_loaded = {n for n, _ in model.named_parameters()}
+    expected = {n for n, _ in model.named_parameters()}
+    pq_loader = None
+    if prequant is not None:  # a pre-quantized checkpoint: quantized tensors go to rtllm.models.prequantized
+        pq_loader = PrequantizedLoader(prequant, model, model_path)
+        weights = pq_loader.divert(weights)
     try:
         loaded = weights_loaded if random_init else model.load_weights(weights)
     except KeyError as e:
@@ -163,7 +177,8 @@ def load_model(
                              f"in {config.architecture}") from e
     except ValueError as e:
         raise ModelLoadError(f"{model_path}: {e}") from e
-    expected = {n for n, _ in model.named_parameters()}
+    if pq_loader is not None:
+        loaded = loaded | pq_loader.apply()
     missing = sorted(expected - loaded)
     if missing:
         raise ModelLoadError(f"{model_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")

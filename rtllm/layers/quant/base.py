@@ -16,13 +16,15 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class QuantizedLinear(nn.Module):
-    """Base: y = (x * input_scale) W^T (+ b), with W held in some packed format by the subclass.
+    """Base: y = (x * input_scale)[:, input_perm] W^T (+ b), with W held in some packed format by the subclass.
 
     Subclasses implement ``_matmul(x2d) -> y2d`` (x2d [M, K], contiguous) and
-    ``dequantized_weight() -> W [N, K]`` (the reference value of W, fp32)."""
+    ``dequantized_weight() -> W [N, K]`` (the reference value of W, fp32), W's input channels in
+    ``input_perm`` order when one is set (GPTQ act-order checkpoints, whose groups are contiguous only
+    after that permutation: the layer gathers its input instead of the kernel gathering scales)."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
-                 input_scale: torch.Tensor | None = None) -> None:
+                 input_scale: torch.Tensor | None = None, input_perm: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         if bias is not None:
@@ -33,6 +35,10 @@ class QuantizedLinear(nn.Module):
             self.input_scale = frozen(input_scale.detach().clone())
         else:
             self.register_parameter("input_scale", None)
+        if input_perm is not None:
+            self.input_perm = frozen(input_perm.detach().to(torch.int64).clone())
+        else:
+            self.register_parameter("input_perm", None)
 
     def copy_attributes(self, layer: nn.Module) -> None:
         """Keep the replaced layer's plain attributes (q_size, output_sizes, ...) so model code never knows."""
@@ -51,6 +57,8 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x2 = x2 * self.input_scale.to(x2.dtype)
+        if self.input_perm is not None:
+            x2 = x2.index_select(1, self.input_perm)
         y = self._matmul(x2 if x2.is_contiguous() else x2.contiguous())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -60,7 +68,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-                f"{', awq_input_scale' if self.input_scale is not None else ''}")
+                f"{', awq_input_scale' if self.input_scale is not None else ''}"
+                f"{', input_perm' if self.input_perm is not None else ''}")
 
 
 def input_scale_of(layer: nn.Module) -> torch.Tensor | None:

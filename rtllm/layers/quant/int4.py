@@ -79,8 +79,8 @@ class W4A16Linear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, group_size: int, backend: str,
                  tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, fast_dequant: bool = False,
-                 input_scale: torch.Tensor | None = None) -> None:
-        super().__init__(in_features, out_features, bias, input_scale)
+                 input_scale: torch.Tensor | None = None, input_perm: torch.Tensor | None = None) -> None:
+        super().__init__(in_features, out_features, bias, input_scale, input_perm)
         self.group_size, self.backend = group_size, backend
         for name, t in tensors.items():
             setattr(self, name, frozen(t))
@@ -101,22 +101,31 @@ class W4A16Linear(QuantizedLinear):
 
         ``backend``: None picks by the weight's device; "triton" on a CPU tensor packs the CUDA
         layout and runs the torch reference (tests)."""
-        w = layer.weight
-        backend = backend or w4_backend(w.device)
-        codes, scales, zeros = quantize_w4_asym(w, group_size)
+        codes, scales, zeros = quantize_w4_asym(layer.weight, group_size)
+        new = cls.from_codes(codes, scales, zeros, group_size, layer.bias, backend, input_scale_of(layer))
+        new.copy_attributes(layer)
+        return new
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None = None, backend: str | None = None,
+                   input_scale: torch.Tensor | None = None, input_perm: torch.Tensor | None = None) -> W4A16Linear:
+        """A layer from quantized values (rtllm.quantization.int4's format): codes [N, K] in 0..15,
+        scales and zeros [K/g, N] (stored in bf16). Used by quantization and by pre-quantized
+        checkpoints (AWQ / GPTQ, converted by rtllm.quantization.hf_formats); ``input_perm`` as in
+        QuantizedLinear. The device is the codes'."""
+        N, K = codes.shape
+        backend = backend or w4_backend(codes.device)
         if backend == "cpu":
             packed, sz = pack_w4_cpu(codes, scales, zeros, KERNEL_DTYPE)
-            unpacked = unpack_w4_cpu(packed, *w.shape)
+            unpacked = unpack_w4_cpu(packed, N, K)
             fast = unpacked is not None and torch.equal(unpacked, codes.to(torch.uint8))
             tensors = {"packed": packed, "scales_and_zeros": sz}
         else:
             fast = False
             tensors = {"qweight": pack_int4_k8(codes), "scales": scales.to(SCALE_DTYPE),
                        "zeros": zeros.to(SCALE_DTYPE)}
-        new = cls(layer.in_features, layer.out_features, group_size, backend, tensors, layer.bias, fast,
-                  input_scale_of(layer))
-        new.copy_attributes(layer)
-        return new
+        return cls(K, N, group_size, backend, tensors, bias, fast, input_scale, input_perm)
 
     def dequantized_weight(self) -> torch.Tensor | None:
         """W [N, K] as the dense path computes it (bf16; None on the CPU when the layout is unknown)."""
