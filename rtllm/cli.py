@@ -1,4 +1,4 @@
-"""Command line: rtllm generate | chat | serve | bench."""
+"""Command line: rtllm generate | chat | serve | build | bench."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import logging
 import sys
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
+def _engine_args(p: argparse.ArgumentParser, engine_limits: bool = False) -> None:
+    """``engine_limits``: --max-batch-size / --max-num-tokens default to None, so an engine directory's
+    build limits apply (64 / 2048 for a checkpoint)."""
+    p.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or engine directory from `rtllm build` (default: embedded "
+                        "SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-num-tokens", type=int, default=2048)
+    lim = " (default: 64, or an engine directory's build limit)" if engine_limits else ""
+    p.add_argument("--max-batch-size", type=int, default=None if engine_limits else 64, help=f"requests per step{lim}")
+    p.add_argument("--max-num-tokens", type=int, default=None if engine_limits else 2048,
+                   help=f"tokens per step{lim.replace('64', '2048')}")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache capacity in tokens")
     from rtllm.quantization.config import SUPPORTED_QUANT_ALGOS
@@ -140,6 +146,29 @@ def cmd_chat(args) -> int:
             history.append({"role": "assistant", "content": reply})
 
 
+def cmd_build(args) -> int:
+    from rtllm.builder import BuildConfig, build
+    from rtllm.quantization.config import QuantConfig
+
+    if args.model is None:
+        from rtllm.llmapi.default_model import default_model_path
+
+        args.model = default_model_path()
+    bc = BuildConfig(max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
+                     max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, dtype=args.dtype,
+                     kv_cache_dtype=args.kv_cache_dtype, tokens_per_block=args.tokens_per_block,
+                     quant_config=QuantConfig.from_name(args.quant, args.quant_group_size),
+                     tp_size=args.tp_size, pp_size=args.pp_size)
+    result = build(args.model, bc, args.output, device=args.device)
+    log = result.log
+    sizes = log["sizes_bytes"]
+    print(f"built {args.output}: {log['num_tensors']} tensors, {sizes['weights_file'] / 2**20:.1f} MiB "
+          f"({log['quantized_layers'] or 'not quantized'}) in {log['timings_s']['total']:.1f} s; "
+          f"max_batch_size={bc.max_batch_size} max_input_len={bc.max_input_len} "
+          f"max_seq_len={result.build_config.max_seq_len} max_num_tokens={bc.max_num_tokens}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rtllm", description="rtllm: LLM inference engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -148,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompts", nargs="+")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    _engine_args(g)
+    _engine_args(g, engine_limits=True)
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive streaming chat that keeps history")
     c.add_argument("--system", default=None, help="system prompt")
-    _engine_args(c)
+    _engine_args(c, engine_limits=True)
     _sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
@@ -177,8 +206,36 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--executor", choices=["multiprocess", "inprocess"], default="multiprocess")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--log-prompts", action="store_true", help="include prompt and completion text in the logs")
-    _engine_args(s)
+    _engine_args(s, engine_limits=True)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("build", help="build an engine directory: weights fused and quantized once, loaded as stored",
+                       description="Load a checkpoint, fuse and quantize it, and write an engine directory that "
+                                   "`rtllm generate --model DIR` and LLM(DIR) load without re-quantizing. The "
+                                   "limits become the runtime's defaults and ceilings.")
+    b.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M)")
+    b.add_argument("--output", required=True,
+                   help="the engine directory to write (new, empty, or an engine directory to replace)")
+    from rtllm.quantization.config import SUPPORTED_QUANT_ALGOS
+
+    b.add_argument("--quant", type=str.lower, default="none",
+                   choices=["none", *(a.lower() for a in SUPPORTED_QUANT_ALGOS)],
+                   help="weight quantization baked into the engine (docs/QUANTIZATION.md)")
+    b.add_argument("--quant-group-size", type=int, default=None,
+                   help="input channels per INT4 scale: 32 | 64 | 128 | 256")
+    b.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8")
+    b.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    b.add_argument("--device", default="auto", help="the device the engine is for: auto | cpu | cuda")
+    b.add_argument("--max-batch-size", type=int, default=2048)
+    b.add_argument("--max-input-len", type=int, default=1024)
+    b.add_argument("--max-seq-len", type=int, default=None, help="default: the model's max_position_embeddings")
+    b.add_argument("--max-num-tokens", type=int, default=8192)
+    b.add_argument("--tokens-per-block", type=int, default=32)
+    b.add_argument("--tp", "--tp-size", dest="tp_size", type=int, default=1,
+                   help="tensor-parallel ranks (only 1 until parallel execution lands)")
+    b.add_argument("--pp", "--pp-size", dest="pp_size", type=int, default=1, help="pipeline-parallel ranks (only 1)")
+    b.add_argument("--log-level", default="info")
+    b.set_defaults(func=cmd_build)
 
     from rtllm.bench.cli import add_bench_parser
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from rtllm.builder.limits import engine_limits, runtime_limits
 from rtllm.config import CudaGraphConfig, KvCacheConfig
 from rtllm.errors import ConfigError, InvalidRequestError, ModelLoadError
 from rtllm.executor.base import GenerationExecutor
@@ -32,8 +33,11 @@ _DEFAULT = object()
 class LLM:
     """An engine serving one model.
 
-    ``model``: an HF checkpoint directory, a .gguf file, or None for the embedded default
-    (SmolLM2-135M-Instruct). Use as a context manager or call ``shutdown()``.
+    ``model``: an HF checkpoint directory, a .gguf file, an engine directory (``rtllm build``), or
+    None for the embedded default (SmolLM2-135M-Instruct). Use as a context manager or call ``shutdown()``.
+    ``max_batch_size`` / ``max_num_tokens`` / ``max_seq_len`` left None: 64 / 2048 / the model's
+    context (capped at 8192) for a checkpoint; an engine directory's build limits, which are
+    also ceilings (and its max_input_len caps prompts).
     ``executor_type``: "auto" / "multiprocess" run the engine loop in a worker process (spawned:
     a script that builds an LLM at import time needs the ``if __name__ == "__main__":`` guard);
     "inprocess" runs it on a background thread (``llm.executor.engine`` is then the engine).
@@ -45,8 +49,8 @@ class LLM:
         tokenizer: str | Tokenizer | None = None,
         dtype: str = "auto",
         kv_cache_config: KvCacheConfig | None = None,
-        max_batch_size: int = 64,
-        max_num_tokens: int = 2048,
+        max_batch_size: int | None = None,
+        max_num_tokens: int | None = None,
         max_seq_len: int | None = None,
         enable_chunked_prefill: bool = True,
         device: str = "auto",
@@ -59,6 +63,9 @@ class LLM:
         if not os.path.exists(model):
             raise ModelLoadError(
                 f"model path {model!r} does not exist (give an HF checkpoint directory or a .gguf file)")
+        self._engine = engine_limits(model)  # an engine directory: its build limits are the defaults
+        max_batch_size, max_num_tokens, max_seq_len, kv_cache_config = runtime_limits(
+            self._engine, max_batch_size, max_num_tokens, max_seq_len, kv_cache_config)
         unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(LlmArgs)})
         if unknown:
             raise ConfigError(f"LLM() got unknown options {unknown}")
@@ -72,6 +79,8 @@ class LLM:
         elif tokenizer is None and model.endswith(".json") and os.path.isfile(model):
             cfg = ModelConfig.from_file(model)  # random weights from a bare config: no tokenizer
             self.tokenizer = TokenIdTokenizer(cfg.vocab_size, cfg.eos_token_ids)
+        elif tokenizer is None and self._engine is not None and not self._engine.has_tokenizer:
+            self.tokenizer = TokenIdTokenizer(self._engine.vocab_size, list(self._engine.eos_token_ids))
         else:
             src = tokenizer or model
             self.tokenizer = Tokenizer.from_pretrained(find_gguf(src) or src)
@@ -114,6 +123,9 @@ class LLM:
             ids, text = list(prompt), None
         else:
             raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if self._engine is not None and len(ids) > self._engine.max_input_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the engine was built with max_input_len="
+                                      f"{self._engine.max_input_len}")
         return GenerationRequest(ids, params, prompt=text, streaming=streaming)
 
     def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,

@@ -113,6 +113,8 @@ def load_model(
 ) -> LoadedModel:
     """Build the model for ``model_path`` on ``device`` and load its weights.
 
+    An engine directory (``rtllm build``) loads through rtllm.models.engine_dir, as stored.
+
     A pre-quantized HF checkpoint (config.json ``quantization_config``: FP8, AWQ, GPTQ) loads onto
     rtllm's quantized layers as it is (rtllm.models.prequantized); ``quant_config`` must then not
     set ``quant_algo``.
@@ -121,6 +123,10 @@ def load_model(
     (rtllm.layers.quantized_linear); ``weight_bytes`` is the quantized size. W4A16_AWQ first
     calibrates on KJV text (rtllm.models.calibration), tokenized by ``calib_tokenize`` or, when
     None, by the tokenizer rtllm.tokenizer registers for the checkpoint."""
+    from rtllm.models.engine_dir import is_engine_dir, load_engine_dir
+
+    if is_engine_dir(model_path):  # built by `rtllm build`: fused and quantized already, loaded as stored
+        return load_engine_dir(model_path, dtype, device, max_positions, quant_config)
     t0 = time.perf_counter()
     device = torch.device(device)
     if quant_config is not None:

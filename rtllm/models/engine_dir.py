@@ -1,0 +1,247 @@
+"""Engine directories (written by ``rtllm build``): read them back into a ready model.
+
+An engine directory holds a model exactly as the runtime runs it, already fused and quantized:
+
+- ``config.json``: ``format`` = ENGINE_FORMAT and ``format_version`` (the marker ``load_model``
+  detects), the rtllm and torch versions it was built with, the model's own config
+  (``pretrained_config``, the HF-shaped dict ``ModelConfig`` reads), the build config (limits the
+  runtime takes as defaults), the quant config, the weights' dtype, the device type (and GPU name)
+  the layouts were packed for, one spec per quantized layer (class, plain attributes, tensor
+  names: rtllm.layers.quant.serialize) and the size of the weights file;
+- ``rank0.safetensors``: every parameter by its rtllm name (fused ``qkv_proj`` / ``gate_up_proj``),
+  quantized layers as their packed tensors and scales; a tied LM head is stored once;
+- the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template...), so the
+  directory loads alone;
+- ``build_log.json``: what the build did and how long it took (not read when loading).
+
+Loading builds the model's modules, swaps each quantized layer for one restored from its tensors
+and copies the rest: nothing is quantized or calibrated. Wrong marker, another format version, a
+missing or truncated weights file, missing, extra or misshapen tensors: each a ModelLoadError
+naming the file and the culprit. Writing is rtllm.builder's (``engine_tensors`` collects what to
+write, so the layout is defined here once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rtllm.errors import ConfigError, ModelLoadError
+from rtllm.layers.quant.base import QuantizedLinear
+from rtllm.layers.quant.serialize import layer_spec, restore_quantized_linear
+from rtllm.models.config import ModelConfig, parse_dtype
+from rtllm.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+ENGINE_FORMAT = "rtllm-engine"
+ENGINE_FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "rank0.safetensors"
+BUILD_LOG_NAME = "build_log.json"
+_REQUIRED_KEYS = ("pretrained_config", "build_config", "dtype", "device", "quantized_layers", "weights")
+
+
+def is_engine_dir(path: str) -> bool:
+    """Whether ``path`` is a directory whose config.json carries the engine marker."""
+    cfg = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path) or not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == ENGINE_FORMAT
+
+
+def read_engine_config(path: str) -> dict:
+    """The engine directory's config.json, checked for the marker, the format version and its keys."""
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"{path!r} is not an engine directory: no {CONFIG_NAME}") from e
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"engine directory {path!r}: {CONFIG_NAME} is unreadable: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != ENGINE_FORMAT:
+        raise ModelLoadError(f"{cfg_path}: not an rtllm engine config (format is not {ENGINE_FORMAT!r})")
+    version = data.get("format_version")
+    if version != ENGINE_FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{cfg_path}: engine format version {version!r} (built by rtllm {data.get('rtllm_version', '?')}); "
+            f"this rtllm reads version {ENGINE_FORMAT_VERSION}: rebuild the engine with `rtllm build`")
+    missing = [k for k in _REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ModelLoadError(f"{cfg_path}: engine config lacks {missing} (corrupt or hand-edited): rebuild it")
+    return data
+
+
+def engine_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """What an engine directory stores of a loaded model: (tensors by parameter name, contiguous on
+    the CPU; quantized layer name -> its spec). A tied parameter is stored under its first name."""
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, p in model.named_parameters():  # remove_duplicate: a tied LM head is listed once
+        t = p.detach()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # distinct parameters viewing the same memory (safetensors refuses that): a copy
+            t = t.clone()
+        storages.add(ptr)
+        tensors[name] = t.contiguous().cpu()
+    specs = {name: layer_spec(m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    return tensors, specs
+
+
+def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
+                    max_positions: int | None = None, quant_config: object | None = None):
+    """Load a built engine (see the module doc) onto ``device``; returns a loader.LoadedModel.
+
+    ``dtype`` must be "auto" or the dtype it was built with; ``quant_config``, when it quantizes,
+    must equal the stored one (the weights are already quantized: nothing is requantized).
+    ``max_positions`` (the rotary table's length) defaults to the built max_seq_len."""
+    from rtllm.models.loader import LoadedModel, _weight_bytes
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    data = read_engine_config(path)
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    config = ModelConfig.from_dict(data["pretrained_config"], source=cfg_path)
+    built_dtype = parse_dtype(data["dtype"])
+    if dtype != "auto" and parse_dtype(dtype) != built_dtype:
+        raise ConfigError(f"dtype={dtype!r}: the engine at {path!r} was built with dtype "
+                          f"{data['dtype']!r}; pass dtype='auto' or rebuild it with the dtype you want")
+    _check_quant_config(quant_config, data.get("quant_config"), path)
+    _check_device(data, device, path)
+    try:
+        model_cls = get_model_class(config.architectures)
+    except ModelLoadError as e:
+        module = data.get("model_module")
+        hint = f" (it was built with the class from module {module!r}: load that plugin, e.g. " \
+               f"RTLLM_PLUGINS={module.rsplit('.', 1)[0]})" if module and not module.startswith("rtllm.") else ""
+        raise ModelLoadError(f"{path}: {e}{hint}") from e
+    max_positions = max_positions or int(data["build_config"].get("max_seq_len") or config.max_position_embeddings)
+
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    _check_weights_file(weights_path, data["weights"])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(built_dtype)
+    try:
+        with device:
+            model = model_cls(config, max_positions=max_positions)
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval().requires_grad_(False)
+
+    specs: dict[str, dict] = data["quantized_layers"]
+    try:
+        with safe_open(weights_path, framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            _restore_quantized(model, specs, names, f, weights_path)
+            _load_dense(model, names, f, weights_path)
+    except SafetensorError as e:
+        raise ModelLoadError(f"cannot read engine weights {weights_path}: {e}") from e
+    secs = time.perf_counter() - t0
+    weight_bytes = _weight_bytes(model)
+    logger.info("loaded engine %s (%s, %s, %s) in %.2f s: %.1f MiB of weights, nothing re-quantized", path,
+                config.architecture, data["dtype"],
+                (data.get("quant_config") or {}).get("quant_algo") or "not quantized", secs, weight_bytes / 2**20)
+    return LoadedModel(model, config, built_dtype, path, secs, weight_bytes)
+
+
+def _check_quant_config(quant_config: object | None, stored: dict | None, path: str) -> None:
+    algo = getattr(quant_config, "quant_algo", None)
+    if algo is None:
+        return
+    stored = stored or {}
+    want = {k: stored.get(k) for k in ("quant_algo", "group_size", "kv_cache_quant_algo")}
+    got = {k: getattr(quant_config, k, None) for k in want}
+    if got["group_size"] is None:
+        want["group_size"] = got["group_size"] = None  # "the format's default" matches what was built
+    if got != want:
+        raise ConfigError(f"quant_config={got}: the engine at {path!r} is already quantized as {want}; "
+                          f"load it without a quant_config (or rebuild it with the one you want)")
+
+
+def _check_device(data: dict, device: torch.device, path: str) -> None:
+    built = data["device"]
+    if built != device.type:
+        raise ModelLoadError(f"the engine at {path!r} was built for {built!r} (its packed weight layouts are that "
+                             f"device's); this load is on {device.type!r}: rebuild it there with `rtllm build`")
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        if data.get("gpu_name") and data["gpu_name"] != gpu:
+            logger.warning("the engine at %s was built on %s; this GPU is %s (kernel configurations are chosen "
+                           "at run time, so it runs, but rebuild it here to be sure)", path, data["gpu_name"], gpu)
+    if data.get("torch_version") and data["torch_version"] != torch.__version__:
+        logger.warning("the engine at %s was built with torch %s; this is torch %s (packed int4 layouts may "
+                       "differ between versions: rebuild if outputs look wrong)", path, data["torch_version"],
+                       torch.__version__)
+
+
+def _check_weights_file(weights_path: str, info: dict) -> None:
+    if not os.path.isfile(weights_path):
+        raise ModelLoadError(f"engine weights {weights_path} are missing: the directory is incomplete, rebuild it")
+    size, want = os.path.getsize(weights_path), info.get("bytes") if isinstance(info, dict) else None
+    if want is not None and size != want:
+        raise ModelLoadError(f"engine weights {weights_path} have {size} bytes, config.json says {want}: the file "
+                             f"is truncated or was replaced; rebuild the engine")
+
+
+_ALIGN = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` at a 64-byte aligned address: tensors read from a safetensors file sit at the file's offsets
+    (8-byte aligned), and some CPU kernels (torch's int8 weight-only GEMM) crash on such addresses."""
+    return t.clone() if t.data_ptr() % _ALIGN else t
+
+
+def _restore_quantized(model: torch.nn.Module, specs: dict[str, dict], names: set[str], f, where: str) -> None:
+    for layer_name, spec in specs.items():
+        try:
+            dense = model.get_submodule(layer_name)
+        except AttributeError as e:
+            raise ModelLoadError(f"{where}: quantized layer {layer_name!r} is not a module of "
+                                 f"{type(model).__name__}") from e
+        tensors = {}
+        for t in spec.get("tensors", ()):
+            full = f"{layer_name}.{t}"
+            if full not in names:
+                raise ModelLoadError(f"{where}: tensor {full!r} is missing (corrupt engine directory: rebuild it)")
+            tensors[t] = _aligned(f.get_tensor(full))
+            names.discard(full)
+        try:
+            new = restore_quantized_linear(spec, tensors, dense)
+        except ValueError as e:
+            raise ModelLoadError(f"{where}: layer {layer_name!r}: {e}") from e
+        parent_name, _, child = layer_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+
+def _load_dense(model: torch.nn.Module, names: set[str], f, where: str) -> None:
+    params = dict(model.named_parameters())  # after the swap: the quantized layers' own are consumed
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name in sorted(params):
+        if name.rpartition(".")[0] in quantized:
+            continue
+        if name not in names:
+            raise ModelLoadError(f"{where}: tensor {name!r} is missing (corrupt engine directory: rebuild it)")
+        t = _aligned(f.get_tensor(name))
+        p = params[name]
+        if t.shape != p.shape or t.dtype != p.dtype:
+            raise ModelLoadError(f"{where}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, the model expects "
+                                 f"{tuple(p.shape)} {p.dtype} (corrupt engine directory or another model)")
+        p.data = t
+        names.discard(name)
+    if names:
+        extra = sorted(names)
+        raise ModelLoadError(f"{where}: {len(extra)} tensors match no parameter, e.g. {extra[:5]} (the engine was "
+                             f"built for another model class: rebuild it)")
