@@ -21,6 +21,10 @@ class UnsupportedArchitectureError(ModelLoadError, ValueError):
     """config.architectures names a model family rtllm does not implement."""
 
 
+class RequestFailedError(RtllmError):
+    """One request failed inside the engine (e.g. its logits processor raised); the engine goes on."""
+
+
 class EngineDeadError(RtllmError):
     """The engine loop died; pending and new requests fail with this error."""
 

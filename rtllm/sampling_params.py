@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rtllm.errors import InvalidRequestError
+from rtllm.logits_processors import check_entry
 
 _MAX_LOGPROBS = 20
 
@@ -23,6 +24,8 @@ class SamplingParams:
     not shown in text). ``logprobs`` = k returns the top-k log-probabilities of every
     generated position (plus the sampled token's); ``prompt_logprobs`` the same for prompt
     positions. ``n`` samples share the prompt's KV blocks through the prefix cache.
+    ``logits_processors``: per-request edits of the logits, run in the engine's process before
+    penalties and sampling (callables, registered names, import paths: rtllm.logits_processors).
     """
 
     max_tokens: int | None = 16
@@ -43,6 +46,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logits_processors: list | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,10 +95,20 @@ class SamplingParams:
             isinstance(self.stop_token_ids, list) and all(isinstance(t, int) for t in self.stop_token_ids)
         ):
             raise bad("stop_token_ids", "must be a list of integers")
+        if self.logits_processors is not None:
+            if not isinstance(self.logits_processors, list | tuple):
+                raise bad("logits_processors", "must be a list (of callables, names or {'name', 'kwargs'} dicts)")
+            self.logits_processors = list(self.logits_processors)
+            for entry in self.logits_processors:
+                check_entry(entry)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_logits_processors(self) -> bool:
+        return bool(self.logits_processors)
 
     @property
     def needs_penalties(self) -> bool:

@@ -41,6 +41,7 @@ from rtllm.models.engine_dir import (
 )
 from rtllm.models.gguf_reader import GGUFTokenizerData
 from rtllm.models.loader import load_model
+from rtllm.plugins import load_plugins
 from rtllm.tokenizer import Tokenizer, build_gguf_backend
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
     The device matters: packed INT4 layouts differ between the CPU and CUDA kernels, and an engine
     loads only on the device type it was built for."""
     t_start = time.perf_counter()
+    load_plugins()  # a plugin's architecture builds like a built-in one
     bc = build_config if build_config is not None else BuildConfig()
     if not isinstance(bc, BuildConfig):
         raise ConfigError(f"build_config must be a BuildConfig, got {type(bc).__name__}")

@@ -21,8 +21,9 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
+from rtllm import logits_processors
 from rtllm.config import EngineConfig
-from rtllm.errors import EngineDeadError
+from rtllm.errors import EngineDeadError, RequestFailedError
 from rtllm.executor.request import GenerationRequest
 from rtllm.executor.result import GenerationResult, wake_all
 from rtllm.runtime.kv_cache_manager import KVCacheStats
@@ -36,6 +37,8 @@ class GenerationExecutor(ABC):
     #: what the engine reports about itself (PyExecutor.info()): model, device, dtype, vocab_size,
     #: max_seq_len, kv_capacity_tokens, num_kv_blocks, tokens_per_block, eos_token_ids, ...
     engine_info: dict[str, Any]
+    #: whether requests cross a process boundary to reach the engine (they are pickled)
+    remote_engine: bool = False
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -88,6 +91,7 @@ class GenerationExecutor(ABC):
         """Raise InvalidRequestError for a request the engine could never run."""
         assert self._validator is not None, "the executor has no engine info yet"
         self._validator.validate(request.prompt_token_ids, request.sampling_params)
+        logits_processors.validate(request.sampling_params.logits_processors, picklable=self.remote_engine)
 
     def _make_detok(self, request: GenerationRequest):
         p = request.sampling_params
@@ -142,8 +146,8 @@ class GenerationExecutor(ABC):
                 if entry is None:
                     continue
                 res, index = entry
-                if u.error is not None:
-                    res.fail(EngineDeadError(u.error))
+                if u.error is not None:  # finish_reason "error": this request alone failed
+                    res.fail(RequestFailedError(u.error) if u.finish_reason == "error" else EngineDeadError(u.error))
                 elif res.apply(index, u, wake):
                     self._send_abort(u.request_id)  # a stop string ended it: free its blocks
                 if u.finished or u.error is not None or res._seqs[index].out.finished:

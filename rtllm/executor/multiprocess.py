@@ -88,6 +88,8 @@ def _make_ipc_dir() -> str:
 
 
 class MultiProcessExecutor(GenerationExecutor):
+    remote_engine = True  # requests are pickled to the worker
+
     def __init__(self, engine_config: EngineConfig, tokenizer,
                  startup_timeout: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
         super().__init__(tokenizer)

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from rtllm.errors import EngineDeadError, InvalidRequestError
+from rtllm.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from rtllm.executor.request import GenerationRequest
 from rtllm.runtime.scheduler import RequestUpdate
 from rtllm.tokenizer.detokenizer import IncrementalDetokenizer
@@ -207,7 +207,7 @@ class GenerationResult:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            if isinstance(self._error, InvalidRequestError | EngineDeadError):
+            if isinstance(self._error, InvalidRequestError | EngineDeadError | RequestFailedError):
                 raise self._error
             raise EngineDeadError(str(self._error)) from self._error
 

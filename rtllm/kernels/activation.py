@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rtllm.kernels.dispatch import triton_enabled
+from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
@@ -15,6 +15,8 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(x):
+    if (fn := custom_kernel("silu_and_mul", x)) is not None:
+        return fn(x)
     if triton_enabled(x):
         from rtllm.kernels import triton_activation
 

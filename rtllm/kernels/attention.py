@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rtllm.kernels.dispatch import triton_enabled
+from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
 
 def reshape_and_cache_torch(
@@ -131,6 +131,8 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather=None):
+    if (fn := custom_kernel("paged_decode_attention", q)) is not None:
+        return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
@@ -143,6 +145,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, m
 def paged_prefill_attention(
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
 ):
+    if (fn := custom_kernel("paged_prefill_attention", q)) is not None:
+        return fn(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len)
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rtllm.kernels.dispatch import triton_enabled
+from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,6 +23,8 @@ def fused_add_rms_norm_torch(
 
 
 def rms_norm(x, weight, eps):
+    if (fn := custom_kernel("rms_norm", x)) is not None:
+        return fn(x, weight, eps)
     if triton_enabled(x):
         from rtllm.kernels import triton_norm
 
@@ -31,6 +33,8 @@ def rms_norm(x, weight, eps):
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
+    if (fn := custom_kernel("fused_add_rms_norm", x)) is not None:
+        return fn(x, residual, weight, eps)
     if triton_enabled(x):
         from rtllm.kernels import triton_norm
 

@@ -20,6 +20,7 @@ from rtllm.llmapi.default_model import default_model_path
 from rtllm.llmapi.llm_args import LlmArgs
 from rtllm.models.config import ModelConfig
 from rtllm.models.loader import find_gguf
+from rtllm.plugins import load_plugins
 from rtllm.sampling_params import SamplingParams
 from rtllm.tokenizer import Tokenizer
 from rtllm.tokenizer.token_ids import TokenIdTokenizer
@@ -59,6 +60,7 @@ class LLM:
         **kwargs,
     ) -> None:
         self._executor: GenerationExecutor | None = None
+        load_plugins()  # user packages' architectures, kernels, logits processors (docs/PLUGINS.md)
         model = model or default_model_path()
         if not os.path.exists(model):
             raise ModelLoadError(

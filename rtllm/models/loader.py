@@ -22,7 +22,7 @@ from rtllm.errors import ModelLoadError
 from rtllm.layers.quantized_linear import quantize_linear_layers
 from rtllm.models.config import ModelConfig, parse_dtype
 from rtllm.models.prequantized import PrequantizedLoader, check_no_quant_config, read_checkpoint_quant
-from rtllm.models.registry import get_model_class
+from rtllm.models.registry import get_model_class, weight_name_map
 from rtllm.quantization.config import NVFP4, W4A16, W4A16_AWQ, QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,9 @@ def load_model(
         init_random_weights(model, seed=0)
         weights_loaded = {n for n, _ in model.named_parameters()}
     expected = {n for n, _ in model.named_parameters()}
+    name_map = weight_name_map(model_cls)
+    if name_map is not None:  # a plugin architecture's checkpoint names -> its parameter names (None: skip)
+        weights = ((m, t) for n, t in weights if (m := name_map(n)) is not None)
     pq_loader = None
     if prequant is not None:  # a pre-quantized checkpoint: quantized tensors go to rtllm.models.prequantized
         pq_loader = PrequantizedLoader(prequant, model, model_path)

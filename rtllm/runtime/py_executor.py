@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from rtllm import logits_processors
 from rtllm.config import EngineConfig
 from rtllm.models.loader import LoadedModel, load_model
+from rtllm.plugins import load_plugins
 from rtllm.runtime.kv_cache_manager import KVCacheManager
 from rtllm.runtime.model_runner import ModelRunner, PendingTokens, kv_bytes_per_token
 from rtllm.runtime.request import Request, RequestStatus
@@ -61,6 +63,7 @@ class PyExecutor:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        load_plugins()  # architectures, kernels and logits processors of user packages (rtllm.plugins)
         sc, kc = config.scheduler_config, config.kv_cache_config
         self.loaded = loaded or load_model(config.model, config.dtype, self.device,
                                            max_positions=sc.max_seq_len or DEFAULT_MAX_SEQ_LEN,
@@ -169,7 +172,9 @@ class PyExecutor:
         while True:
             kind, payload = item
             if kind == "add":
-                self._add(payload)
+                failed = self._add(payload)
+                if failed is not None:
+                    updates.append(failed)
             elif kind == "abort":
                 req = self.scheduler.finish_request(payload, RequestStatus.FINISHED_ABORTED)
                 if req is not None:
@@ -179,16 +184,22 @@ class PyExecutor:
             except queue.Empty:
                 return updates
 
-    def _add(self, new: NewRequest) -> None:
+    def _add(self, new: NewRequest) -> RequestUpdate | None:
+        """Admit a new sequence; an update that fails it when its logits processors do not resolve here."""
         sc = self.config.scheduler_config
         params = new.sampling_params
+        try:
+            procs = logits_processors.resolve_all(params.logits_processors)
+        except Exception as e:
+            return RequestUpdate(new.request_id, [], True, "error", error=f"{type(e).__name__}: {e}")
         n = len(new.prompt_token_ids)
         room = min(sc.max_seq_len, self.kv.capacity_tokens) - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         wait_for = self.scheduler.requests.get(new.wait_for) if new.wait_for else None
         req = Request(new.request_id, new.prompt_token_ids, params, self.eos_token_ids, max(max_tokens, 1),
-                      generator=make_generator(new.seed, self.device), wait_for=wait_for)
+                      generator=make_generator(new.seed, self.device), wait_for=wait_for, logits_processors=procs)
         self.scheduler.add_request(req)
+        return None
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
@@ -214,9 +225,10 @@ class PyExecutor:
 
     @staticmethod
     def _needs_sync(batch: ScheduledBatch) -> bool:
-        """Penalties need every previous token on the host; logprobs are read back at once anyway."""
+        """Penalties and logits processors need every previous token on the host; logprobs are read back
+        at once anyway."""
         return any(r.sampling_params.needs_penalties or r.sampling_params.logprobs is not None
-                   or r.sampling_params.prompt_logprobs is not None for r in batch.requests)
+                   or r.sampling_params.prompt_logprobs is not None or r.logits_processors for r in batch.requests)
 
     @staticmethod
     def _drop_finished(batch: ScheduledBatch) -> ScheduledBatch:
@@ -234,7 +246,7 @@ class PyExecutor:
         for i in out.sample_rows:
             r = batch.requests[i]
             rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids, r.output_token_ids,
-                                    r.eos_token_ids))
+                                    r.eos_token_ids, r.logits_processors or None))
         sampled = self.sampler.sample(out.sample_logits, rows, to_cpu=to_cpu) if rows else None
         prompt_lp = self._prompt_logprobs(batch, out)
         reqs = self.scheduler.commit(batch)
@@ -270,6 +282,12 @@ class PyExecutor:
             for u in updates:
                 if u.request_id in extra:
                     u.logprob, u.top_logprobs = extra[u.request_id]
+            if sampled.errors:  # a logits processor failed: that request ends with the error, the rest go on
+                failed = {rid: sampled.errors[j] for rid, j in launched.pending.row_of.items() if j in sampled.errors}
+                for rid in failed:
+                    self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+                updates = [u for u in updates if u.request_id not in failed]
+                updates += [RequestUpdate(rid, [], True, "error", error=msg) for rid, msg in failed.items()]
         prompt_lp = launched.prompt_lp
         for u in updates:
             if u.request_id in prompt_lp:

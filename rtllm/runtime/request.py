@@ -54,6 +54,8 @@ class Request:
     # the request's last (max_tokens / max_seq_len), so it is not scheduled again.
     num_placeholders: int = 0
     length_pending: bool = False
+    # this request's resolved logits processors (rtllm.logits_processors.BoundProcessor), made at admission
+    logits_processors: list = field(default_factory=list)
     token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

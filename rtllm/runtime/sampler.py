@@ -3,6 +3,10 @@
 ``Sampler.sample(logits [B, V], rows)`` reads row ``i`` of ``logits`` with ``rows[i]`` and
 returns one token per row (int64, on CPU). Semantics, in the order applied per row:
 
+0. A row's logits processors (``SamplingRow.logits_processors``, rtllm.logits_processors) edit a
+   float32 copy of its logits first; everything below, logprobs included, sees the result. A
+   processor that raises or returns another shape leaves the row as it was and is reported in
+   ``SamplerOutput.errors`` (the executor aborts that request).
 1. Logprobs come from the RAW logits (``log_softmax`` before penalties, masks and temperature,
    as vLLM does by default) and are computed only when some row sets ``params.logprobs``.
 2. Repetition penalty (HF/CTRL rule) over the set of prompt + output tokens: a positive logit
@@ -52,6 +56,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far
     eos_token_ids: frozenset[int]  # the model's EOS ids
+    logits_processors: list | None = None  # BoundProcessor list (rtllm.logits_processors), run first
 
 
 @dataclass
@@ -59,6 +64,7 @@ class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64, CPU
     logprobs: torch.Tensor | None  # [B] float32 raw logprob of each sampled token, CPU
     top_logprobs: list[list[tuple[int, float]] | None] | None  # per row top-k, desc; None: not asked
+    errors: dict[int, str] | None = None  # row -> why its logits processor failed (that request must abort)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -193,6 +199,31 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     return x
 
 
+def apply_logits_processors(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, dict[int, str]]:
+    """(a float32 copy of ``logits`` with each row's processors applied, row -> error of the rows whose
+    processor failed: those rows keep their model logits)."""
+    x = logits.to(torch.float32, copy=True)
+    errors: dict[int, str] = {}
+    for i, r in enumerate(rows):
+        if not r.logits_processors:
+            continue
+        row = x[i].clone()
+        for proc in r.logits_processors:
+            try:
+                out = proc(r.prompt_token_ids, r.output_token_ids, row)
+                if not isinstance(out, torch.Tensor) or out.shape != row.shape:
+                    raise TypeError(f"returned {type(out).__name__} "
+                                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}, expected a tensor "
+                                    f"of shape {tuple(row.shape)}")
+                row = out.to(device=x.device, dtype=torch.float32)
+            except Exception as e:
+                errors[i] = f"logits processor {proc!r} failed: {type(e).__name__}: {e}"
+                break
+        else:
+            x[i] = row
+    return x, errors
+
+
 def _needs_processing(rows: list[SamplingRow]) -> bool:
     return any(
         not r.params.greedy or r.params.needs_penalties or len(r.output_token_ids) < r.params.min_tokens
@@ -209,6 +240,9 @@ class Sampler:
         ``to_cpu=False`` leaves the token ids on the logits' device (no host sync; the overlap
         scheduler copies them later); only valid when no row asks for logprobs."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), "one SamplingRow per logits row"
+        errors = None
+        if any(r.logits_processors for r in rows):
+            logits, errors = apply_logits_processors(logits, rows)
         if not _needs_processing(rows):
             tokens = logits.argmax(dim=-1)  # fast path: all greedy, nothing to apply
         else:
@@ -222,10 +256,10 @@ class Sampler:
                                                 max_top_k=p.max_top_k)
         ks = [r.params.logprobs for r in rows]
         if all(k is None for k in ks):
-            return SamplerOutput(tokens.cpu() if to_cpu else tokens, None, None)
+            return SamplerOutput(tokens.cpu() if to_cpu else tokens, None, None, errors or None)
         chosen, tops = compute_logprobs(logits, max(k for k in ks if k is not None), tokens)
         top_lists = [None if k is None else t[:k] for k, t in zip(ks, tops)]
-        return SamplerOutput(tokens.cpu(), chosen, top_lists)
+        return SamplerOutput(tokens.cpu(), chosen, top_lists, errors or None)
 
     @staticmethod
     def _noise(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
