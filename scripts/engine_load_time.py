@@ -49,23 +49,31 @@ def main() -> None:
                 for _ in range(args.repeat):
                     t = time.perf_counter()
                     fn()
+                    if device.startswith("cuda"):  # loading and quantizing launch kernels asynchronously
+                        torch.cuda.synchronize()
                     times.append(time.perf_counter() - t)
                 return min(times)
 
             load_ckpt = best(lambda: load_model(model, device=device, max_positions=2048, quant_config=qc))  # noqa: B023
             load_eng = best(lambda: load_model(out, device=device))  # noqa: B023
 
-            def first_token(path: str, quant) -> float:
+            def first_token(path: str, quant) -> tuple[float, list[list[int]]]:
+                """(seconds from LLM() to the first generated token, greedy tokens of two prompts)."""
                 t = time.perf_counter()
                 with LLM(path, quant_config=quant, device=device, executor_type="inprocess", max_seq_len=2048,
                          max_batch_size=64, max_num_tokens=2048, kv_cache_config=KvCacheConfig(max_tokens=4096)) as llm:
                     llm.generate([1, 2, 3], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
-                    return time.perf_counter() - t
+                    secs = time.perf_counter() - t
+                    outs = llm.generate([[10, 20, 30, 40], [7] * 50], SamplingParams(max_tokens=16, temperature=0),
+                                        use_tqdm=False)
+                    return secs, [o.outputs[0].token_ids for o in outs]
 
+            ckpt_s, ckpt_tokens = first_token(model, qc)
+            eng_s, eng_tokens = first_token(out, None)
             row = {"quant": name, "device": device, "build_s": build_s, "load_model_checkpoint_s": load_ckpt,
                    "load_model_engine_s": load_eng, "speedup": load_ckpt / load_eng,
-                   "llm_first_token_checkpoint_s": first_token(model, qc),
-                   "llm_first_token_engine_s": first_token(out, None),
+                   "llm_first_token_checkpoint_s": ckpt_s, "llm_first_token_engine_s": eng_s,
+                   "same_greedy_tokens": ckpt_tokens == eng_tokens,
                    "engine_mib": os.path.getsize(os.path.join(out, "rank0.safetensors")) / 2**20}
             rows.append(row)
     if args.json:
@@ -73,12 +81,12 @@ def main() -> None:
         return
     print(f"model {model} on {device} (best of {args.repeat})")
     print(f"{'quant':8} {'build s':>8} {'load ckpt s':>12} {'load engine s':>14} {'speedup':>8} "
-          f"{'LLM->1st tok ckpt s':>20} {'LLM->1st tok engine s':>22} {'engine MiB':>10}")
+          f"{'LLM->1st tok ckpt s':>20} {'LLM->1st tok engine s':>22} {'engine MiB':>10} same tokens")
     for r in rows:
         print(f"{r['quant']:8} {r['build_s']:8.2f} {r['load_model_checkpoint_s']:12.2f} "
               f"{r['load_model_engine_s']:14.3f} "
               f"{r['speedup']:7.0f}x {r['llm_first_token_checkpoint_s']:20.2f} {r['llm_first_token_engine_s']:22.2f} "
-              f"{r['engine_mib']:10.1f}")
+              f"{r['engine_mib']:10.1f} {r['same_greedy_tokens']}")
 
 
 if __name__ == "__main__":
