@@ -80,6 +80,10 @@ def read_engine_config(path: str) -> dict:
     missing = [k for k in _REQUIRED_KEYS if k not in data]
     if missing:
         raise ModelLoadError(f"{cfg_path}: engine config lacks {missing} (corrupt or hand-edited): rebuild it")
+    for key in ("tp_size", "pp_size"):
+        if data.get(key, 1) != 1:
+            raise ModelLoadError(f"{cfg_path}: the engine was built for {key}={data[key]}; this rtllm runs one rank "
+                                 f"(tp_size = pp_size = 1): rebuild it with --tp 1")
     return data
 
 

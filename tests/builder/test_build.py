@@ -263,6 +263,9 @@ def test_damaged_config_is_refused(w8_engine, tmp_path):
     _edit_config(eng, quantized_layers=specs, device="cuda")
     with pytest.raises(ModelLoadError, match="built for 'cuda'"):
         load_model(eng)
+    _edit_config(eng, device="cpu", tp_size=2)
+    with pytest.raises(ModelLoadError, match="built for tp_size=2; this rtllm runs one rank"):
+        load_model(eng)
     del cfg["pretrained_config"]
     with open(os.path.join(eng, CONFIG_NAME), "w") as f:
         json.dump(cfg, f)
