@@ -15,15 +15,52 @@ import torch.nn.functional as F
 
 from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
+#: dtype of an FP8 KV cache (QuantConfig.kv_cache_quant_algo="FP8") and its largest finite value
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0
+
 
 def reshape_and_cache_torch(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    """Write k, v [T, Hkv, D] into their slots; slot -1 (padding) is skipped by the caller."""
+    """Write k, v [T, Hkv, D] into their slots; slot -1 (padding) is skipped by the caller.
+    An FP8 cache stores ``quantize_kv(x, scale)`` (see there)."""
     kc = k_cache.view(-1, k_cache.shape[-2], k_cache.shape[-1])
     vc = v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1])
+    if kc.dtype == FP8_KV_DTYPE:  # as bytes: torch's CPU index ops have no fp8 kernels
+        kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)
+        k, v = quantize_kv(k, k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
     kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
     vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+
+
+def _select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x.index_select(0, idx), for fp8 through a byte view (no fp8 CPU kernel)."""
+    if x.dtype == FP8_KV_DTYPE:
+        return x.view(torch.uint8).index_select(0, idx).view(FP8_KV_DTYPE)
+    return x.index_select(0, idx)
+
+
+def fp32_scalar(x: float) -> float:
+    """x rounded to the nearest fp32 (how a Triton kernel receives a Python float)."""
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The FP8 KV cache's rounding: e4m3(clamp(x * (1 / scale), -448, 448)), round to nearest even,
+    with x first in its own dtype, the product in fp32 and 1 / scale rounded to fp32 (as in the Triton
+    writes, which get the same inverse)."""
+    inv = fp32_scalar(1.0 / fp32_scalar(scale))
+    return (x.float() * inv).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cached K or V in ``dtype``: an FP8 cache's values times ``scale`` (in fp32, then rounded to ``dtype``);
+    any other cache is just cast."""
+    if x.dtype == FP8_KV_DTYPE:
+        return (x.float() * fp32_scalar(scale)).to(dtype)
+    return x.to(dtype)
 
 
 def gather_slots(block_tables: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
@@ -56,13 +93,16 @@ def paged_decode_attention_torch(
     scale: float,
     max_seq_len: int,
     gather: PagedGather | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D]. Vectorized over the batch.
 
     Positions >= seq_lens[b] are gathered (up to max_seq_len) but zeroed before the masked
     softmax, so whatever unwritten cache slots hold (NaN in a torch.empty pool) cannot leak in.
     A row with seq_len 0 (padding) returns zeros. ``gather`` (from PagedGather) skips recomputing
-    the slot indices and masks in every layer.
+    the slot indices and masks in every layer. An FP8 cache is read as its values times
+    ``k_scale`` / ``v_scale`` (:func:`dequantize_kv`).
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -70,8 +110,10 @@ def paged_decode_attention_torch(
         gather = PagedGather(block_tables, seq_lens, max_seq_len, block_size)
     L = gather.max_len
     G = Hq // Hkv
-    k = k_cache.view(-1, Hkv, D).index_select(0, gather.slots).view(B, L, Hkv, D)
-    v = v_cache.view(-1, Hkv, D).index_select(0, gather.slots).view(B, L, Hkv, D)
+    k = _select_rows(k_cache.view(-1, Hkv, D), gather.slots).view(B, L, Hkv, D)
+    v = _select_rows(v_cache.view(-1, Hkv, D), gather.slots).view(B, L, Hkv, D)
+    if k.dtype == FP8_KV_DTYPE:
+        k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
     v = torch.where(gather.valid[:, :, None, None], v, 0)  # p is 0 there, but 0 * NaN is NaN
     # GQA without expanding K/V: the G query heads of a KV head form the rows of one small matmul.
     # (Faster on CPU than SDPA's GQA + mask path; scores and softmax in fp32.)
@@ -93,8 +135,11 @@ def paged_prefill_attention_torch(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Ragged queries with a cached prefix, causal. q: [T, Hq, D] -> [T, Hq, D]. Loops over sequences."""
+    """Ragged queries with a cached prefix, causal. q: [T, Hq, D] -> [T, Hq, D]. Loops over sequences.
+    An FP8 cache is read as its values times ``k_scale`` / ``v_scale``."""
     T, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -108,8 +153,8 @@ def paged_prefill_attention_torch(
         if q_len == 0:
             continue
         slots = gather_slots(block_tables[b : b + 1], kv_len, block_size)[0]
-        k = kc[slots].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
-        v = vc[slots].transpose(0, 1).to(q.dtype)
+        k = dequantize_kv(_select_rows(kc, slots), k_scale, q.dtype).transpose(0, 1)  # [Hkv, L, D]
+        v = dequantize_kv(_select_rows(vc, slots), v_scale, q.dtype).transpose(0, 1)
         qb = q[s:e].transpose(0, 1)  # [Hq, q_len, D]
         ctx = kv_len - q_len
         if ctx == 0:
@@ -122,56 +167,67 @@ def paged_prefill_attention_torch(
     return out
 
 
-def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     if triton_enabled(k):
         from rtllm.kernels import triton_attention
 
-        return triton_attention.reshape_and_cache_triton(k, v, k_cache, v_cache, slot_mapping)
-    return reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping)
+        return triton_attention.reshape_and_cache_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather=None):
-    if (fn := custom_kernel("paged_decode_attention", q)) is not None:
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather=None,
+                           k_scale=1.0, v_scale=1.0):
+    fp8 = k_cache.dtype == FP8_KV_DTYPE  # plugin kernels take no KV scales: an FP8 cache stays on rtllm's
+    if not fp8 and (fn := custom_kernel("paged_decode_attention", q)) is not None:
         return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
         return triton_attention.paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len
+            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale=k_scale, v_scale=v_scale
         )
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather,
+                                        k_scale, v_scale)
 
 
 def paged_prefill_attention(
-    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
+    k_scale=1.0, v_scale=1.0,
 ):
-    if (fn := custom_kernel("paged_prefill_attention", q)) is not None:
+    fp8 = k_cache.dtype == FP8_KV_DTYPE
+    if not fp8 and (fn := custom_kernel("paged_prefill_attention", q)) is not None:
         return fn(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len)
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
         return triton_attention.paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
+            k_scale=k_scale, v_scale=v_scale,
         )
-    return paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                         k_scale, v_scale)
 
 
-def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None):
+def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None,
+                         k_scale=1.0, v_scale=1.0):
     """Rotate q and k (RoPE), write rotated k and v into the paged cache; return rotated q, k.
     ``tables`` (rope.RopeTables of this step's positions) skips rebuilding them in every layer."""
     from rtllm.kernels.rope import apply_rope_torch
 
     q, k = apply_rope_torch(positions, q, k, cos_sin_cache, tables)
-    reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping)
+    reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k
 
 
-def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None):
-    """q: [T, Hq, D], k, v: [T, Hkv, D]. Returns (rotated q, rotated k); the cache gets rotated k, v."""
+def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None,
+                   k_scale=1.0, v_scale=1.0):
+    """q: [T, Hq, D], k, v: [T, Hkv, D]. Returns (rotated q, rotated k); the cache gets rotated k, v
+    (quantized with k_scale / v_scale when it is FP8)."""
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
         return triton_attention.rope_and_cache_triton(
-            positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping
+            positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale
         )
-    return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables)
+    return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables,
+                                k_scale, v_scale)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.triton_fp8 import e4m3_bits
+
 
 @triton.jit
 def _rope_heads(
@@ -35,6 +37,7 @@ def _rope_heads(
     cos,
     sin,
     c_ok,
+    c_inv_scale,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROT_HALF: tl.constexpr,
@@ -43,8 +46,10 @@ def _rope_heads(
     BLOCK_P: tl.constexpr,
     HAS_PASS: tl.constexpr,
     TO_CACHE: tl.constexpr,
+    FP8: tl.constexpr = False,
 ):
-    """Rotate the heads of one token: x [H, D] -> o [H, D]; with TO_CACHE also -> c where c_ok."""
+    """Rotate the heads of one token: x [H, D] -> o [H, D]; with TO_CACHE also -> c where c_ok
+    (FP8: c holds e4m3 bytes of o * c_inv_scale)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     mask_h = offs_h < NUM_HEADS
@@ -60,8 +65,12 @@ def _rope_heads(
     tl.store(o1_ptrs + ROT_HALF * stride_od, o2, mask=mask)
     if TO_CACHE:
         c1_ptrs = c_ptr + offs_h[:, None] * stride_ch + offs_r[None, :] * stride_cd
-        tl.store(c1_ptrs, o1, mask=mask & c_ok)
-        tl.store(c1_ptrs + ROT_HALF * stride_cd, o2, mask=mask & c_ok)
+        if FP8:
+            tl.store(c1_ptrs, e4m3_bits(o1.to(tl.float32) * c_inv_scale), mask=mask & c_ok)
+            tl.store(c1_ptrs + ROT_HALF * stride_cd, e4m3_bits(o2.to(tl.float32) * c_inv_scale), mask=mask & c_ok)
+        else:
+            tl.store(c1_ptrs, o1, mask=mask & c_ok)
+            tl.store(c1_ptrs + ROT_HALF * stride_cd, o2, mask=mask & c_ok)
     if HAS_PASS:
         offs_p = 2 * ROT_HALF + tl.arange(0, BLOCK_P)
         mask_p = mask_h[:, None] & (offs_p < HEAD_DIM)[None, :]
@@ -72,7 +81,10 @@ def _rope_heads(
         tl.store(o_ptr + offs_h[:, None] * stride_oh + offs_p[None, :] * stride_od, xp, mask=mask_p)
         if TO_CACHE:
             c_ptrs = c_ptr + offs_h[:, None] * stride_ch + offs_p[None, :] * stride_cd
-            tl.store(c_ptrs, xp, mask=mask_p & c_ok)
+            if FP8:
+                tl.store(c_ptrs, e4m3_bits(xp.to(tl.float32) * c_inv_scale), mask=mask_p & c_ok)
+            else:
+                tl.store(c_ptrs, xp, mask=mask_p & c_ok)
 
 
 @triton.jit
@@ -111,6 +123,8 @@ def _rope_kernel(
     stride_vcs,
     stride_vch,
     stride_vcd,
+    k_inv_scale,
+    v_inv_scale,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -123,6 +137,7 @@ def _rope_kernel(
     HAS_PASS: tl.constexpr,
     CACHE: tl.constexpr,
     PAGE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -133,7 +148,7 @@ def _rope_kernel(
 
     _rope_heads(
         q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qo_ptr, stride_qh, stride_qd,
-        stride_qoh, stride_qod, 0, 0, cos, sin, False,
+        stride_qoh, stride_qod, 0, 0, cos, sin, False, 1.0,
         HQ, HEAD_DIM, ROT_HALF, BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, False,
     )  # fmt: skip
     if CACHE:
@@ -144,8 +159,8 @@ def _rope_kernel(
         kc_tok = kc_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
         _rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kc_tok, stride_kh, stride_kd,
-            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok,
-            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, True,
+            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok, k_inv_scale,
+            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, True, FP8,
         )  # fmt: skip
         offs_h = tl.arange(0, BLOCK_HKV)
         offs_d = tl.arange(0, BLOCK_D)
@@ -156,17 +171,23 @@ def _rope_kernel(
             other=0.0,
         ).to(tl.float32)
         vc_tok = vc_ptr + (slot // PAGE) * stride_vcb + (slot % PAGE) * stride_vcs
-        tl.store(
-            vc_tok + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
-            v.to(v_ptr.dtype.element_ty),
-            mask=mask & ok,
-        )
+        if FP8:
+            vq = e4m3_bits(v * v_inv_scale)
+        else:
+            vq = v.to(v_ptr.dtype.element_ty)
+        tl.store(vc_tok + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd, vq, mask=mask & ok)
     else:
         _rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, ko_ptr, stride_kh, stride_kd,
-            stride_koh, stride_kod, 0, 0, cos, sin, False,
+            stride_koh, stride_kod, 0, 0, cos, sin, False, 1.0,
             HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, False,
         )  # fmt: skip
+
+
+def _inv(scale: float) -> float:
+    """1 / scale as the references compute it (fp32 scale, fp32 inverse)."""
+    s = float(torch.tensor(float(scale), dtype=torch.float32))
+    return float(torch.tensor(1.0 / s, dtype=torch.float32))
 
 
 def _num_warps(elems: int) -> int:
@@ -182,11 +203,15 @@ def rope_launch(
     k_cache: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared launcher of :func:`apply_rope_triton` and ``rope_and_cache_triton``.
 
     With ``k_cache`` given, rotated k and v of token t are also written to the paged-cache slot
     ``slot_mapping[t]`` (cache layout [num_blocks, block_size, Hkv, D]; slot < 0 is skipped).
+    A float8_e4m3fn cache gets e4m3(clamp(x / scale, +-448)) (the bytes of
+    :func:`rtllm.kernels.attention.quantize_kv`).
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -204,8 +229,11 @@ def rope_launch(
         assert v_cache.dtype == k_cache.dtype
         page = k_cache.shape[1]
         vv, kc, vc, sm = v, k_cache, v_cache, slot_mapping
+        fp8 = k_cache.dtype == torch.float8_e4m3fn
+        if fp8:  # written as bytes (see triton_fp8)
+            kc, vc = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     else:
-        page = 1
+        page, fp8 = 1, False
         vv, kc, vc, sm = k, k, k, positions  # unused placeholders
     rot_half = rot // 2
     block_r = triton.next_power_of_2(max(rot_half, 1))
@@ -218,9 +246,10 @@ def rope_launch(
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *vv.stride()[-3:],
         *(kc.stride() if cache else (0, 0, 0, 0)),
         *(vc.stride() if cache else (0, 0, 0, 0)),
+        _inv(k_scale), _inv(v_scale),
         HQ=Hq, HKV=Hkv, HEAD_DIM=D, ROT_HALF=rot_half,
         BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_R=block_r, BLOCK_P=block_p,
-        BLOCK_D=triton.next_power_of_2(D), HAS_PASS=rot < D, CACHE=cache, PAGE=page,
+        BLOCK_D=triton.next_power_of_2(D), HAS_PASS=rot < D, CACHE=cache, PAGE=page, FP8=fp8,
         num_warps=_num_warps(block_hq * triton.next_power_of_2(D)),
     )  # fmt: skip
     return q_out, k_out

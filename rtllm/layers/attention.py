@@ -25,6 +25,10 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # FP8 KV cache (float8_e4m3fn pools): cached K = e4m3(k / k_scale), read back as value * k_scale.
+        # 1.0 is the static default (no calibration); unused by other cache dtypes.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -38,7 +42,7 @@ class Attention(nn.Module):
         # the torch path (CPU) shares per-step tables across layers; the Triton path needs none
         tables = None if q.is_cuda else meta.derived("rope", lambda: RopeTables(positions, cache))
         q, _ = attn_kernels.rope_and_cache(
-            positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables
+            positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables, self.k_scale, self.v_scale
         )
         nd = meta.num_decodes
         if nd == meta.num_seqs:
@@ -47,11 +51,11 @@ class Attention(nn.Module):
                 meta.block_tables, meta.seq_lens, meta.max_decode_seq_len, bs))
             out = attn_kernels.paged_decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, meta.max_decode_seq_len,
-                gather)
+                gather, self.k_scale, self.v_scale)
         elif nd == 0:
             out = attn_kernels.paged_prefill_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                self.scale, meta.max_query_len, meta.max_seq_len,
+                self.scale, meta.max_query_len, meta.max_seq_len, self.k_scale, self.v_scale,
             )
         else:
             out = torch.empty_like(q)
@@ -60,9 +64,9 @@ class Attention(nn.Module):
                 meta.block_tables[:nd], meta.seq_lens[:nd], meta.max_decode_seq_len, bs))
             out[:nd] = attn_kernels.paged_decode_attention(
                 q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
-                meta.max_decode_seq_len, gather)
+                meta.max_decode_seq_len, gather, self.k_scale, self.v_scale)
             out[nd:] = attn_kernels.paged_prefill_attention(
                 q[nd:], self.k_cache, self.v_cache, meta.block_tables[nd:], meta.prefill_query_start_loc,
-                meta.seq_lens[nd:], self.scale, meta.max_query_len, meta.max_seq_len,
+                meta.seq_lens[nd:], self.scale, meta.max_query_len, meta.max_seq_len, self.k_scale, self.v_scale,
             )
         return out.reshape(T, self.num_heads * self.head_dim)

@@ -21,7 +21,8 @@ def prefill_hidden(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
                    dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Hidden states [len(seq), hidden] for each token sequence, from one batched prefill.
 
-    ``dtype``: the KV cache's (the model dtype); None takes the first parameter's (the embedding
+    ``dtype``: the KV cache's (the model dtype; torch.float8_e4m3fn for an FP8 cache, quantized with
+    each attention layer's k_scale / v_scale); None takes the first parameter's (the embedding
     table's in the Llama family)."""
     layers = model.attention_layers()
     a = layers[0]
@@ -66,11 +67,13 @@ def prefill_hidden(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
 
 
 @torch.inference_mode()
-def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> tuple[float, int]:
+def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
+                 kv_dtype: torch.dtype | None = None) -> tuple[float, int]:
     """(sum of next-token negative log-likelihoods, number of predicted tokens) over the sequences:
-    position t of each sequence predicts token t + 1 (logits in fp32)."""
+    position t of each sequence predicts token t + 1 (logits in fp32). ``kv_dtype``: the KV cache's
+    (None: the model's)."""
     total, count = 0.0, 0
-    for seq, h in zip(sequences, prefill_hidden(model, sequences)):
+    for seq, h in zip(sequences, prefill_hidden(model, sequences, kv_dtype)):
         if len(seq) < 2:
             continue
         logits = model.compute_logits(h[:-1]).float()
@@ -80,10 +83,12 @@ def sequence_nll(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> 
     return total, count
 
 
-def perplexity(model: torch.nn.Module, token_ids: Sequence[int], window: int = 256) -> float:
+def perplexity(model: torch.nn.Module, token_ids: Sequence[int], window: int = 256,
+               kv_dtype: torch.dtype | None = None) -> float:
     """exp(mean next-token NLL) of ``token_ids`` cut into consecutive windows of ``window`` tokens,
-    each scored from its own start (all windows in one batched prefill)."""
+    each scored from its own start (all windows in one batched prefill), with a KV cache of
+    ``kv_dtype`` (None: the model's)."""
     windows = [list(token_ids[i:i + window]) for i in range(0, len(token_ids), window)]
     windows = [w for w in windows if len(w) >= 2]
-    total, count = sequence_nll(model, windows)
+    total, count = sequence_nll(model, windows, kv_dtype)
     return float(torch.exp(torch.tensor(total / count)))

@@ -194,9 +194,6 @@ def load_model(
     weight_bytes = _weight_bytes(model)
     if quant_config is not None and quant_config.enabled:
         weight_bytes = quantize_model(model, quant_config, tokenizer_source, calib_tokenize)
-    if quant_config is not None and quant_config.kv_cache_quant_algo is not None:
-        logger.warning("QuantConfig.kv_cache_quant_algo=%r is accepted but not implemented yet: the KV cache "
-                       "stays in %s", quant_config.kv_cache_quant_algo, torch_dtype)
     secs = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.2f s: %.1f MiB of weights", model_path, config.architecture,
                 torch_dtype, secs, weight_bytes / 2**20)

@@ -35,17 +35,27 @@ class ModelOutput:
     prompt_logits: dict[int, tuple[torch.Tensor, list[int], int]]  # batch idx -> (logits, targets, first pos)
 
 
+def kv_cache_dtype(model_dtype: torch.dtype, quant_config: object | None) -> torch.dtype:
+    """The KV pool's dtype: float8_e4m3fn under QuantConfig(kv_cache_quant_algo="FP8"), else the model's."""
+    if getattr(quant_config, "kv_cache_quant_algo", None) == "FP8":
+        return torch.float8_e4m3fn
+    return model_dtype
+
+
 def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """K and V bytes of one token over every layer, in a cache of ``dtype``."""
     layers = model.attention_layers()
     a = layers[0]
     return 2 * len(layers) * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # the KV pool's (float8_e4m3fn for an FP8 KV cache)
         self.block_size = block_size
         self.vocab_size = model.config.vocab_size
         self.kv_cache: torch.Tensor | None = None
@@ -56,14 +66,15 @@ class ModelRunner:
         layers = self.model.attention_layers()
         a = layers[0]
         shape = (len(layers), 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache = self.kv_cache[i, 0]
             layer.v_cache = self.kv_cache[i, 1]
         self.num_blocks = num_blocks
         if not quiet:
-                logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB", num_blocks, self.block_size,
-                        num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+                logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB, %s", num_blocks, self.block_size,
+                        num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
+                        str(self.kv_dtype).removeprefix("torch."))
 
     @torch.inference_mode()
     def profile_peak_bytes(self, max_num_tokens: int, max_batch_size: int) -> int:

@@ -22,7 +22,7 @@ from rtllm.config import EngineConfig
 from rtllm.models.loader import LoadedModel, load_model
 from rtllm.plugins import load_plugins
 from rtllm.runtime.kv_cache_manager import KVCacheManager
-from rtllm.runtime.model_runner import ModelRunner, PendingTokens, kv_bytes_per_token
+from rtllm.runtime.model_runner import ModelRunner, PendingTokens, kv_bytes_per_token, kv_cache_dtype
 from rtllm.runtime.request import Request, RequestStatus
 from rtllm.runtime.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs, make_generator
 from rtllm.runtime.scheduler import RequestUpdate, ScheduledBatch, Scheduler
@@ -73,7 +73,8 @@ class PyExecutor:
             sc = replace(sc, max_seq_len=min(self.model_config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
             config.scheduler_config = sc
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
-        self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block)
+        self.kv_dtype = kv_cache_dtype(self.loaded.dtype, config.quant_config)
+        self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block, self.kv_dtype)
         self.startup: dict[str, float] = {"weights_s": self.loaded.load_seconds}
         t0 = time.perf_counter()
         num_blocks = self._num_kv_blocks()
@@ -99,7 +100,7 @@ class PyExecutor:
     # -- sizing ---------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
         kc, sc = self.config.kv_cache_config, self.config.scheduler_config
-        per_token = kv_bytes_per_token(self.loaded.model, self.loaded.dtype)
+        per_token = kv_bytes_per_token(self.loaded.model, self.kv_dtype)
         if kc.max_tokens is not None:
             tokens = kc.max_tokens
         elif self.device.type == "cuda":
@@ -139,7 +140,8 @@ class PyExecutor:
             "head_dim": mc.head_dim,
             "tie_word_embeddings": mc.tie_word_embeddings,
             "embedding_bytes": embed.numel() * embed.element_size(),
-            "kv_bytes_per_token": kv_bytes_per_token(self.loaded.model, self.loaded.dtype),
+            "kv_bytes_per_token": kv_bytes_per_token(self.loaded.model, self.kv_dtype),
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "startup": dict(self.startup),
             "device": str(self.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),

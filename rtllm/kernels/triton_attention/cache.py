@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.triton_rope import rope_launch
+from rtllm.kernels.triton_fp8 import e4m3_bits
+from rtllm.kernels.triton_rope import _inv, rope_launch
 
 # --------------------------------------------------------------------------------------------
 # reshape_and_cache
@@ -33,11 +34,14 @@ def _reshape_and_cache_kernel(
     stride_vcs,
     stride_vch,
     stride_vcd,
+    k_inv_scale,
+    v_inv_scale,
     HKV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -64,15 +68,21 @@ def _reshape_and_cache_kernel(
         + offs_h[:, None] * stride_vch
         + offs_d[None, :] * stride_vcd
     )
-    tl.store(kc, k.to(tl.float32), mask=mask)
-    tl.store(vc, v.to(tl.float32), mask=mask)
+    if FP8:  # the caches are viewed as bytes
+        tl.store(kc, e4m3_bits(k.to(tl.float32) * k_inv_scale), mask=mask)
+        tl.store(vc, e4m3_bits(v.to(tl.float32) * v_inv_scale), mask=mask)
+    else:
+        tl.store(kc, k.to(tl.float32), mask=mask)
+        tl.store(vc, v.to(tl.float32), mask=mask)
 
 
 def reshape_and_cache_triton(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """Write k, v [T, Hkv, D] into cache slots ``slot_mapping`` [T] (int64; a negative slot is
-    skipped). Caches: [num_blocks, block_size, Hkv, D]; values are cast to the cache dtype.
+    skipped). Caches: [num_blocks, block_size, Hkv, D]; values are cast to the cache dtype, or,
+    for a float8_e4m3fn cache, quantized as e4m3(clamp(x / scale, +-448)) (k_scale / v_scale).
     Grid: one program per token (all its heads)."""
     T, Hkv, D = k.shape
     assert v.shape == k.shape and slot_mapping.shape[0] == T
@@ -80,10 +90,13 @@ def reshape_and_cache_triton(
     if T == 0:
         return
     bh, bd = triton.next_power_of_2(Hkv), triton.next_power_of_2(D)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _reshape_and_cache_kernel[(T,)](
         k, v, k_cache, v_cache, slot_mapping,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        HKV=Hkv, HEAD_DIM=D, BLOCK_H=bh, BLOCK_D=bd, PAGE=k_cache.shape[1],
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), _inv(k_scale), _inv(v_scale),
+        HKV=Hkv, HEAD_DIM=D, BLOCK_H=bh, BLOCK_D=bd, PAGE=k_cache.shape[1], FP8=fp8,
         num_warps=4 if bh * bd >= 2048 else 1,
     )  # fmt: skip
 
@@ -97,9 +110,12 @@ def rope_and_cache_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass: rotate q [T, Hq, D] and k [T, Hkv, D] (neox RoPE, see :mod:`triton_rope`),
     write rotated k and v [T, Hkv, D] into slots ``slot_mapping`` of the paged caches, and
-    return new (q_rot, k_rot). Grid: one program per token."""
+    return new (q_rot, k_rot). Grid: one program per token. A float8_e4m3fn cache stores
+    e4m3(clamp(x / scale, +-448)) with k_scale / v_scale."""
     assert v.shape == k.shape and k_cache.shape[2:] == k.shape[1:] and v_cache.shape == k_cache.shape
-    return rope_launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping)
+    return rope_launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

@@ -27,6 +27,7 @@ def _decode_split_kernel(
     l_ptr,
     acc_ptr,
     qk_scale,
+    v_scale,
     split_tokens,
     num_splits,
     stride_qb,
@@ -53,10 +54,12 @@ def _decode_split_kernel(
     ONE_SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
     [split * split_tokens, min(+split_tokens, seq_len)). Writes (max, sum, unnormalized out) in
-    the log2 domain, or the final output when there is one split."""
+    the log2 domain, or the final output when there is one split. KV_FP8: K/V tiles are e4m3, converted
+    (exactly) to q's dtype for the dots; k_scale is folded into qk_scale, v_scale multiplies the output."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
@@ -79,7 +82,7 @@ def _decode_split_kernel(
     )
     if UPCAST:
         q = q.to(tl.float32)
-    else:
+    elif not KV_FP8:
         q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -97,6 +100,8 @@ def _decode_split_kernel(
         k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
+        elif KV_FP8:
+            k = k.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -106,9 +111,13 @@ def _decode_split_kernel(
         v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
+        elif KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale
     if ONE_SPLIT:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -208,6 +217,8 @@ def paged_decode_attention_triton(
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] (q's dtype).
 
@@ -217,7 +228,8 @@ def paged_decode_attention_triton(
     block_size), keeping an online softmax in fp32. Kernel 2 (grid (B, Hq)) merges the splits;
     with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
     seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``
-    and ``block_n`` override the heuristics (tests, tuning).
+    and ``block_n`` override the heuristics (tests, tuning). A float8_e4m3fn cache is read as its
+    values times ``k_scale`` / ``v_scale`` (dots in q's dtype).
     """
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
@@ -227,8 +239,11 @@ def paged_decode_attention_triton(
     if B == 0:
         return out
     block_d = triton.next_power_of_2(D)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    dot_dtype = q.dtype if fp8 else k_cache.dtype  # an FP8 cache is converted to q's dtype for the dots
+    esize = torch.tensor([], dtype=dot_dtype).element_size()
     if block_n is None:  # sm_90a: no spills at these sizes (16-bit: <= 117 regs; fp32 FMA: <= 92)
-        if k_cache.element_size() >= 4:
+        if esize >= 4:
             block_n = 32 if block_d <= 128 else 16
         else:
             block_n = 64 if block_d <= 128 else 32
@@ -237,7 +252,7 @@ def paged_decode_attention_triton(
     else:
         split_tokens = triton.cdiv(triton.cdiv(max(int(max_seq_len), 1), num_splits), block_n) * block_n
         num_splits = triton.cdiv(max(int(max_seq_len), 1), split_tokens)
-    upcast, prec = dot_config(q, k_cache.dtype)
+    upcast, prec = dot_config(q, dot_dtype)
     block_g = max(16, triton.next_power_of_2(G))
     one = num_splits == 1
     if one:
@@ -247,13 +262,13 @@ def paged_decode_attention_triton(
         lsum = torch.empty_like(m)
         acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     num_warps = 4 if block_g * block_d <= 64 * 128 else 8
-    stages = 3 if (k_cache.element_size() <= 2 and block_d <= 128) else 2
+    stages = 3 if (esize <= 2 and block_d <= 128) else 2
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
-        scale * LOG2E, split_tokens, num_splits,
+        scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
-        ONE_SPLIT=one, UPCAST=upcast, DOT_PREC=prec,
+        ONE_SPLIT=one, UPCAST=upcast, DOT_PREC=prec, KV_FP8=fp8,
         num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
     if not one:

@@ -35,6 +35,7 @@ def _prefill_tile(
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Fold keys [n0, n0 + BLOCK_N) into the online softmax; MASKED applies causality and hi."""
     pos = n0 + tl.arange(0, BLOCK_N)
@@ -49,6 +50,8 @@ def _prefill_tile(
     k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
+    elif KV_FP8:
+        k = k.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
         qk = tl.where((pos[None, :] <= qpos[:, None]) & mask_n[None, :], qk, float("-inf"))
@@ -59,6 +62,8 @@ def _prefill_tile(
     v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
     if UPCAST:
         v = v.to(tl.float32)
+    elif KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -73,6 +78,7 @@ def _prefill_kernel(
     qsl_ptr,
     seq_lens_ptr,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_qd,
@@ -96,6 +102,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
 ):
     """Program (tile, kv head, b). The tile's BLOCK_M rows are (query, head-of-group) pairs,
     row r = query r // G, head r % G, so the G heads sharing a KV head share every K/V tile."""
@@ -122,7 +129,7 @@ def _prefill_kernel(
     )
     if UPCAST:
         q = q.to(tl.float32)
-    else:
+    elif not KV_FP8:
         q = q.to(k_ptr.dtype.element_ty)
     qpos = ctx + qi
 
@@ -142,16 +149,18 @@ def _prefill_kernel(
         acc, m_i, l_i = _prefill_tile(
             acc, m_i, l_i, q, qpos, k_head, v_head, bt_row, n0, hi, qk_scale,
             stride_kb, stride_kt, stride_vb, stride_vt, mask_d,
-            PAGE, BLOCK_N, False, UPCAST, DOT_PREC,
+            PAGE, BLOCK_N, False, UPCAST, DOT_PREC, KV_FP8,
         )  # fmt: skip
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(
             acc, m_i, l_i, q, qpos, k_head, v_head, bt_row, n0, hi, qk_scale,
             stride_kb, stride_kt, stride_vb, stride_vt, mask_d,
-            PAGE, BLOCK_N, True, UPCAST, DOT_PREC,
+            PAGE, BLOCK_N, True, UPCAST, DOT_PREC, KV_FP8,
         )  # fmt: skip
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * v_scale
     tl.store(
         o_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
         o.to(o_ptr.dtype.element_ty),
@@ -189,6 +198,8 @@ def paged_prefill_attention_triton(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Varlen causal attention of flat queries q [T, Hq, D] over the paged cache -> [T, Hq, D].
 
@@ -198,7 +209,9 @@ def paged_prefill_attention_triton(
     first the tiles wholly below the tile's first query position (no mask), then the causal
     diagonal tiles. The new tokens' K/V must already be in the cache (reshape_and_cache).
     ``max_query_len`` must be >= every q_len; ``max_seq_len`` is accepted for API symmetry.
-    ``block_m``/``block_n`` override the heuristics (tests, tuning).
+    ``block_m``/``block_n`` override the heuristics (tests, tuning). A float8_e4m3fn cache is read
+    as its values times ``k_scale`` / ``v_scale`` (tiles converted to q's dtype; k_scale folded into
+    the softmax scale, v_scale applied to the output).
     """
     T, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
@@ -209,15 +222,19 @@ def paged_prefill_attention_triton(
     if T == 0 or B == 0 or max_query_len <= 0:
         return out
     block_d = triton.next_power_of_2(D)
-    bm, bn, warps, stages = _prefill_config(block_d, k_cache.element_size(), interpreting(q))
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    dot_dtype = q.dtype if fp8 else k_cache.dtype  # an FP8 cache is converted to q's dtype for the dots
+    esize = torch.tensor([], dtype=dot_dtype).element_size()
+    bm, bn, warps, stages = _prefill_config(block_d, esize, interpreting(q))
     bm = block_m or bm
     bn = block_n or bn
-    upcast, prec = dot_config(q, k_cache.dtype)
+    upcast, prec = dot_config(q, dot_dtype)
     grid = (triton.cdiv(int(max_query_len) * G, bm), Hkv, B)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale * LOG2E,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
         G=G, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_M=bm, BLOCK_N=bn,
-        UPCAST=upcast, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        UPCAST=upcast, DOT_PREC=prec, KV_FP8=fp8, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

@@ -1,0 +1,139 @@
+"""FP8 (e4m3fn) KV cache: the writes round exactly like torch, the Triton attention kernels read
+the cache like the torch references, and the references match a dense fp64 oracle on the
+dequantized K/V (fp8 value * scale)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtllm.kernels import attention as ref
+from rtllm.kernels import triton_attention as tri
+from tests.kernels.test_attention import BS, HEADS, NAN, Paged, close, cos_sin
+
+FP8 = torch.float8_e4m3fn
+SCALES = [(1.0, 1.0), (0.05, 0.02)]  # the static default and calibrated-like scales
+
+
+def fp8_paged(ctx, q_lens, hq, hkv, d, bs, dtype, k_scale, v_scale, seed=0) -> Paged:
+    """A Paged batch whose cache is FP8 (written by the reference with the scales); its dense K/V
+    (the oracle's) become what the cache holds: e4m3 value * scale."""
+    p = Paged(ctx, q_lens, hq, hkv, d, bs, dtype, seed=seed)
+    p.k_cache = torch.full(p.k_cache.shape, NAN, dtype=FP8)
+    p.v_cache = torch.full(p.v_cache.shape, NAN, dtype=FP8)
+    ref.reshape_and_cache_torch(torch.cat(p.k), torch.cat(p.v), p.k_cache, p.v_cache, p.all_slots, k_scale, v_scale)
+    p.k = [ref.quantize_kv(k, k_scale).double() * k_scale for k in p.k]
+    p.v = [ref.quantize_kv(v, v_scale).double() * v_scale for v in p.v]
+    p.k_scale, p.v_scale = k_scale, v_scale
+    return p
+
+
+def test_quantize_kv_rounds_like_torch() -> None:
+    """Saturation, ties (to even), subnormals, signed zero; the Triton writes give the same bytes."""
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    e4m3 = e4m3[e4m3.isfinite()].unique()
+    mids = (e4m3[1:] + e4m3[:-1]) / 2  # exact ties
+    vals = torch.cat([e4m3, mids, mids + 1e-6, mids - 1e-6, torch.tensor([-0.0, 500.0, -1e4, 449.0, 2e-4, -1e-9])])
+    ref_bits = vals.clamp(-448, 448).to(FP8).view(torch.uint8)
+    assert torch.equal(ref.quantize_kv(vals, 1.0).view(torch.uint8), ref_bits)
+    n = vals.numel() // 4 * 4
+    k = vals[:n].reshape(-1, 2, 2)
+    kc = torch.zeros(k.shape[0], 1, 2, 2, dtype=FP8)
+    vc = torch.zeros_like(kc)
+    tri.reshape_and_cache_triton(k, k * 4, kc, vc, torch.arange(k.shape[0]), 1.0, 4.0)
+    assert torch.equal(kc.view(torch.uint8).flatten(), ref_bits[:n])
+    assert torch.equal(vc.view(torch.uint8).flatten(), ref.quantize_kv(k * 4, 4.0).view(torch.uint8).flatten())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+def test_reshape_and_cache_fp8(dtype, k_scale, v_scale) -> None:
+    g = torch.Generator().manual_seed(6)
+    T, H, D, bs, nb = 11, 4, 64, 8, 6
+    kv = (torch.randn(T, 2 * H, D, generator=g) * 3).to(dtype)
+    k, v = kv[:, :H], kv[:, H:]
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[3] = -1  # padding: not written
+    kc = torch.zeros(nb, bs, H, D, dtype=FP8)
+    vc = torch.zeros(nb, bs, H, D, dtype=FP8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    tri.reshape_and_cache_triton(k, v, kc, vc, slots, k_scale, v_scale)
+    keep = slots >= 0
+    ref.reshape_and_cache_torch(k[keep], v[keep], kc2, vc2, slots[keep], k_scale, v_scale)
+    assert torch.equal(kc.view(torch.uint8), kc2.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rot", [64, 32])
+def test_rope_and_cache_fp8(dtype, rot) -> None:
+    g = torch.Generator().manual_seed(7)
+    T, Hq, Hkv, D, bs, nb = 9, 8, 2, 64, 4, 8
+    qkv = (torch.randn(T, Hq + 2 * Hkv, D, generator=g) * 2).to(dtype)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
+    positions = torch.randint(0, 100, (T,), generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    cs = cos_sin(128, rot)
+    kc = torch.zeros(nb, bs, Hkv, D, dtype=FP8)
+    vc = torch.zeros(nb, bs, Hkv, D, dtype=FP8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, kc, vc, slots, 0.03, 0.07)
+    qe, ke = ref.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots, None, 0.03, 0.07)
+    close(qr, qe, dtype)
+    close(kr, ke, dtype)
+    assert torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8))
+    # rotated k may differ from the reference's in its last bit (fp32 math order): at most one e4m3 step
+    diff = (kc.float() - kc2.float()).abs()
+    assert (diff <= kc2.float().abs() * 0.125 + 2**-9).all()
+    if dtype == torch.float32:
+        assert (kc.view(torch.uint8) == kc2.view(torch.uint8)).float().mean() > 0.99
+
+
+def run_prefill(p: Paged, **kw):
+    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale)
+    out = tri.paged_prefill_attention_triton(*args, max(p.q_lens), max(p.seq_lens), k_scale=p.k_scale,
+                                             v_scale=p.v_scale, **kw)
+    return out, ref.paged_prefill_attention_torch(*args, p.k_scale, p.v_scale)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+def test_prefill_fp8_chunked_with_cached_prefix(heads, dtype, k_scale, v_scale) -> None:
+    """Fresh prompts around block boundaries and chunks after a cached prefix, GQA 1/4/8."""
+    p = fp8_paged([0, 0, 5, BS, 2 * BS + 1], [BS, BS + 1, 7, BS + 1, 20], *heads, BS, dtype, k_scale, v_scale,
+                  seed=1)
+    out, expected = run_prefill(p)
+    close(out, expected, dtype)
+    if dtype == torch.float32:  # the reference == the oracle on the dequantized K/V
+        torch.testing.assert_close(expected.double(), p.dense(), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_fp8_tilings_fp16() -> None:
+    p = fp8_paged([0, 9, 40], [37, 30, 5], 6, 2, 32, 12, torch.float16, 0.5, 0.25, seed=2)
+    out, expected = run_prefill(p, block_m=64, block_n=32)
+    close(out, expected, torch.float16)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k_scale,v_scale", SCALES)
+def test_decode_fp8(heads, dtype, k_scale, v_scale) -> None:
+    lens = [1, BS - 1, BS, BS + 1, 4 * BS + 3, 2]
+    p = fp8_paged([n - 1 for n in lens], [1] * len(lens), *heads, BS, dtype, k_scale, v_scale)
+    max_len = max(p.seq_lens)
+    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
+    expected = ref.paged_decode_attention_torch(*args, None, k_scale, v_scale)
+    for splits in (None, 1):  # the heuristic (several splits here) and the direct write
+        out = tri.paged_decode_attention_triton(*args, num_splits=splits, k_scale=k_scale, v_scale=v_scale)
+        close(out, expected, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(expected.double(), p.dense(), atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_dispatch_matches_reference() -> None:
+    """The dispatch functions pass the scales to the references (the CPU path of the engine)."""
+    p = fp8_paged([3, 20], [1, 1], 4, 2, 32, 8, torch.float32, 0.1, 0.2, seed=3)
+    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 21)
+    out = ref.paged_decode_attention(*args, k_scale=0.1, v_scale=0.2)
+    torch.testing.assert_close(out.double(), p.dense(), atol=1e-5, rtol=1e-5)
