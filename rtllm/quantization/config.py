@@ -12,8 +12,8 @@ the allowed values. Algorithms (docs/QUANTIZATION.md has the layouts and kernels
 - ``NVFP4``: e2m1 weights, e4m3 scales per 16 input channels and one fp32 scale per tensor;
   dequantized to 16 bits for the GEMM (no FP4 tensor cores before Blackwell).
 
-``kv_cache_quant_algo`` (None or ``FP8``) is validated and stored; the attention kernels that
-read an FP8 KV cache are not built yet, so the cache stays in the model dtype (the loader warns).
+``kv_cache_quant_algo`` (None or ``FP8``): ``FP8`` makes the engine keep its KV cache in float8_e4m3fn
+(static per-layer scales 1.0; docs/QUANTIZATION.md, *FP8 KV cache*).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class QuantConfig:
     below it that does (the loader logs which). An explicit group_size must divide the
     in_features of every layer it quantizes, else loading fails with a ConfigError.
 
-    kv_cache_quant_algo: None or "FP8" (stored; see the module doc).
+    kv_cache_quant_algo: None or "FP8" (an FP8 KV cache; see the module doc).
     calib_size / calib_max_seq_length: W4A16_AWQ calibration, the number of text sequences and
     the tokens in each (TensorRT-LLM's names)."""
 
