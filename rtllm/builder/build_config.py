@@ -39,8 +39,8 @@ class BuildConfig:
     token count kernels are tuned for (None: max_num_tokens; recorded, not yet used).
     dtype: the activations' and dense weights' dtype ("auto": the checkpoint's, bf16 on a GPU for
     an fp32 checkpoint, as at load). kv_cache_dtype: "auto" (the model dtype) or "fp8" (stored as
-    QuantConfig.kv_cache_quant_algo="FP8"; FP8 KV attention kernels are not built yet, so the cache
-    still runs in the model dtype: the loader warns). tokens_per_block: the KV block size the
+    QuantConfig.kv_cache_quant_algo="FP8"; the engine then keeps its KV cache in e4m3, see
+    docs/QUANTIZATION.md). tokens_per_block: the KV block size the
     runtime defaults to (a power of two). quant_config: weight quantization
     (rtllm.quantization.QuantConfig) applied during the build; None: none.
     tp_size / pp_size: tensor / pipeline parallel ranks; only 1 until parallel execution lands.

@@ -156,7 +156,8 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
     logger.info("loaded engine %s (%s, %s, %s) in %.2f s: %.1f MiB of weights, nothing re-quantized", path,
                 config.architecture, data["dtype"],
                 (data.get("quant_config") or {}).get("quant_algo") or "not quantized", secs, weight_bytes / 2**20)
-    return LoadedModel(model, config, built_dtype, path, secs, weight_bytes)
+    kv_algo = (data.get("quant_config") or {}).get("kv_cache_quant_algo")
+    return LoadedModel(model, config, built_dtype, path, secs, weight_bytes, kv_cache_quant_algo=kv_algo)
 
 
 def _check_quant_config(quant_config: object | None, stored: dict | None, path: str) -> None:

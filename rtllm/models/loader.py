@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer_source: object  # an HF directory path, or GGUFTokenizerData for a GGUF file
     load_seconds: float
     weight_bytes: int
+    kv_cache_quant_algo: str | None = None  # what an engine directory was built with (None: as configured)
 
 
 def find_gguf(path: str) -> str | None:

@@ -35,9 +35,11 @@ class ModelOutput:
     prompt_logits: dict[int, tuple[torch.Tensor, list[int], int]]  # batch idx -> (logits, targets, first pos)
 
 
-def kv_cache_dtype(model_dtype: torch.dtype, quant_config: object | None) -> torch.dtype:
-    """The KV pool's dtype: float8_e4m3fn under QuantConfig(kv_cache_quant_algo="FP8"), else the model's."""
-    if getattr(quant_config, "kv_cache_quant_algo", None) == "FP8":
+def kv_cache_dtype(model_dtype: torch.dtype, quant_config: object | None, built_kv_algo: str | None = None,
+                   ) -> torch.dtype:
+    """The KV pool's dtype: float8_e4m3fn under QuantConfig(kv_cache_quant_algo="FP8") or for an engine
+    directory built with it (``built_kv_algo``), else the model's."""
+    if "FP8" in (getattr(quant_config, "kv_cache_quant_algo", None), built_kv_algo):
         return torch.float8_e4m3fn
     return model_dtype
 

@@ -73,7 +73,8 @@ class PyExecutor:
             sc = replace(sc, max_seq_len=min(self.model_config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
             config.scheduler_config = sc
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
-        self.kv_dtype = kv_cache_dtype(self.loaded.dtype, config.quant_config)
+        self.kv_dtype = kv_cache_dtype(self.loaded.dtype, config.quant_config,
+                                       getattr(self.loaded, "kv_cache_quant_algo", None))
         self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block, self.kv_dtype)
         self.startup: dict[str, float] = {"weights_s": self.loaded.load_seconds}
         t0 = time.perf_counter()

@@ -305,3 +305,15 @@ def test_cli_build_refuses_tp(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "BuildConfig.tp_size=2" in err and "only 1 is supported" in err
     assert not os.path.exists(tmp_path / "tp2")
+
+
+def test_engine_built_with_fp8_kv_keeps_an_fp8_cache(ckpt, tmp_path):
+    """kv_cache_dtype="fp8" is part of the engine: LLM(engine_dir) runs an e4m3 pool without being
+    told again, and gives the tokens of the checkpoint loaded with kv_cache_quant_algo="FP8"."""
+    out = str(tmp_path / "engine")
+    build(ckpt, BuildConfig(kv_cache_dtype="fp8", **LIMITS), out, device="cpu")
+    prompts = ramp_prompts(3, 12)
+    with LLM(out, executor_type="inprocess", kv_cache_config=KvCacheConfig(max_tokens=4096)) as llm:
+        assert llm.executor.engine.kv_dtype == torch.float8_e4m3fn
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == _greedy(ckpt, QuantConfig(kv_cache_quant_algo="FP8"), prompts)
