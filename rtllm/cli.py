@@ -22,6 +22,8 @@ def _engine_args(p: argparse.ArgumentParser, engine_limits: bool = False) -> Non
                    help=f"tokens per step{lim.replace('64', '2048')}")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache capacity in tokens")
+    p.add_argument("--kv-cache-dtype", type=str.lower, choices=["auto", "fp8"], default="auto",
+                   help="fp8: keep the KV cache in e4m3 (twice the tokens in the same memory)")
     from rtllm.quantization.config import SUPPORTED_QUANT_ALGOS
 
     p.add_argument("--quant", type=str.lower, choices=["none", *(a.lower() for a in SUPPORTED_QUANT_ALGOS)],
@@ -46,7 +48,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(args, **kw):
     from rtllm import LLM, KvCacheConfig, QuantConfig
 
-    quant = QuantConfig.from_name(args.quant, args.quant_group_size)
+    quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
                kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant, **kw)

@@ -80,7 +80,7 @@ def run_bench(args) -> int:
     hw_dtype = torch.float32 if args.dtype in ("float32", "fp32") else torch.bfloat16
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
-    quant = QuantConfig.from_name(args.quant, args.quant_group_size)
+    quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
     llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
@@ -90,7 +90,9 @@ def run_bench(args) -> int:
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],
             "workload": wl.__dict__, "startup": ei.get("startup", {}), "kv_capacity_tokens": ei["kv_capacity_tokens"],
-            "quant": None if quant is None else f"{quant.quant_algo} g{quant.group_size}",
+            "kv_cache_dtype": ei.get("kv_cache_dtype"),
+            "quant": None if quant is None else (f"{quant.quant_algo or 'bf16'} g{quant.group_size}"
+                                                 + (" kv fp8" if quant.kv_cache_quant_algo else "")),
             "weight_bytes": ei["weight_bytes"]}
     from rtllm.bench.bounds import ModelCost, workload_bound
 
@@ -168,6 +170,8 @@ def _print(res: dict) -> None:
         print(f"  TTFT bound {b['bound_ttft_s']*1e3:.2f} ms; rtllm p50 at {r['ttft_ratio_to_bound']:.1%} of it")
     if i.get("startup"):
         print("  startup: " + ", ".join(f"{k} {v:.2f}" for k, v in i["startup"].items()))
+    if i.get("kv_capacity_tokens"):
+        print(f"  KV cache: {i['kv_capacity_tokens']} tokens ({i.get('kv_cache_dtype') or i['dtype']})")
     peak = res["rtllm"].get("peak_gpu_memory_bytes")
     if peak:
         print(f"  peak GPU memory (engine, torch reserved: weights + KV pool + activations + graphs): "

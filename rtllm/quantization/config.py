@@ -84,17 +84,22 @@ class QuantConfig:
         _check_positive_int("calib_max_seq_length", self.calib_max_seq_length)
 
     @classmethod
-    def from_name(cls, name: str, group_size: int | None = None) -> QuantConfig | None:
-        """The config for a command-line name ("none", "fp8", "w8a16", "w4a16", "w4a16_awq", "nvfp4");
-        ``group_size`` applies to the grouped INT4 formats only (a ConfigError for the others)."""
+    def from_name(cls, name: str | None, group_size: int | None = None,
+                  kv_cache_dtype: str = "auto") -> QuantConfig | None:
+        """The config for command-line names: weights "none", "fp8", "w8a16", "w4a16", "w4a16_awq",
+        "nvfp4"; ``group_size`` applies to the grouped INT4 formats only (a ConfigError for the
+        others); ``kv_cache_dtype`` "auto" (the model's) or "fp8". None when nothing is quantized."""
+        kv = {"auto": None, "fp8": FP8}.get(str(kv_cache_dtype).lower(), "?")
+        if kv == "?":
+            raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r}: must be 'auto' or 'fp8'")
         if name is None or name.lower() == "none":
             if group_size is not None:
                 raise ConfigError(f"QuantConfig.group_size={group_size}: given without a quantization algorithm")
-            return None
+            return None if kv is None else cls(kv_cache_quant_algo=kv)
         algo = name.upper()
         if group_size is not None and algo not in (W4A16, W4A16_AWQ):
             raise ConfigError(f"QuantConfig.group_size={group_size}: applies to {W4A16} / {W4A16_AWQ}, not {algo}")
-        return cls(algo, group_size)
+        return cls(algo, group_size, kv_cache_quant_algo=kv)
 
     @staticmethod
     def _algo(name: str, value: object, allowed: tuple[str, ...]) -> str | None:
