@@ -32,6 +32,12 @@ def hf_config(arch: str, **overrides):
         cls, extra = tf.Qwen2Config, dict(rope_theta=1e6)
     elif arch == "qwen3":
         cls, extra = tf.Qwen3Config, dict(head_dim=32, rope_theta=1e6)
+    elif arch == "mixtral":  # 8 experts of width intermediate_size, top-2 renormalized
+        cls, extra = tf.MixtralConfig, dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                                            sliding_window=None, rope_theta=1e6)
+    elif arch == "qwen3_moe":  # 8 experts of width moe_intermediate_size; dense layers (mlp_only_layers) 128
+        cls, extra = tf.Qwen3MoeConfig, dict(head_dim=32, rope_theta=1e6, num_experts=8, num_experts_per_tok=4,
+                                             moe_intermediate_size=32, norm_topk_prob=True)
     else:
         raise ValueError(arch)
     common.update(extra)

@@ -52,11 +52,28 @@ class ModelConfig:
     torch_dtype: torch.dtype
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # mixture of experts (0 experts: a dense model). Mixtral spells the count num_local_experts,
+    # Qwen3-MoE num_experts; Mixtral's experts are intermediate_size wide and always renormalized.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def architecture(self) -> str:
         return self.architectures[0]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Qwen3-MoE's rule: a sparse MLP unless listed in mlp_only_layers or off the sparse step."""
+        return (self.is_moe and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> ModelConfig:
@@ -81,6 +98,7 @@ class ModelConfig:
             eos = cfg.get("eos_token_id")
             eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
             model_type = str(cfg.get("model_type", ""))
+            num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
             out = cls(
                 architectures=list(archs),
                 model_type=model_type,
@@ -101,6 +119,13 @@ class ModelConfig:
                 torch_dtype=parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype"), torch.float32),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                num_experts=num_experts,
+                num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0,
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
+                if num_experts else 0,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", model_type == "mixtral")),
+                decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+                mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []],
                 raw=cfg,
             )
         except (TypeError, ValueError) as e:
@@ -108,6 +133,9 @@ class ModelConfig:
         if heads % kv_heads:
             raise ModelLoadError(f"{source}: num_attention_heads={heads} is not a multiple of "
                                  f"num_key_value_heads={kv_heads}")
+        if num_experts and not 0 < out.num_experts_per_tok <= num_experts:
+            raise ModelLoadError(f"{source}: num_experts_per_tok={out.num_experts_per_tok} must be in "
+                                 f"1..{num_experts} (the number of experts)")
         return out
 
     @classmethod

@@ -84,7 +84,7 @@ def get_model_class(architectures: list[str]) -> type:
 
 
 def _import_builtin_models() -> None:
-    from rtllm.models import llama  # noqa: F401  (registers on import)
+    from rtllm.models import llama, mixtral, qwen3_moe  # noqa: F401  (register on import)
     from rtllm.plugins import load_plugins
 
     load_plugins()  # user packages may register more (once per process)
