@@ -1,6 +1,8 @@
 """Hardware ceilings measured in the same run, and the roofline bound of a workload.
 
 Decode is bound by memory bandwidth (weights + KV read per step); prefill by tensor-core FLOP/s.
+A mixture-of-experts model counts active parameters only: a token runs k of the E experts, and a
+decode step reads the weights of the experts its batch routes to (k of E at batch 1).
 Both ceilings are measured on the device the benchmark runs on: a large device-to-device copy
 (bytes read + written) and a large bf16 matmul.
 """
@@ -53,12 +55,33 @@ def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware | Non
 
 @dataclass
 class ModelCost:
-    weight_bytes: int  # bytes of every weight read once per forward
-    active_params: int  # multiply-adds per token in the linear layers
+    weight_bytes: int  # bytes of every weight a forward may read (all experts of an MoE model)
+    active_params: int  # multiply-adds per token in the linear layers (a token's k experts only)
     kv_bytes_per_token: int
     num_layers: int
     num_heads: int
     head_dim: int
+    expert_bytes: int = 0  # MoE: the routed experts' part of weight_bytes
+    num_experts: int = 0
+    experts_per_tok: int = 0
+
+    def step_weight_bytes(self, batch: int) -> float:
+        """Weight bytes one decode step of ``batch`` sequences reads: all but the routed experts, plus the
+        experts the batch uses: k of E at batch 1; at batch B the expected share of experts hit when each
+        token picks k of E uniformly, 1 - (1 - k/E)^B (random weights route close to uniformly)."""
+        if not self.num_experts or not self.expert_bytes:
+            return float(self.weight_bytes)
+        hit = 1.0 - (1.0 - self.experts_per_tok / self.num_experts) ** batch
+        return self.weight_bytes - self.expert_bytes + self.expert_bytes * hit
+
+
+def active_params(weight_bytes: int, element_size: int, expert_bytes: int = 0, num_experts: int = 0,
+                  experts_per_tok: int = 0) -> int:
+    """Multiply-adds per token: every weight once, except that a token runs only k of the E experts."""
+    if not num_experts:
+        return weight_bytes // element_size
+    return (weight_bytes - expert_bytes) // element_size + expert_bytes * experts_per_tok // (
+        num_experts * element_size)
 
 
 def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, osl: int, concurrency: int) -> dict:
@@ -81,11 +104,12 @@ def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, o
         prefill_s += p
         for step in range(osl):
             ctx = isl + step
-            bytes_ = cost.weight_bytes + b * ctx * cost.kv_bytes_per_token
+            bytes_ = cost.step_weight_bytes(b) + b * ctx * cost.kv_bytes_per_token
             flops = b * (2 * cost.active_params + 4 * cost.num_layers * cost.num_heads * cost.head_dim * ctx)
             decode_s += max(bytes_ / hw.copy_bandwidth, flops / hw.matmul_flops)
     total = prefill_s + decode_s
     return {"bound_s": total, "prefill_bound_s": prefill_s, "decode_bound_s": decode_s,
             "bound_output_tok_s": num_requests * osl / total,
+            "decode_weight_bytes_batch1": cost.step_weight_bytes(1),
             "bound_ttft_s": (2 * cost.active_params * isl + 2 * 2 * cost.num_layers * cost.num_heads
                              * cost.head_dim * isl * isl / 2) / hw.matmul_flops}

@@ -30,6 +30,9 @@ def add_bench_parser(sub, engine_args) -> None:
         else:
             p.add_argument("--num-requests", type=int, default=4)
         p.add_argument("--baseline", choices=["none", "hf"], default="none")
+        p.add_argument("--random-weights", action="store_true",
+                       help="random weights from the model's config.json (a checkpoint directory or a bare "
+                            "config .json, which always gets random weights); no tokenizer: prompts are token ids")
         p.add_argument("--no-cuda-graphs", action="store_true")
         p.add_argument("--no-overlap", action="store_true", help="disable overlap scheduling")
         p.add_argument("--executor", choices=["auto", "inprocess", "multiprocess"], default="auto")
@@ -45,6 +48,18 @@ def _int_list(text: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: concurrencies must be >= 1")
     return sorted(set(vals))
+
+
+def _random_weights_config(model: str | None) -> str:
+    """The config.json that --random-weights builds the model from."""
+    import os
+
+    if model and model.endswith(".json") and os.path.isfile(model):
+        return model
+    if model and os.path.isfile(os.path.join(model, "config.json")):
+        return os.path.join(model, "config.json")
+    raise SystemExit(f"error: --random-weights needs --model to be a config .json or a directory with a config.json, "
+                     f"got {model!r}")
 
 
 def _commit() -> str:
@@ -72,6 +87,7 @@ def run_bench(args) -> int:
             raise SystemExit("error: --plot needs a --concurrency list, e.g. --concurrency 16,64,256")
     conc = max(concs)
     wl = Workload(args.num_requests, args.isl, args.osl, conc)
+    model = _random_weights_config(args.model) if args.random_weights else args.model
     from rtllm.bench.bounds import measure_hardware
     from rtllm.config import CudaGraphConfig
 
@@ -81,7 +97,7 @@ def run_bench(args) -> int:
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
     quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
-    llm = LLM(args.model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
+    llm = LLM(model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), executor_type=args.executor,
@@ -94,12 +110,16 @@ def run_bench(args) -> int:
             "quant": None if quant is None else (f"{quant.quant_algo or 'bf16'} g{quant.group_size}"
                                                  + (" kv fp8" if quant.kv_cache_quant_algo else "")),
             "weight_bytes": ei["weight_bytes"]}
-    from rtllm.bench.bounds import ModelCost, workload_bound
+    from rtllm.bench.bounds import ModelCost, active_params, workload_bound
 
     elt = torch.tensor([], dtype=getattr(torch, ei["dtype"])).element_size()
     per_forward = ei["weight_bytes"] - (0 if ei["tie_word_embeddings"] else ei["embedding_bytes"])
-    cost = ModelCost(per_forward, per_forward // elt, ei["kv_bytes_per_token"], ei["num_layers"], ei["num_heads"],
-                     ei["head_dim"])
+    # MoE: a token runs k of the E experts, a batch-1 decode step reads only those (bounds.ModelCost)
+    moe = {k: ei.get(k, 0) for k in ("expert_bytes", "num_experts", "experts_per_tok")}
+    cost = ModelCost(per_forward, active_params(per_forward, elt, **moe), ei["kv_bytes_per_token"], ei["num_layers"],
+                     ei["num_heads"], ei["head_dim"], **moe)
+    if moe["num_experts"]:
+        info["moe"] = dict(moe, active_params=cost.active_params)
     res: dict = {"info": info}
     if hw is not None:
         info["hardware"] = hw.__dict__
@@ -161,8 +181,14 @@ def _print(res: dict) -> None:
         else:
             line += f"  TPOT mean {r['tpot_s']['mean']*1e3:.1f} ms"
         print(line)
+    if "moe" in i:
+        m = i["moe"]
+        print(f"  MoE: {m['experts_per_tok']} of {m['num_experts']} experts per token; "
+              f"{m['active_params'] / 1e9:.2f} B active parameters; experts {m['expert_bytes'] / 2**20:.1f} MiB")
     if "bound" in res:
         b, hw, r = res["bound"], i["hardware"], res["rtllm"]
+        if "moe" in i:
+            print(f"  weights read per batch-1 decode step (active): {b['decode_weight_bytes_batch1'] / 2**20:.1f} MiB")
         print(f"  hardware: {hw['name']}, copy {hw['copy_bandwidth']/1e12:.2f} TB/s, "
               f"matmul {hw['matmul_flops']/1e12:.0f} TFLOP/s (measured in this run)")
         print(f"  bound: {b['bound_output_tok_s']:.1f} output tok/s (decode {b['decode_bound_s']:.2f} s, prefill "

@@ -82,3 +82,9 @@ class FusedMoE(nn.Module):
             raise ValueError(f"shape mismatch: expert {expert} {proj} {tuple(loaded.shape)} vs {tuple(dst.shape)}")
         dst.copy_(loaded)
         return name
+
+
+def expert_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the routed experts' stacked weights in ``model`` (0 for a dense model)."""
+    return sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, FusedMoE)
+               for p in (m.w13, m.w2))

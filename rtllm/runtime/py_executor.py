@@ -133,6 +133,8 @@ class PyExecutor:
         sc, kc = self.config.scheduler_config, self.config.kv_cache_config
         mc = self.model_config
         embed = self.loaded.model.model.embed_tokens.weight
+        from rtllm.layers.moe import expert_weight_bytes
+
         return {
             "model": self.config.model,
             "architecture": mc.architecture,
@@ -153,6 +155,10 @@ class PyExecutor:
             "tokens_per_block": kc.tokens_per_block,
             "eos_token_ids": sorted(self.eos_token_ids),
             "weight_bytes": self.loaded.weight_bytes,
+            # MoE: the routed experts' part of weight_bytes (a decode step reads the experts it routes to)
+            "num_experts": mc.num_experts,
+            "experts_per_tok": mc.num_experts_per_tok,
+            "expert_bytes": expert_weight_bytes(self.loaded.model),
             "load_seconds": self.loaded.load_seconds,
         }
 
