@@ -111,3 +111,16 @@ def test_missing_or_misshapen_expert_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 9}))
     with pytest.raises(ModelLoadError, match="num_experts_per_tok=9"):
         load_model(str(tmp_path))
+
+
+def test_engine_directory(tmp_path):
+    """`rtllm build` stores the stacked experts and the router; the engine loads without the checkpoint."""
+    from rtllm.builder import BuildConfig, build
+    from rtllm.models.loader import load_model
+
+    hf = checkpoint(str(tmp_path / "ckpt"), "qwen3_moe_mixed")
+    build(str(tmp_path / "ckpt"), BuildConfig(), str(tmp_path / "engine"))
+    model = load_model(str(tmp_path / "engine"), dtype="float32").model
+    p = ramp_prompts(1, seed=14)[0]
+    got = batched_prefill_logits(model, [p])[0]
+    torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0], atol=1e-4, rtol=0)
