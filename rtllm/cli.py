@@ -34,6 +34,10 @@ def _engine_args(p: argparse.ArgumentParser, engine_limits: bool = False) -> Non
     p.add_argument("--quant-group-size", type=int, default=None,
                    help="input channels per INT4 scale: 32 | 64 | 128 | 256 (default 128 where it divides). 32 "
                         "keeps a Q4_1 GGUF's codes exactly (coarser groups requantize a 4-bit model)")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+                   help="split the model across this many ranks (tensor parallel), one worker process each")
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
+                   help="split the layers across this many pipeline stages (ranks = tp * pp)")
     p.add_argument("--log-level", default="warning")
 
 
@@ -51,7 +55,8 @@ def _make_llm(args, **kw):
     quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
     return LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
-               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant, **kw)
+               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant,
+               tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size, **kw)
 
 
 def _served_name(model: str | None) -> str:

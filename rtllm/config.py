@@ -86,6 +86,9 @@ class EngineConfig:
     # a rtllm.quantization.QuantConfig or None (typed loosely: this bottom module imports nothing
     # above it; LlmArgs validates it), handed to load_model
     quant_config: object | None = None
+    # a rtllm.parallel.Mapping (typed loosely, as quant_config) when the model is split across ranks
+    # (tensor / pipeline parallel); each rank's engine gets it with its own rank. None: one process
+    mapping: object | None = None
 
     def __post_init__(self) -> None:
         self.kv_cache_config = self.kv_cache_config or KvCacheConfig()

@@ -7,6 +7,7 @@ reach them; pickle is safe under that assumption and nowhere else.
 parent -> worker: NewRequest (defined by the runtime), Abort, Shutdown
 worker -> parent: Ready once after the engine is built, then one UpdateBatch per step that
                   produced updates; Fatal when start-up or a step fails (the worker then exits)
+ranks 1..N-1 of a model split across ranks -> parent: Fatal only (they take no requests)
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class WorkerConfig:
     eos_token_ids: frozenset[int] | None = None  # the tokenizer's end tokens, applied with set_eos_token_ids
     ipc_dir: str | None = None  # the sockets' directory: the worker removes it if the parent dies first
     log_level: int | None = None  # the parent's effective root log level (spawn does not carry logging setup)
+    # the model split across ranks (engine_config.mapping.world_size > 1): this process's rank and the
+    # torch.distributed rendezvous (tcp://host:port). Rank 0 runs the step loop; the others follow it
+    rank: int = 0
+    dist_init_method: str | None = None
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Fatal:
     message: str
     traceback: str = ""
     during_startup: bool = False
+    rank: int = 0  # the rank that failed (the model split across ranks)
 
 
 def dumps(msg: object) -> bytes:

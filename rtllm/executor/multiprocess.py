@@ -18,6 +18,13 @@ Failure paths:
   EngineDeadError naming the pid and exit status, and later submits raise it too.
 - shutdown(): Shutdown, join (terminate, then kill, if needed), close sockets, remove the
   ipc dir. Idempotent; also run at interpreter exit.
+
+A model split across ranks (EngineConfig.mapping, world_size > 1) runs one spawned process per rank,
+joined in one torch.distributed group (a tcp:// rendezvous on a free local port). Rank 0 is the
+worker described above; the other ranks take no messages and follow rank 0's steps, sending only a
+Fatal when they fail. Every rank's sentinel is watched: when any rank exits, pending results fail at
+once with an EngineDeadError naming the rank, and the other ranks are terminated (they would
+otherwise wait in a collective for the dead one).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from rtllm.executor.messages import (
     send,
 )
 from rtllm.executor.worker import worker_main
+from rtllm.parallel.comm import free_port
 from rtllm.runtime.kv_cache_manager import KVCacheStats
 
 logger = logging.getLogger(__name__)
@@ -110,15 +118,24 @@ class MultiProcessExecutor(GenerationExecutor):
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.bind(f"ipc://{self._ipc_dir}/out")
         eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else None
-        cfg = WorkerConfig(engine_config, f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out", eos,
-                           self._ipc_dir, logging.getLogger().getEffectiveLevel())
-        self._proc = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=(cfg,), name="rtllm-engine-worker", daemon=True)
+        mapping = engine_config.mapping
+        self._world_size = mapping.world_size if mapping is not None else 1
+        init_method = f"tcp://127.0.0.1:{free_port()}" if self._world_size > 1 else None
+        ctx = multiprocessing.get_context("spawn")
+        self._procs = []
+        for rank in range(self._world_size):
+            cfg = WorkerConfig(engine_config, f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out", eos,
+                               self._ipc_dir, logging.getLogger().getEffectiveLevel(), rank=rank,
+                               dist_init_method=init_method)
+            name = "rtllm-engine-worker" if self._world_size == 1 else f"rtllm-engine-rank{rank}"
+            self._procs.append(ctx.Process(target=worker_main, args=(cfg,), name=name, daemon=True))
+        self._proc = self._procs[0]  # rank 0: takes requests, runs the step loop
         ref = weakref.ref(self)
         self._atexit_hook = lambda: (ex := ref()) is not None and ex.shutdown()
         atexit.register(self._atexit_hook)
         try:
-            self._proc.start()
+            for proc in self._procs:
+                proc.start()
             ready = self._wait_ready(startup_timeout)
         except BaseException:
             self.shutdown()
@@ -132,14 +149,46 @@ class MultiProcessExecutor(GenerationExecutor):
     def worker_pid(self) -> int | None:
         return self._proc.pid
 
+    @property
+    def worker_pids(self) -> list[int | None]:
+        """The pid of every rank's process, rank 0 first (one entry unless the model is split)."""
+        return [p.pid for p in self._procs]
+
     def _worker_alive(self) -> bool:
         """Thread-safe and non-reaping: the sentinel becomes readable when the process ends."""
         return not multiprocessing.connection.wait([self._proc.sentinel], timeout=0)
 
-    def _death_error(self, when: str = "") -> EngineDeadError:
-        self._proc.join(timeout=1.0)  # reap it, so the exit code is known
-        return EngineDeadError(f"the engine worker process (pid {self._proc.pid}) "
-                               f"{_describe_exit(self._proc.exitcode)}{when}")
+    def _dead_rank(self) -> int | None:
+        """A rank whose process has exited, if any: one killed by a signal first (the others then fail
+        in a collective and exit with an error of their own), else the lowest."""
+        ended = set(multiprocessing.connection.wait([p.sentinel for p in self._procs], timeout=0))
+        dead = [r for r, p in enumerate(self._procs) if p.sentinel in ended]
+        if not dead:
+            return None
+        for r in dead:
+            self._procs[r].join(0)  # reap, so the exit code is known
+        signalled = [r for r in dead if (self._procs[r].exitcode or 0) < 0]
+        return (signalled or dead)[0]
+
+    def _who(self, rank: int) -> str:
+        proc = self._procs[rank]
+        if self._world_size == 1:
+            return f"the engine worker process (pid {proc.pid})"
+        return f"the engine worker process of rank {rank} of {self._world_size} (pid {proc.pid})"
+
+    def _death_error(self, when: str = "", rank: int = 0) -> EngineDeadError:
+        proc = self._procs[rank]
+        proc.join(timeout=1.0)  # reap it, so the exit code is known
+        return EngineDeadError(f"{self._who(rank)} {_describe_exit(proc.exitcode)}{when}")
+
+    def _stop_group(self) -> None:
+        """Terminate every rank still running (after one died: the rest would wait on it forever)."""
+        for stop in (lambda p: p.terminate(), lambda p: p.kill()):
+            live = [p for p in self._procs if p.pid is not None and p.exitcode is None]
+            for p in live:
+                stop(p)
+            for p in live:
+                p.join(2.0)
 
     @property
     def engine(self):
@@ -150,11 +199,13 @@ class MultiProcessExecutor(GenerationExecutor):
     def _wait_ready(self, timeout: float) -> Ready:
         poller = zmq.Poller()
         poller.register(self._out, zmq.POLLIN)
-        poller.register(self._proc.sentinel, zmq.POLLIN)
+        sentinels = [p.sentinel for p in self._procs]
+        for sentinel in sentinels:
+            poller.register(sentinel, zmq.POLLIN)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             events = dict(poller.poll(int(min(left, 1.0) * 1000)))
-            if self._proc.sentinel in events:
+            if any(s in events for s in sentinels):
                 msgs = self._last_words()
             else:
                 msgs = recv_all(self._out) if self._out in events else []
@@ -163,8 +214,8 @@ class MultiProcessExecutor(GenerationExecutor):
                     return msg
                 if isinstance(msg, Fatal):
                     raise self._rebuild(msg)
-            if not self._worker_alive():
-                raise self._death_error(" during start-up")
+            if (rank := self._dead_rank()) is not None:
+                raise self._death_error(" during start-up", rank)
         raise EngineDeadError(f"the engine worker process (pid {self._proc.pid}) did not start within {timeout:.0f} s")
 
     def _last_words(self) -> list[object]:
@@ -183,8 +234,7 @@ class MultiProcessExecutor(GenerationExecutor):
             exc: BaseException = cls(f.message)
         else:
             what = "failed to start" if f.during_startup else "failed"
-            exc = EngineDeadError(f"the engine worker process (pid {self._proc.pid}) {what}: "
-                                  f"{f.error_type}: {f.message}")
+            exc = EngineDeadError(f"{self._who(f.rank)} {what}: {f.error_type}: {f.message}")
         exc.__cause__ = _RemoteTraceback(f.traceback)
         return exc
 
@@ -192,14 +242,21 @@ class MultiProcessExecutor(GenerationExecutor):
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._out, zmq.POLLIN)
-        poller.register(self._proc.sentinel, zmq.POLLIN)
+        sentinels = [p.sentinel for p in self._procs]
+        for sentinel in sentinels:
+            poller.register(sentinel, zmq.POLLIN)
         try:
             while not self._closed:
                 events = dict(poller.poll(100))
-                if self._proc.sentinel in events:
+                if any(s in events for s in sentinels):
+                    rank = self._dead_rank()
+                    if rank is not None and rank > 0 and not self._closed:  # name the rank that died first
+                        self._die(self._death_error(rank=rank))
                     self._handle(self._last_words())
                     if not self._closed:
-                        self._die(self._death_error())
+                        self._die(self._death_error(rank=rank or 0))
+                        if self._world_size > 1:
+                            self._stop_group()
                     return
                 if self._out in events:
                     self._handle(recv_all(self._out))
@@ -216,6 +273,9 @@ class MultiProcessExecutor(GenerationExecutor):
                 self._on_updates(msg.updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker failed:\n%s", msg.traceback)
+                rank = self._dead_rank() if self._world_size > 1 else None
+                if rank is not None and rank != msg.rank:  # a rank died: this failure is its peers' reaction
+                    self._die(self._death_error(rank=rank))
                 self._die(self._rebuild(msg))
 
     def _die(self, error: EngineDeadError) -> None:
@@ -270,11 +330,16 @@ class MultiProcessExecutor(GenerationExecutor):
             elif self._worker_alive():
                 with contextlib.suppress(PeerGone), self._send_lock:
                     send(self._in, Shutdown(), self._worker_alive, timeout=1.0)
-            self._proc.join(timeout)
-            for stop in (self._proc.terminate, self._proc.kill):
-                if self._proc.exitcode is None:
-                    stop()
-                    self._proc.join(5.0)
+            deadline = time.monotonic() + timeout  # rank 0 stops the other ranks, then exits
+            for proc in self._procs:
+                if proc.pid is not None:
+                    proc.join(max(deadline - time.monotonic(), 0.0))
+            for stop in (lambda p: p.terminate(), lambda p: p.kill()):
+                live = [p for p in self._procs if p.pid is not None and p.exitcode is None]
+                for p in live:
+                    stop(p)
+                for p in live:
+                    p.join(5.0)
         if self._receiver is not None and self._receiver is not threading.current_thread():
             self._receiver.join(5.0)
         self._fail_all(EngineDeadError("the executor was shut down"))

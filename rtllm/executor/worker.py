@@ -12,23 +12,33 @@ CUDA or OpenMP state). Life cycle:
    sent the error updates: send Fatal and exit 1.
 
 The worker ignores SIGINT: Ctrl-C reaches the whole process group, and the parent decides.
+
+A model split across ranks (tensor / pipeline parallel) runs one such process per rank, all joined
+in one torch.distributed group: rank 0 is the worker above (its PyExecutor broadcasts every step),
+ranks 1..N-1 build their slice of the engine and follow rank 0's steps (``PyExecutor.follow_loop``)
+until rank 0 stops them at shutdown; they only send Fatal (with their rank) when they fail, and
+exit when the parent process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import shutil
 import signal
 import sys
 import threading
 import traceback
 
+import torch
 import zmq
 
+from rtllm.config import EngineConfig
 from rtllm.executor.messages import (
     Abort,
     Fatal,
@@ -41,6 +51,7 @@ from rtllm.executor.messages import (
     recv_all,
     send,
 )
+from rtllm.parallel import comm
 from rtllm.runtime.gc_monitor import GcMonitor
 from rtllm.runtime.py_executor import PyExecutor
 from rtllm.runtime.scheduler import RequestUpdate
@@ -107,7 +118,7 @@ class _Worker:
 
     def run(self, cfg: WorkerConfig) -> int:
         try:
-            self.engine = PyExecutor(cfg.engine_config)
+            self.engine = PyExecutor(join_group(cfg))
             if cfg.eos_token_ids is not None:
                 self.engine.set_eos_token_ids(cfg.eos_token_ids)
         except BaseException as e:
@@ -120,6 +131,7 @@ class _Worker:
         try:
             self.send(Ready(self.engine.info()))
             self.engine.run_loop(self.emit, self.stop, self.intake)
+            self.engine.stop_followers()
         except PeerGone:
             return 0
         except BaseException as e:
@@ -131,7 +143,7 @@ class _Worker:
         return 0
 
     def _fatal(self, e: BaseException, during_startup: bool) -> int:
-        msg = Fatal(type(e).__name__, str(e), traceback.format_exc(), during_startup)
+        msg = Fatal(type(e).__name__, str(e), traceback.format_exc(), during_startup, rank=0)
         with contextlib.suppress(PeerGone):
             self.send(msg)
         return 1
@@ -144,14 +156,74 @@ class _Worker:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
+def join_group(cfg: WorkerConfig) -> EngineConfig:
+    """The engine config of this process. A model split across ranks: join the torch.distributed group
+    first; the config then carries this rank's Mapping (and its GPU, one per rank on one host)."""
+    ec = cfg.engine_config
+    mapping = ec.mapping
+    if mapping is None or mapping.world_size == 1:
+        return ec
+    mapping = mapping.with_rank(cfg.rank)
+    device = ec.device
+    if device.startswith("cuda"):
+        device = f"cuda:{cfg.rank % torch.cuda.device_count()}"
+    else:  # the host's cores shared between the ranks, not oversubscribed
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // mapping.world_size))
+    comm.init_distributed(mapping, cfg.dist_init_method, device)
+    return dataclasses.replace(ec, mapping=mapping, device=device)
+
+
+def _follow(cfg: WorkerConfig) -> int:
+    """A rank other than 0: build this rank's engine and run the steps rank 0 broadcasts."""
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.setsockopt(zmq.LINGER, 5000)
+    out.connect(cfg.output_addr)
+    parent = multiprocessing.parent_process()
+
+    def parent_alive() -> bool:
+        return parent is None or not multiprocessing.connection.wait([parent.sentinel], timeout=0)
+
+    def watch_parent() -> None:  # the parent died without stopping us: nobody will stop rank 0's group
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    if parent is not None:
+        threading.Thread(target=watch_parent, name="rtllm-parent-watch", daemon=True).start()
+    startup = True
+    try:
+        engine = PyExecutor(join_group(cfg))
+        startup = False
+        engine.follow_loop()
+        return 0
+    except BaseException as e:
+        logger.exception("engine rank %d failed", cfg.rank)
+        with contextlib.suppress(PeerGone):
+            send(out, Fatal(type(e).__name__, str(e), traceback.format_exc(), startup, rank=cfg.rank), parent_alive)
+        return 1
+    finally:
+        out.close()
+        ctx.term()
+
+
 def worker_main(cfg: WorkerConfig) -> None:
     """Entry point of the spawned process (must stay importable at module level)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if cfg.log_level is not None:
-        logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s [worker]: %(message)s")
+        tag = "worker" if cfg.engine_config.mapping is None else f"rank {cfg.rank}"
+        logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s %(name)s [{tag}]: %(message)s")
+    if cfg.rank != 0:
+        code = _follow(cfg)
+        if code == 0:
+            comm.destroy_distributed()
+        sys.exit(code)
     worker = _Worker(cfg)
+    code = 1
     try:
         code = worker.run(cfg)
     finally:
         worker.close()
+        if code == 0:
+            comm.destroy_distributed()
     sys.exit(code)

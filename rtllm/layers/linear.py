@@ -2,7 +2,7 @@
 
 Each parameter carries a ``weight_loader(param, loaded, shard_id)`` so fused layers (QKV,
 gate|up) can take the checkpoint's separate q/k/v or gate/up tensors into their slice.
-Tensor parallelism will shard here (the parallel issue); today tp_size is 1.
+Their tensor-parallel variants are in rtllm.layers.parallel_linear.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from rtllm.kernels import gemm
+from rtllm.parallel.weights import materialize
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    loaded = materialize(loaded)  # a LazyTensor (a rank's lazy checkpoint read): the whole tensor
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
     param.data.copy_(loaded)
@@ -55,6 +57,7 @@ class MergedLinear(Linear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id is None:
             return default_weight_loader(param, loaded)
+        loaded = materialize(loaded)
         idx = int(shard_id)
         size = self.output_sizes[idx]
         if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:

@@ -8,6 +8,7 @@ import torch
 
 from rtllm.config import CudaGraphConfig, EngineConfig, KvCacheConfig, SchedulerConfig
 from rtllm.errors import ConfigError
+from rtllm.parallel.mapping import Mapping
 from rtllm.quantization.config import QuantConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
@@ -32,6 +33,12 @@ class LlmArgs:
     disable_overlap_scheduler: bool = False  # overlap runs on CUDA only (no gain on a synchronous CPU)
     # weight quantization applied at load, e.g. QuantConfig(quant_algo="W4A16", group_size=64); None: none
     quant_config: QuantConfig | None = None
+    # the model split across tensor_parallel_size * pipeline_parallel_size ranks, one worker process each
+    # (rtllm.parallel.Mapping); MoE layers split the tp group again: moe_tensor * moe_expert == tp
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    moe_expert_parallel_size: int | None = None
+    moe_tensor_parallel_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -58,6 +65,15 @@ class LlmArgs:
             self.quant_config.check_device(self.device)
         self.scheduler_config = SchedulerConfig(self.max_batch_size, self.max_num_tokens, self.max_seq_len,
                                                 self.enable_chunked_prefill)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"LlmArgs.{name}={v!r}: must be a positive integer")
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        self.mapping = Mapping(tp * pp, tp, pp, self.moe_tensor_parallel_size, self.moe_expert_parallel_size)
+        if self.mapping.world_size > 1 and self.executor_type == "inprocess":
+            raise ConfigError(f"LlmArgs.executor_type='inprocess': a model split across ranks (tensor_parallel_size="
+                              f"{tp}, pipeline_parallel_size={pp}) runs one worker process per rank; use 'auto'")
 
     @property
     def multi_process(self) -> bool:
@@ -69,4 +85,5 @@ class LlmArgs:
                             kv_cache_config=self.kv_cache_config, scheduler_config=self.scheduler_config,
                             cuda_graph_config=self.cuda_graph_config,
                             overlap=False if self.disable_overlap_scheduler else None,
-                            quant_config=self.quant_config)
+                            quant_config=self.quant_config,
+                            mapping=self.mapping if self.mapping.world_size > 1 else None)

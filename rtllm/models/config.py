@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rtllm.errors import ModelLoadError
+from rtllm.parallel.mapping import Mapping
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -60,6 +61,8 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # which slice of the model this process holds (tensor / pipeline parallel); set by load_model
+    mapping: Mapping = field(default_factory=Mapping)
     raw: dict = field(default_factory=dict, repr=False)
 
     @property

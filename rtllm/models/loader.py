@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError, safe_open
 
-from rtllm.errors import ModelLoadError
+from rtllm.errors import ConfigError, ModelLoadError
 from rtllm.layers.quantized_linear import quantize_linear_layers
 from rtllm.models.config import ModelConfig, parse_dtype
 from rtllm.models.prequantized import PrequantizedLoader, check_no_quant_config, read_checkpoint_quant
 from rtllm.models.registry import get_model_class, weight_name_map
+from rtllm.parallel.mapping import Mapping
+from rtllm.parallel.weights import LazyTensor
 from rtllm.quantization.config import NVFP4, W4A16, W4A16_AWQ, QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -69,12 +71,13 @@ def safetensors_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, f) for f in files]
 
 
-def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[str], lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint entry; ``lazy``: LazyTensors, so a rank reads only its shard."""
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+                    yield name, (LazyTensor(f.get_slice(name)) if lazy else f.get_tensor(name))
         except SafetensorError as e:
             raise ModelLoadError(f"cannot read weights file {path}: {e}") from e
         except OSError as e:
@@ -110,7 +113,7 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype, device: t
 def load_model(
     model_path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
     max_positions: int | None = None, quant_config: QuantConfig | None = None,
-    calib_tokenize: Callable[[str], list[int]] | None = None,
+    calib_tokenize: Callable[[str], list[int]] | None = None, mapping: Mapping | None = None,
 ) -> LoadedModel:
     """Build the model for ``model_path`` on ``device`` and load its weights.
 
@@ -123,9 +126,16 @@ def load_model(
     ``quant_config`` (enabled): the loaded Linear layers are then quantized in place
     (rtllm.layers.quantized_linear); ``weight_bytes`` is the quantized size. W4A16_AWQ first
     calibrates on KJV text (rtllm.models.calibration), tokenized by ``calib_tokenize`` or, when
-    None, by the tokenizer rtllm.tokenizer registers for the checkpoint."""
+    None, by the tokenizer rtllm.tokenizer registers for the checkpoint.
+
+    ``mapping`` (tensor / pipeline parallel, world_size > 1): build this rank's slice of the model
+    (ModelConfig.mapping) and read only its shard of each safetensors tensor."""
     from rtllm.models.engine_dir import is_engine_dir, load_engine_dir
 
+    split = mapping is not None and mapping.world_size > 1
+    if split and is_engine_dir(model_path):
+        raise ConfigError(f"{model_path} is an engine directory: engines are built for one rank; load the "
+                          f"checkpoint to run it with tp_size={mapping.tp_size}, pp_size={mapping.pp_size}")
     if is_engine_dir(model_path):  # built by `rtllm build`: fused and quantized already, loaded as stored
         return load_engine_dir(model_path, dtype, device, max_positions, quant_config)
     t0 = time.perf_counter()
@@ -156,10 +166,13 @@ def load_model(
         prequant = read_checkpoint_quant(model_path)
         if prequant is not None:
             check_no_quant_config(prequant, quant_config, model_path)
-        weights = iter_safetensors(safetensors_files(model_path))
+        weights = iter_safetensors(safetensors_files(model_path), lazy=split)
         tokenizer_source = model_path
 
     model_cls = get_model_class(config.architectures)
+    if split:
+        _check_split(mapping, config, model_cls, quant_config, prequant)
+        config.mapping = mapping
     torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)
@@ -199,6 +212,19 @@ def load_model(
     logger.info("loaded %s (%s, %s) in %.2f s: %.1f MiB of weights", model_path, config.architecture,
                 torch_dtype, secs, weight_bytes / 2**20)
     return LoadedModel(model, config, torch_dtype, tokenizer_source, secs, weight_bytes)
+
+
+def _check_split(mapping: Mapping, config: ModelConfig, model_cls: type, quant_config: QuantConfig | None,
+                 prequant: object) -> None:
+    """What runs split across ranks today: dense models whose class supports it, unquantized."""
+    what = f"tp_size={mapping.tp_size}, pp_size={mapping.pp_size}"
+    mapping.validate_for(config)
+    if not getattr(model_cls, "supports_parallel", False):
+        raise ConfigError(f"{config.architecture} does not support running split across ranks ({what})")
+    if getattr(config, "num_experts", 0):
+        raise ConfigError(f"{config.architecture}: mixture-of-experts models do not run with {what} yet")
+    if (quant_config is not None and quant_config.enabled) or prequant is not None:
+        raise ConfigError(f"quantized weights do not run with {what} yet (the quantized layers are not split)")
 
 
 def _native_group(quant_config: QuantConfig | None, block: int | None, source: str) -> QuantConfig | None:

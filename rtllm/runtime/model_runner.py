@@ -29,6 +29,22 @@ class PendingTokens:
 
 
 @dataclass
+class StepPlan:
+    """One step's model inputs as host lists (picklable: under tensor / pipeline parallelism rank 0
+    broadcasts it, and every rank builds the same tensors from it)."""
+
+    input_ids: list[int]  # PLACEHOLDER where ``pending`` fills the previous step's token on the device
+    positions: list[int]
+    slots: list[int]
+    query_starts: list[int]
+    seq_lens: list[int]
+    block_table: list[list[int]]
+    num_decodes: int
+    max_query_len: int
+    pending: list[tuple[int, int]]  # (flat index, row in the previous step's PendingTokens.tokens)
+
+
+@dataclass
 class ModelOutput:
     sample_logits: torch.Tensor  # [S, V] float32: last-position logits of requests that sample
     sample_rows: list[int]  # batch index of each sample_logits row
@@ -125,6 +141,10 @@ class ModelRunner:
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flat inputs and metadata. A PLACEHOLDER input (overlap scheduling: the previous step's
         token, still on the device) is filled on the device from ``prev``."""
+        return self.to_device(self.pack(batch, prev), prev)
+
+    def pack(self, batch: ScheduledBatch, prev: PendingTokens | None = None) -> StepPlan:
+        """The batch as flat host lists (decodes first, as scheduled)."""
         bs = self.block_size
         pending: list[tuple[int, int]] = []  # (flat index, row in prev.tokens)
         input_ids: list[int] = []
@@ -149,6 +169,15 @@ class ModelRunner:
                 num_decodes += 1
         max_blocks = max(len(r.block_ids) for r in batch.requests)
         table = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in batch.requests]
+        return StepPlan(input_ids, positions, slots, starts, seq_lens, table, num_decodes, max(batch.num_new_tokens),
+                        pending)
+
+    def to_device(self, plan: StepPlan, prev: PendingTokens | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Input ids, positions and AttentionMetadata on the device; PLACEHOLDER inputs filled from
+        ``prev`` when given (a rank without it receives them from rank 0)."""
+        starts, seq_lens, num_decodes, pending = plan.query_starts, plan.seq_lens, plan.num_decodes, plan.pending
+        input_ids, positions, slots, table = plan.input_ids, plan.positions, plan.slots, plan.block_table
         dev = self.device
         qsl = torch.tensor(starts, dtype=torch.int32)
         meta = AttentionMetadata(
@@ -158,14 +187,14 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             block_tables=torch.tensor(table, dtype=torch.int32).to(dev, non_blocking=True),
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            max_query_len=max(batch.num_new_tokens),
+            max_query_len=plan.max_query_len,
             max_seq_len=max(seq_lens),
             max_decode_seq_len=max(seq_lens[:num_decodes], default=0),
             prefill_query_start_loc=(qsl[num_decodes:] - starts[num_decodes]).to(dev, non_blocking=True)
             if num_decodes < len(seq_lens) else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        if pending:
+        if pending and prev is not None:
             dst = torch.tensor([d for d, _ in pending], dtype=torch.int64).to(dev, non_blocking=True)
             src = torch.tensor([r for _, r in pending], dtype=torch.int64).to(dev, non_blocking=True)
             ids.index_copy_(0, dst, prev.tokens.index_select(0, src))

@@ -65,9 +65,12 @@ class PyExecutor:
         self.device = torch.device(config.device)
         load_plugins()  # architectures, kernels and logits processors of user packages (rtllm.plugins)
         sc, kc = config.scheduler_config, config.kv_cache_config
+        # this process's rank when the model is split (tensor / pipeline parallel): rtllm.parallel.Mapping
+        self.mapping = config.mapping
+        split = self.mapping is not None and self.mapping.world_size > 1
         self.loaded = loaded or load_model(config.model, config.dtype, self.device,
                                            max_positions=sc.max_seq_len or DEFAULT_MAX_SEQ_LEN,
-                                           quant_config=config.quant_config)
+                                           quant_config=config.quant_config, mapping=self.mapping if split else None)
         self.model_config = self.loaded.config
         if sc.max_seq_len is None:
             sc = replace(sc, max_seq_len=min(self.model_config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
@@ -75,14 +78,27 @@ class PyExecutor:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.kv_dtype = kv_cache_dtype(self.loaded.dtype, config.quant_config,
                                        getattr(self.loaded, "kv_cache_quant_algo", None))
-        self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block, self.kv_dtype)
+        if split:  # rank 0 broadcasts each step; every rank runs its slice of the model
+            from rtllm.runtime.distributed import DistributedModelRunner
+
+            self.runner = DistributedModelRunner(self.loaded.model, self.device, self.loaded.dtype,
+                                                 kc.tokens_per_block, self.kv_dtype, self.mapping)
+        else:
+            self.runner = ModelRunner(self.loaded.model, self.device, self.loaded.dtype, kc.tokens_per_block,
+                                      self.kv_dtype)
         self.startup: dict[str, float] = {"weights_s": self.loaded.load_seconds}
         t0 = time.perf_counter()
         num_blocks = self._num_kv_blocks()
+        if split:  # the same block count on every rank: what fits on all of them
+            from rtllm.parallel import comm
+
+            num_blocks = comm.all_reduce_min(num_blocks)
         self.startup["profile_s"] = time.perf_counter() - t0
         self.runner.allocate_kv_cache(num_blocks)
         gc = config.cuda_graph_config
-        sizes = gc.capture_sizes(sc.max_batch_size) if (gc is not None and self.device.type == "cuda") else []
+        # no CUDA graphs with collectives inside yet (world_size > 1)
+        sizes = gc.capture_sizes(sc.max_batch_size) if (gc is not None and self.device.type == "cuda"
+                                                         and not split) else []
         self.startup["graph_capture_s"] = self.runner.capture_cuda_graphs(sizes, sc.max_seq_len)
         self.kv = KVCacheManager(num_blocks, kc.tokens_per_block, kc.enable_block_reuse)
         self.scheduler = Scheduler(sc, self.kv)
@@ -93,6 +109,17 @@ class PyExecutor:
         # overlap scheduling pays off when a device runs the step asynchronously (CUDA)
         self.overlap = (self.device.type == "cuda") if config.overlap is None else config.overlap
         self._inflight: _Launched | None = None
+
+    # -- ranks other than 0 (the model split across ranks) -----------------------------------------
+    def follow_loop(self) -> None:
+        """A rank other than 0: run each step rank 0 broadcasts until it stops the followers."""
+        while self.runner.follow():
+            pass
+
+    def stop_followers(self) -> None:
+        """Rank 0, at shutdown: release the other ranks from their follow loops."""
+        if self.mapping is not None and self.mapping.world_size > 1:
+            self.runner.stop_followers()
 
     def set_eos_token_ids(self, ids: frozenset[int]) -> None:
         """The tokenizer may know more end tokens than config.json (e.g. a chat end token)."""
@@ -147,6 +174,8 @@ class PyExecutor:
             "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "startup": dict(self.startup),
             "device": str(self.device),
+            "tensor_parallel_size": self.mapping.tp_size if self.mapping is not None else 1,
+            "pipeline_parallel_size": self.mapping.pp_size if self.mapping is not None else 1,
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "vocab_size": self.model_config.vocab_size,
             "max_seq_len": sc.max_seq_len,

@@ -1,0 +1,71 @@
+"""Run one engine split across ranks in spawned processes (gloo), stepping rank 0 by hand.
+
+Rank 0 builds a PyExecutor with its Mapping and runs tests.tiny.run_engine (prompts enqueued at given
+steps: inflight arrivals, deterministic); the other ranks run ``follow_loop``. The executor's process
+management is tested separately through LLM(tensor_parallel_size=...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _rank_main(rank, tp, pp, path, engine_kwargs, prompts, arrivals, params, port, results) -> None:
+    import torch
+
+    from rtllm.parallel import comm
+    from rtllm.parallel.mapping import Mapping
+    from rtllm.runtime.py_executor import PyExecutor
+    from tests.tiny import make_engine, run_engine
+
+    try:
+        torch.set_num_threads(1)
+        mapping = Mapping(tp * pp, tp, pp, rank=rank)
+        comm.init_distributed(mapping, f"tcp://127.0.0.1:{port}")
+        base = make_engine(path, **engine_kwargs)  # the TP=1 engine's config, then this rank's engine
+        config = dataclasses.replace(base.config, mapping=mapping)
+        del base
+        engine = PyExecutor(config)
+        if rank == 0:
+            out = run_engine(engine, prompts, params, arrivals)
+            engine.stop_followers()
+            results.put((0, "ok", out, [tuple(p.shape) for p in engine.loaded.model.parameters()]))
+        else:
+            engine.follow_loop()
+            results.put((rank, "ok", None, [tuple(p.shape) for p in engine.loaded.model.parameters()]))
+        comm.destroy_distributed()
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc(), None))
+
+
+def run_split(path: str, tp: int, pp: int, prompts, params, arrivals=None, timeout: float = 120.0,
+              **engine_kwargs):
+    """Token ids of every prompt from rank 0, and each rank's parameter shapes."""
+    from rtllm.parallel.comm import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, tp, pp, path, engine_kwargs, prompts, arrivals, params, port,
+                                                  results), daemon=True) for r in range(tp * pp)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        while len(got) < len(procs):
+            rank, status, payload, shapes = results.get(timeout=timeout)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{payload}")
+            got[rank] = (payload, shapes)
+    except queue.Empty:
+        raise AssertionError(f"ranks {sorted(set(range(len(procs))) - set(got))} did not finish") from None
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+    return got[0][0], {r: s for r, (_, s) in got.items()}
