@@ -64,6 +64,13 @@ def test_tp2_equals_tp1(ckpts, reference, case):
     assert (130, 64) in shapes[0]  # embedding / LM head: 260 / 2 rows
 
 
+def test_tp2_overlap_scheduling(ckpts, reference):
+    """Overlap scheduling (forced on, as on a GPU): inputs that are the previous step's tokens are filled on
+    rank 0's device and their id tensor is broadcast to the other ranks."""
+    out, _ = run_split(ckpts["llama"], 2, 1, PROMPTS, GREEDY, ARRIVALS, overlap=True, **ENGINE)
+    assert out == reference["llama"]
+
+
 @pytest.mark.parametrize("case, tp, pp", [("llama", 1, 2), ("qwen2-tied", 1, 2), ("qwen3", 2, 2)])
 def test_pp_equals_pp1(ckpts, reference, case, tp, pp):
     out, shapes = run_split(ckpts[case], tp, pp, PROMPTS, GREEDY, ARRIVALS, **ENGINE)
