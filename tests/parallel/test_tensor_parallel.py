@@ -177,3 +177,40 @@ def test_bad_mapping_fails_with_the_rule(ckpts):
     with pytest.raises(ConfigError, match="num_hidden_layers=2 must be >= pp_size"):
         LLM(ckpts["llama"], pipeline_parallel_size=3, **OPTS)
     assert time.monotonic() - t0 < 60
+
+
+def _load_peak(path: str, world: int, rank: int, results) -> None:
+    """In a fresh process: the peak resident memory (VmHWM, reset first) that loading adds."""
+    from rtllm.models.loader import load_model
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark
+    load_model(path, "float32", mapping=Mapping(world, world, rank=rank) if world > 1 else None)
+    results.put((world, rank, status("VmHWM") - base))
+
+
+def test_tp2_load_peak_host_memory_is_about_half(tmp_path):
+    """A 185 MB checkpoint: each TP=2 rank's peak host memory while loading is well under one rank's
+    (the file's pages a rank touches count too: a rank reads only its shard). Measured: 374 MiB at TP=1,
+    223 and 219 MiB per TP=2 rank."""
+    import torch.multiprocessing as mp
+
+    path = str(tmp_path / "big")
+    make_checkpoint(path, "llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4, vocab_size=8000, with_tokenizer=False)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    peaks = {}
+    for world, rank in [(1, 0), (2, 0), (2, 1)]:
+        p = ctx.Process(target=_load_peak, args=(path, world, rank, results))
+        p.start()
+        w, r, peak = results.get(timeout=60)
+        p.join(10)
+        peaks[(w, r)] = peak
+    print({k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()})
+    assert max(peaks[(2, 0)], peaks[(2, 1)]) < 0.65 * peaks[(1, 0)]
