@@ -12,7 +12,9 @@ launch computes gate and up tiles for a block (rows gathered from x through the 
 expert's weights read once per block) and writes ``silu(gate) * up`` [N, I]; the second launch
 multiplies by w2, scales each row by its routing weight and writes [N, H]; a sum over the k slots
 combines them. Blocks past the last expert's run (expert -1) exit at once, so the grid size is a
-static function of T and nothing is read back to the host (CUDA-graph safe).
+static function of T and nothing is read back to the host (CUDA-graph safe). With few pairs
+(batch-1 decode) the GEMMs skip the alignment: row block m is pair m alone, its expert read from
+topk_ids (PAIR_BLOCKS), so a decode step runs routing, two GEMMs and the sum, nothing else.
 """
 
 from __future__ import annotations
@@ -92,16 +94,19 @@ def fused_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, block_expert_ptr,
-    N, K, num_pairs, num_m_blocks,
+    N, K, num_pairs, num_m_blocks, num_experts,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C[pair] = epilogue(A[pair // A_ROW_DIV] @ B[expert]^T) for one BLOCK_M x BLOCK_N tile.
 
     GATED: B holds [gate; up] (2N rows) and C = silu(gate) * up, N columns.
-    MUL_WEIGHT: each row is scaled by its pair's routing weight (fp32)."""
+    MUL_WEIGHT: each row is scaled by its pair's routing weight (fp32).
+    PAIR_BLOCKS: row block m holds pair m alone and ``block_expert_ptr`` is the flat topk_ids (no
+    alignment step: few pairs, e.g. batch-1 decode, where the sort's launches would cost more than
+    the GEMMs' idle rows)."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     # grouped ordering: GROUP_M row blocks (mostly one expert) sweep the N blocks together
@@ -112,9 +117,12 @@ def _moe_gemm_kernel(
     pid_n = (pid % per_group) // group_size
 
     expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    if (expert < 0) | (expert >= num_experts):  # past the last expert's run, or another rank's expert
         return
-    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    if PAIR_BLOCKS:
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+    else:
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     mask_m = pairs < num_pairs
     a_rows = (pairs // A_ROW_DIV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,15 +167,19 @@ def moe_gemm_config(num_pairs: int, num_experts: int, interpreting: bool) -> dic
     """Block sizes for both GEMMs (BLOCK_M is also the alignment of each expert's run).
 
     Few pairs per expert (decode): BLOCK_M 16, long K tiles, weight-bandwidth bound. Many pairs
-    (prefill): 64 x 64/128 tiles for tensor-core reuse."""
+    (prefill): 64 x 64/128 tiles for tensor-core reuse. PAIR_BLOCKS (a row block per pair, no sort)
+    when pairs are at most a quarter of the experts, so that few experts appear twice (batch 1 always)."""
+    pair_blocks = num_pairs * 4 <= num_experts
     if interpreting:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1, PAIR_BLOCKS=pair_blocks)
+    if pair_blocks:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, PAIR_BLOCKS=True)
     per_expert = num_pairs / max(num_experts, 1)
     if per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, PAIR_BLOCKS=False)
     if per_expert <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4, PAIR_BLOCKS=False)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PAIR_BLOCKS=False)
 
 
 def _dot_config(x: torch.Tensor) -> tuple[bool, str]:
@@ -177,14 +189,16 @@ def _dot_config(x: torch.Tensor) -> tuple[bool, str]:
     return upcast, prec
 
 
-def _launch_gemm(a, b, c, topk_w, sorted_ids, block_expert, N, K, num_pairs, a_row_div, gated, mul_weight, cfg):
+def _launch_gemm(a, b, c, topk_w, sorted_ids, block_expert, N, K, num_pairs, a_row_div, gated, mul_weight, cfg,
+                 pair_blocks=False):
     upcast, prec = _dot_config(a)
     num_m_blocks = block_expert.numel()
     grid = (num_m_blocks * triton.cdiv(N, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
-        a, b, c, topk_w, sorted_ids, block_expert, N, K, num_pairs, num_m_blocks,
+        a, b, c, topk_w, sorted_ids, block_expert, N, K, num_pairs, num_m_blocks, b.shape[0],
         a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
-        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=mul_weight, UPCAST=upcast, DOT_PREC=prec,
+        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=mul_weight, PAIR_BLOCKS=pair_blocks, UPCAST=upcast,
+        DOT_PREC=prec,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
@@ -209,11 +223,18 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
         return x.new_empty(T, H)
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = dict(moe_gemm_config(num_pairs, E, _interpreting(x)), **(config or {}))
-    sorted_ids, block_expert = moe_align_block_size(topk_ids, E, cfg["BLOCK_M"])
+    pair_blocks = cfg.pop("PAIR_BLOCKS")
+    if pair_blocks:  # one row block per pair, its expert read from topk_ids: no alignment launches
+        sorted_ids = block_expert = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    else:
+        sorted_ids, block_expert = moe_align_block_size(topk_ids, E, cfg["BLOCK_M"])
     topk_w = topk_weights.reshape(-1).to(torch.float32).contiguous()
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    _launch_gemm(x, w13, h, topk_w, sorted_ids, block_expert, inter, H, num_pairs, top_k, True, False, cfg)
+    _launch_gemm(x, w13, h, topk_w, sorted_ids, block_expert, inter, H, num_pairs, top_k, True, False, cfg,
+                 pair_blocks)
     # pairs of foreign experts are never written: zero them so the combine ignores them
     y = (torch.zeros if foreign_ids else torch.empty)(num_pairs, H, dtype=x.dtype, device=x.device)
-    _launch_gemm(h, w2, y, topk_w, sorted_ids, block_expert, H, inter, num_pairs, 1, False, True, cfg)
-    return y.view(T, top_k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    _launch_gemm(h, w2, y, topk_w, sorted_ids, block_expert, H, inter, num_pairs, 1, False, True, cfg, pair_blocks)
+    if top_k == 1:
+        return y
+    return y.view(T, top_k, H).sum(dim=1)  # accumulated in fp32 and rounded once, also for 16-bit y
