@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 
+from rtllm.bench.bounds import time_cuda
 from rtllm.kernels import moe, triton_moe
 
 SHAPES = {"qwen3": (128, 8, 2048, 768, True), "mixtral": (8, 2, 4096, 14336, True)}  # E, k, H, I, renormalize
@@ -29,17 +30,7 @@ failures: list[str] = []
 
 
 def median_ms(fn, iters: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return time_cuda(fn, iters) * 1e3
 
 
 def graphed(fn):

@@ -110,7 +110,7 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
     ``dtype`` must be "auto" or the dtype it was built with; ``quant_config``, when it quantizes,
     must equal the stored one (the weights are already quantized: nothing is requantized).
     ``max_positions`` (the rotary table's length) defaults to the built max_seq_len."""
-    from rtllm.models.loader import LoadedModel, _weight_bytes
+    from rtllm.models.loader import LoadedModel, _weight_bytes, build_model
 
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -134,14 +134,7 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
 
     weights_path = os.path.join(path, WEIGHTS_NAME)
     _check_weights_file(weights_path, data["weights"])
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(built_dtype)
-    try:
-        with device:
-            model = model_cls(config, max_positions=max_positions)
-    finally:
-        torch.set_default_dtype(prev)
-    model.eval().requires_grad_(False)
+    model = build_model(model_cls, config, built_dtype, device, max_positions)
 
     specs: dict[str, dict] = data["quantized_layers"]
     try:

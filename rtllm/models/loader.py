@@ -99,6 +99,20 @@ def init_random_weights(model: torch.nn.Module, seed: int = 0) -> None:
             p.zero_()
 
 
+def build_model(model_cls: type, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                max_positions: int | None) -> torch.nn.Module:
+    """``model_cls(config)`` with its parameters created in ``dtype`` on ``device``, in eval mode
+    and frozen (weights not loaded yet)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = model_cls(config, max_positions=max_positions)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' takes the checkpoint's dtype, except fp32 checkpoints run in bf16 on GPU."""
     if dtype == "auto":
@@ -174,14 +188,7 @@ def load_model(
         _check_split(mapping, config, model_cls, quant_config, prequant)
         config.mapping = mapping
     torch_dtype = resolve_dtype(dtype, config.torch_dtype, device)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        with device:
-            model = model_cls(config, max_positions=max_positions)
-    finally:
-        torch.set_default_dtype(prev)
-    model.eval().requires_grad_(False)
+    model = build_model(model_cls, config, torch_dtype, device, max_positions)
     if random_init:
         init_random_weights(model, seed=0)
         weights_loaded = {n for n, _ in model.named_parameters()}
