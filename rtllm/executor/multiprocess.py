@@ -181,14 +181,15 @@ class MultiProcessExecutor(GenerationExecutor):
         proc.join(timeout=1.0)  # reap it, so the exit code is known
         return EngineDeadError(f"{self._who(rank)} {_describe_exit(proc.exitcode)}{when}")
 
-    def _stop_group(self) -> None:
-        """Terminate every rank still running (after one died: the rest would wait on it forever)."""
+    def _stop_group(self, join_timeout: float = 2.0) -> None:
+        """Terminate every rank still running (after one died: the rest would wait on it forever),
+        then kill what SIGTERM left."""
         for stop in (lambda p: p.terminate(), lambda p: p.kill()):
             live = [p for p in self._procs if p.pid is not None and p.exitcode is None]
             for p in live:
                 stop(p)
             for p in live:
-                p.join(2.0)
+                p.join(join_timeout)
 
     @property
     def engine(self):
@@ -334,12 +335,7 @@ class MultiProcessExecutor(GenerationExecutor):
             for proc in self._procs:
                 if proc.pid is not None:
                     proc.join(max(deadline - time.monotonic(), 0.0))
-            for stop in (lambda p: p.terminate(), lambda p: p.kill()):
-                live = [p for p in self._procs if p.pid is not None and p.exitcode is None]
-                for p in live:
-                    stop(p)
-                for p in live:
-                    p.join(5.0)
+            self._stop_group(join_timeout=5.0)
         if self._receiver is not None and self._receiver is not threading.current_thread():
             self._receiver.join(5.0)
         self._fail_all(EngineDeadError("the executor was shut down"))

@@ -24,12 +24,7 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.moe import moe_align_block_size
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    """CPU tensors reach a Triton kernel only under TRITON_INTERPRET=1 (bf16 math is wrong there)."""
-    return t.device.type != "cuda"
-
+from rtllm.kernels.triton_attention.common import interpreting
 
 # --------------------------------------------------------------------------------------------
 # routing
@@ -184,7 +179,7 @@ def moe_gemm_config(num_pairs: int, num_experts: int, interpreting: bool) -> dic
 
 def _dot_config(x: torch.Tensor) -> tuple[bool, str]:
     """(UPCAST, DOT_PREC): the interpreter upcasts 16-bit tiles; fp32 uses IEEE dots (matches the reference)."""
-    upcast = _interpreting(x) and x.dtype != torch.float32
+    upcast = interpreting(x) and x.dtype != torch.float32
     prec = "ieee" if (x.dtype == torch.float32 or upcast) else "tf32"
     return upcast, prec
 
@@ -222,7 +217,7 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     if T == 0:
         return x.new_empty(T, H)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = dict(moe_gemm_config(num_pairs, E, _interpreting(x)), **(config or {}))
+    cfg = dict(moe_gemm_config(num_pairs, E, interpreting(x)), **(config or {}))
     pair_blocks = cfg.pop("PAIR_BLOCKS")
     if pair_blocks:  # one row block per pair, its expert read from topk_ids: no alignment launches
         sorted_ids = block_expert = topk_ids.reshape(-1).to(torch.int32).contiguous()

@@ -10,15 +10,12 @@ from __future__ import annotations
 import torch
 
 from rtllm.kernels.quant_gemm import FP8_DTYPE, FP8_MAX
+from rtllm.quantization.scales import absmax_row_scales
 
 
 def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (wq float8_e4m3fn [N, K], scales fp32 [N]); an all-zero row gets scale 1."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    wf = w.detach().float()
-    amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    wf, scale = absmax_row_scales(w, FP8_MAX)
     wq = (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return wq, scale
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from rtllm.quantization.scales import absmax_row_scales
+
 INT8_MAX = 127
 
 
 def quantize_w8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (q int8 [N, K], scales fp32 [N]), computed in fp32."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    wf = w.detach().float()
-    amax = wf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    wf, scale = absmax_row_scales(w, INT8_MAX)
     q = torch.round(wf / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
