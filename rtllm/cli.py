@@ -38,6 +38,9 @@ def _engine_args(p: argparse.ArgumentParser, engine_limits: bool = False) -> Non
                    help="split the model across this many ranks (tensor parallel), one worker process each")
     p.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
                    help="split the layers across this many pipeline stages (ranks = tp * pp)")
+    p.add_argument("--ep", "--moe-expert-parallel-size", dest="moe_expert_parallel_size", type=int, default=None,
+                   help="MoE models: split the experts across this many of the tp ranks (expert parallel); the "
+                        "rest of the tp group splits each expert's width (default: ep 1, experts split by width)")
     p.add_argument("--log-level", default="warning")
 
 
@@ -56,7 +59,8 @@ def _make_llm(args, **kw):
     return LLM(args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
                kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), quant_config=quant,
-               tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size, **kw)
+               tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+               moe_expert_parallel_size=args.moe_expert_parallel_size, **kw)
 
 
 def _served_name(model: str | None) -> str:

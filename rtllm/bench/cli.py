@@ -101,7 +101,9 @@ def run_bench(args) -> int:
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), executor_type=args.executor,
-              disable_overlap_scheduler=args.no_overlap)
+              disable_overlap_scheduler=args.no_overlap, tensor_parallel_size=args.tensor_parallel_size,
+              pipeline_parallel_size=args.pipeline_parallel_size,
+              moe_expert_parallel_size=args.moe_expert_parallel_size)
     ei = llm.executor.engine_info
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],

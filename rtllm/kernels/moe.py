@@ -113,10 +113,13 @@ def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t: [T, H] in x.dtype."""
+                  topk_ids: torch.Tensor, foreign_ids: bool = False) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t: [T, H] in x.dtype.
+
+    ``foreign_ids``: some ids lie outside [0, E) (experts held by another rank under expert
+    parallelism); their slots contribute zero."""
     if triton_enabled(x):
         from rtllm.kernels import triton_moe
 
-        return triton_moe.fused_experts_triton(x, w13, w2, topk_weights, topk_ids)
+        return triton_moe.fused_experts_triton(x, w13, w2, topk_weights, topk_ids, foreign_ids=foreign_ids)
     return fused_experts_torch(x, w13, w2, topk_weights, topk_ids)

@@ -8,6 +8,21 @@ GEMM kernel (rtllm.kernels.moe) runs all experts in one launch.
 Checkpoints store experts one tensor each (``experts.N.gate_proj`` / ``w1``, ...) or already
 stacked (transformers 5 in memory: ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj``);
 ``load_expert`` takes either.
+
+Split across ranks (``mapping`` with tp_size > 1; rtllm.parallel.Mapping), the tensor-parallel group
+of tp_size ranks is factored as moe_ep_size x moe_tp_size:
+
+- expert parallel: a rank holds experts [ep_rank * E/ep, (ep_rank + 1) * E/ep). The router is
+  replicated and routes over all E experts; a rank runs only the (token, slot) pairs of its own
+  experts (the kernels skip ids outside [0, E_local)). Attention is tensor-parallel, so every rank
+  of the group already holds every token: dispatch is this local selection and the combine is the
+  group's all-reduce (the all-gather / reduce-scatter form of expert parallelism);
+- MoE tensor parallel: each expert's intermediate dimension is split moe_tp ways (gate and up rows,
+  down columns), like the dense MLP's column / row split.
+
+Each rank's output is a partial sum over its experts and its intermediate slice; one all-reduce over
+the tensor-parallel group sums them (the same place the dense MLP's row-parallel down_proj reduces).
+A rank reads only its experts' shards of the checkpoint (rtllm.parallel.weights.narrow).
 """
 
 from __future__ import annotations
@@ -17,6 +32,9 @@ from torch import nn
 
 from rtllm.kernels import gemm
 from rtllm.kernels import moe as moe_kernels
+from rtllm.parallel import comm
+from rtllm.parallel.mapping import Mapping
+from rtllm.parallel.weights import LazyTensor, narrow
 
 # checkpoint spelling of an expert's projection -> (stacked parameter, shard: 0 gate, 1 up, None whole)
 EXPERT_SHARDS = {
@@ -40,47 +58,80 @@ class MoeRouter(nn.Module):
 
 class FusedMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool) -> None:
+                 renormalize: bool, mapping: Mapping | None = None) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"FusedMoE: top_k={top_k} must be in 1..num_experts={num_experts}")
-        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        split = mapping is not None and mapping.tp_size > 1
+        self.tp_size = mapping.tp_size if split else 1
+        ep, ep_rank = (mapping.moe_ep_size, mapping.moe_ep_rank) if split else (1, 0)
+        mtp, mtp_rank = (mapping.moe_tp_size, mapping.moe_tp_rank) if split else (1, 0)
+        if num_experts % ep or intermediate_size % mtp:
+            raise ValueError(f"FusedMoE: num_experts={num_experts} / moe_ep_size={ep} and intermediate_size="
+                             f"{intermediate_size} / moe_tp_size={mtp} must divide evenly")
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size  # global (checkpoint) sizes
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.num_local_experts = num_experts // ep
+        self.expert_start = ep_rank * self.num_local_experts  # this rank's first expert (global index)
+        self.local_intermediate = intermediate_size // mtp
+        self.inter_start = mtp_rank * self.local_intermediate  # this rank's slice of each expert's width
         self.gate = MoeRouter(hidden_size, num_experts)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * self.local_intermediate, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, self.local_intermediate))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H] in x.dtype."""
+        """x [T, H] -> [T, H] in x.dtype (summed over the tensor-parallel group when split)."""
         topk_weights, topk_ids = moe_kernels.fused_topk(self.gate(x), self.top_k, self.renormalize)
-        return moe_kernels.fused_experts(x, self.w13, self.w2, topk_weights, topk_ids)
+        foreign = self.num_local_experts < self.num_experts
+        if foreign:  # global expert ids -> this rank's; other ranks' experts fall outside [0, E_local)
+            topk_ids = topk_ids - self.expert_start
+        out = moe_kernels.fused_experts(x, self.w13, self.w2, topk_weights, topk_ids, foreign_ids=foreign)
+        return comm.tp_all_reduce(out) if self.tp_size > 1 else out
+
+    def is_local(self, expert: int) -> bool:
+        """Whether global expert ``expert`` lives on this rank."""
+        return self.expert_start <= expert < self.expert_start + self.num_local_experts
 
     @torch.no_grad()
-    def load_expert(self, proj: str, loaded: torch.Tensor, expert: int | None = None) -> str:
-        """Copy one checkpoint tensor into the stacked weights; returns the parameter's name.
+    def load_expert(self, proj: str, loaded: torch.Tensor | LazyTensor, expert: int | None = None) -> str | None:
+        """Copy one checkpoint tensor into this rank's part of the stacked weights; returns the
+        parameter's name, or None for an expert another rank holds (nothing is read).
 
-        ``proj``: a key of EXPERT_SHARDS with ``expert`` the expert's index, or a stacked
-        ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I] with ``expert`` None."""
-        inter = self.intermediate_size
+        ``proj``: a key of EXPERT_SHARDS with ``expert`` the expert's global index, or a stacked
+        ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I] with ``expert`` None. ``loaded`` may be a
+        LazyTensor: only this rank's experts and intermediate slice are read."""
+        inter, local, start = self.intermediate_size, self.local_intermediate, self.inter_start
         if expert is None:
             name = {"gate_up_proj": "w13", "down_proj": "w2"}.get(proj)
             if name is None:
                 raise ValueError(f"stacked expert tensor {proj!r}: expected gate_up_proj or down_proj")
-            param = getattr(self, name)
-            if loaded.shape != param.shape:
-                raise ValueError(f"shape mismatch: {proj} {tuple(loaded.shape)} vs {name} {tuple(param.shape)} "
+            full = ((self.num_experts, 2 * inter, self.hidden_size) if name == "w13"
+                    else (self.num_experts, self.hidden_size, inter))
+            if tuple(loaded.shape) != full:
+                raise ValueError(f"shape mismatch: {proj} {tuple(loaded.shape)} vs expected {full} "
                                  "(stacked experts must be [E, 2I, H] and [E, H, I])")
-            param.copy_(loaded)
+            mine = narrow(loaded, 0, self.expert_start, self.num_local_experts)
+            param = getattr(self, name)
+            if name == "w13":  # gate rows [0, I), up rows [I, 2I): this rank's slice of each
+                param[:, :local].copy_(mine.narrow(1, start, local))
+                param[:, local:].copy_(mine.narrow(1, inter + start, local))
+            else:
+                param.copy_(mine.narrow(2, start, local))
             return name
         if not 0 <= expert < self.num_experts:
-            raise ValueError(f"expert {expert} out of range: this layer holds {self.num_experts} experts")
+            raise ValueError(f"expert {expert} out of range: this layer has {self.num_experts} experts")
         name, shard = EXPERT_SHARDS[proj]
-        dst = getattr(self, name)[expert]
-        if shard is not None:
-            dst = dst.narrow(0, shard * inter, inter)
-        if loaded.shape != dst.shape:
-            raise ValueError(f"shape mismatch: expert {expert} {proj} {tuple(loaded.shape)} vs {tuple(dst.shape)}")
-        dst.copy_(loaded)
+        full = (inter, self.hidden_size) if shard is not None else (self.hidden_size, inter)
+        if tuple(loaded.shape) != full:
+            raise ValueError(f"shape mismatch: expert {expert} {proj} {tuple(loaded.shape)} vs expected {full}")
+        if not self.is_local(expert):
+            return None
+        dst = getattr(self, name)[expert - self.expert_start]
+        if shard is not None:  # gate or up: rows [start, start + local) of the expert's [I, H]
+            dst = dst.narrow(0, shard * local, local)
+            dst.copy_(narrow(loaded, 0, start, local))
+        else:  # down [H, I]: columns [start, start + local)
+            dst.copy_(narrow(loaded, 1, start, local))
         return name
 
 

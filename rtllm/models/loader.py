@@ -223,13 +223,11 @@ def load_model(
 
 def _check_split(mapping: Mapping, config: ModelConfig, model_cls: type, quant_config: QuantConfig | None,
                  prequant: object) -> None:
-    """What runs split across ranks today: dense models whose class supports it, unquantized."""
+    """What runs split across ranks today: models whose class supports it (dense and MoE), unquantized."""
     what = f"tp_size={mapping.tp_size}, pp_size={mapping.pp_size}"
     mapping.validate_for(config)
     if not getattr(model_cls, "supports_parallel", False):
         raise ConfigError(f"{config.architecture} does not support running split across ranks ({what})")
-    if getattr(config, "num_experts", 0):
-        raise ConfigError(f"{config.architecture}: mixture-of-experts models do not run with {what} yet")
     if (quant_config is not None and quant_config.enabled) or prequant is not None:
         raise ConfigError(f"quantized weights do not run with {what} yet (the quantized layers are not split)")
 

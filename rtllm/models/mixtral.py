@@ -33,11 +33,12 @@ class MixtralForCausalLM(LlamaForCausalLM):
         if not cfg.is_moe_layer(layer_idx):
             return None  # a dense Llama MLP of intermediate_size (Qwen3-MoE's mlp_only_layers)
         return FusedMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                        renormalize=cfg.norm_topk_prob)
+                        renormalize=cfg.norm_topk_prob, mapping=cfg.mapping)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Experts go into their layer's stacked w13 / w2; everything else loads as in the Llama family.
-        A stacked parameter counts as loaded once every expert's every part has arrived."""
+        A stacked parameter counts as loaded once every part of every expert this rank holds has
+        arrived. Split across ranks: other stages' layers and other ranks' experts are skipped unread."""
         modules = dict(self.named_modules())
         parts: dict[str, set] = {}  # stacked parameter name -> the (expert, shard) parts seen
 
@@ -48,6 +49,8 @@ class MixtralForCausalLM(LlamaForCausalLM):
                 if m is None:
                     yield target, tensor
                     continue
+                if self.model.pipelined and self._stage_target(target) is None:
+                    continue  # a layer of another pipeline stage
                 moe = modules.get(m["prefix"])
                 proj = m["stacked"] or m["proj"]
                 if not isinstance(moe, FusedMoE) or (m["proj"] and proj not in EXPERT_SHARDS):
@@ -57,13 +60,15 @@ class MixtralForCausalLM(LlamaForCausalLM):
                     pname = moe.load_expert(proj, tensor, expert)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from e
+                if pname is None:
+                    continue  # an expert held by another rank (expert parallel)
                 shard = EXPERT_SHARDS[proj][1] if expert is not None else None
                 parts.setdefault(f"{m['prefix']}.{pname}", set()).add("all" if expert is None else (expert, shard))
 
         loaded = super().load_weights(dense(weights))
         for pname, seen in parts.items():
             moe = modules[pname.rpartition(".")[0]]
-            need = moe.num_experts * (2 if pname.endswith(".w13") else 1)
+            need = moe.num_local_experts * (2 if pname.endswith(".w13") else 1)
             if "all" in seen or len(seen) == need:
                 loaded.add(pname)
         return loaded

@@ -14,7 +14,7 @@ import traceback
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank, tp, pp, path, engine_kwargs, prompts, arrivals, params, port, results) -> None:
+def _rank_main(rank, tp, pp, ep, path, engine_kwargs, prompts, arrivals, params, port, results) -> None:
     import torch
 
     from rtllm.parallel import comm
@@ -24,7 +24,7 @@ def _rank_main(rank, tp, pp, path, engine_kwargs, prompts, arrivals, params, por
 
     try:
         torch.set_num_threads(1)
-        mapping = Mapping(tp * pp, tp, pp, rank=rank)
+        mapping = Mapping(tp * pp, tp, pp, moe_ep_size=ep, rank=rank)
         comm.init_distributed(mapping, f"tcp://127.0.0.1:{port}")
         base = make_engine(path, **engine_kwargs)  # the TP=1 engine's config, then this rank's engine
         config = dataclasses.replace(base.config, mapping=mapping)
@@ -43,14 +43,15 @@ def _rank_main(rank, tp, pp, path, engine_kwargs, prompts, arrivals, params, por
 
 
 def run_split(path: str, tp: int, pp: int, prompts, params, arrivals=None, timeout: float = 120.0,
-              **engine_kwargs):
-    """Token ids of every prompt from rank 0, and each rank's parameter shapes."""
+              ep: int | None = None, **engine_kwargs):
+    """Token ids of every prompt from rank 0, and each rank's parameter shapes. ``ep``: the MoE layers'
+    expert-parallel size (None: the Mapping default, experts split by moe tensor parallel)."""
     from rtllm.parallel.comm import free_port
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp, pp, path, engine_kwargs, prompts, arrivals, params, port,
+    procs = [ctx.Process(target=_rank_main, args=(r, tp, pp, ep, path, engine_kwargs, prompts, arrivals, params, port,
                                                   results), daemon=True) for r in range(tp * pp)]
     for p in procs:
         p.start()
