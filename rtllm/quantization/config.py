@@ -14,11 +14,18 @@ the allowed values. Algorithms (docs/QUANTIZATION.md has the layouts and kernels
 
 ``kv_cache_quant_algo`` (None or ``FP8``): ``FP8`` makes the engine keep its KV cache in float8_e4m3fn
 (static per-layer scales 1.0; docs/QUANTIZATION.md, *FP8 KV cache*).
+
+Whenever weights are quantized (any ``quant_algo``, or a pre-quantized checkpoint), the token
+embedding and the LM head are stored INT8 with one symmetric absmax scale per vocabulary row
+(``VOCAB_QUANT_ALGO``; a tied pair shares one table). ``exclude_modules`` (TensorRT-LLM / ModelOpt's
+name) keeps the modules it names in the model dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from rtllm.errors import ConfigError
 
@@ -39,6 +46,9 @@ DEFAULT_GROUP_SIZE: dict[str, int] = {W4A16: 128, W4A16_AWQ: 128, NVFP4: NVFP4_B
 # devices each algorithm has kernels for
 _DEVICES: dict[str, tuple[str, ...]] = {a: ("cpu", "cuda") for a in SUPPORTED_QUANT_ALGOS}
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90) on
+# the format of the token embedding and the LM head when weights are quantized (unless excluded):
+# int8 codes with one fp32 absmax scale per vocabulary row (the LM head runs as a W8A16 linear)
+VOCAB_QUANT_ALGO = W8A16
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -59,13 +69,25 @@ class QuantConfig:
 
     kv_cache_quant_algo: None or "FP8" (an FP8 KV cache; see the module doc).
     calib_size / calib_max_seq_length: W4A16_AWQ calibration, the number of text sequences and
-    the tokens in each (TensorRT-LLM's names)."""
+    the tokens in each (TensorRT-LLM's names).
+
+    exclude_modules: module names or fnmatch globs (TensorRT-LLM / ModelOpt's field) whose modules
+    stay in the model dtype when weights are quantized. A pattern matches a module's full name
+    (``lm_head``, ``model.embed_tokens``, ``model.layers.3.mlp.down_proj``), any dotted suffix of
+    it (``embed_tokens``, ``mlp.down_proj``), or a module that contains it (``model.layers.0``
+    keeps that layer's linear layers). Default None: nothing excluded, so the token embedding
+    and the LM head are INT8 per row (``VOCAB_QUANT_ALGO``) and every linear layer takes
+    ``quant_algo``. A tied embedding / LM head is one table: excluding either keeps both. Each
+    pattern must match a module that this load would quantize, else loading fails naming it. On
+    a pre-quantized checkpoint (no ``quant_algo``) rtllm quantizes only the embedding and the LM
+    head, so only they can be excluded."""
 
     quant_algo: str | None = None
     group_size: int | None = None
     kv_cache_quant_algo: str | None = None
     calib_size: int = 16
     calib_max_seq_length: int = 256
+    exclude_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.quant_algo = self._algo("quant_algo", self.quant_algo, SUPPORTED_QUANT_ALGOS)
@@ -82,24 +104,34 @@ class QuantConfig:
                 raise ConfigError(f"QuantConfig.group_size={g!r}: must be None or one of {list(allowed)}{algo}")
         _check_positive_int("calib_size", self.calib_size)
         _check_positive_int("calib_max_seq_length", self.calib_max_seq_length)
+        ex = self.exclude_modules
+        if ex is not None:
+            if isinstance(ex, str) or not isinstance(ex, list | tuple) or not all(
+                    isinstance(p, str) and p.strip() == p and p for p in ex):
+                raise ConfigError(f"QuantConfig.exclude_modules={ex!r}: must be None or a list of module names "
+                                  f"or globs (non-empty strings without surrounding spaces), e.g. ['lm_head']")
+            self.exclude_modules = list(ex)  # stored as a list: the engine config's JSON reads back equal
 
     @classmethod
     def from_name(cls, name: str | None, group_size: int | None = None,
-                  kv_cache_dtype: str = "auto") -> QuantConfig | None:
+                  kv_cache_dtype: str = "auto", exclude_modules: list[str] | None = None) -> QuantConfig | None:
         """The config for command-line names: weights "none", "fp8", "w8a16", "w4a16", "w4a16_awq",
         "nvfp4"; ``group_size`` applies to the grouped INT4 formats only (a ConfigError for the
-        others); ``kv_cache_dtype`` "auto" (the model's) or "fp8". None when nothing is quantized."""
+        others); ``kv_cache_dtype`` "auto" (the model's) or "fp8"; ``exclude_modules`` as the field
+        (with "none" it still applies to a pre-quantized checkpoint). None when nothing is set."""
         kv = {"auto": None, "fp8": FP8}.get(str(kv_cache_dtype).lower(), "?")
         if kv == "?":
             raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r}: must be 'auto' or 'fp8'")
         if name is None or name.lower() == "none":
             if group_size is not None:
                 raise ConfigError(f"QuantConfig.group_size={group_size}: given without a quantization algorithm")
-            return None if kv is None else cls(kv_cache_quant_algo=kv)
+            if kv is None and not exclude_modules:
+                return None
+            return cls(kv_cache_quant_algo=kv, exclude_modules=exclude_modules or None)
         algo = name.upper()
         if group_size is not None and algo not in (W4A16, W4A16_AWQ):
             raise ConfigError(f"QuantConfig.group_size={group_size}: applies to {W4A16} / {W4A16_AWQ}, not {algo}")
-        return cls(algo, group_size, kv_cache_quant_algo=kv)
+        return cls(algo, group_size, kv_cache_quant_algo=kv, exclude_modules=exclude_modules or None)
 
     @staticmethod
     def _algo(name: str, value: object, allowed: tuple[str, ...]) -> str | None:
@@ -112,6 +144,21 @@ class QuantConfig:
     @property
     def enabled(self) -> bool:
         return self.quant_algo is not None
+
+    def excludes(self, module_name: str) -> bool:
+        """Whether ``exclude_modules`` keeps the module ``module_name`` in the model dtype."""
+        return any(_matches(p, module_name) for p in self.exclude_modules or ())
+
+    def check_exclude_modules(self, candidates: Iterable[str], what: str = "quantized") -> None:
+        """ConfigError naming every ``exclude_modules`` pattern that matches none of ``candidates`` (the
+        names of the modules this load would quantize); ``what`` says what they are in the message."""
+        names = list(candidates)
+        unmatched = [p for p in self.exclude_modules or () if not any(_matches(p, n) for n in names)]
+        if unmatched:
+            shown = names if len(names) <= 8 else [*names[:3], "...", *names[-3:]]
+            raise ConfigError(f"QuantConfig.exclude_modules: {unmatched} match no module that is {what} here; "
+                              f"the modules are {shown} ({len(names)}; fused q|k|v and gate|up are named "
+                              f"qkv_proj and gate_up_proj)")
 
     @property
     def grouped(self) -> bool:
@@ -157,3 +204,13 @@ class QuantConfig:
                 raise ConfigError(f"QuantConfig.quant_algo='FP8': needs a GPU with FP8 tensor cores (compute "
                                   f"capability >= 8.9, Ada / Hopper); this one is sm_{cap[0]}{cap[1]}. "
                                   f"Allowed here: {[a for a in SUPPORTED_QUANT_ALGOS if a != FP8]}")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """A pattern matches the module ``name`` itself, a dotted suffix of it, or a module containing it."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):  # the module, then its parents
+        for start in range(end):  # the full dotted name, then its suffixes
+            if fnmatchcase(".".join(parts[start:end]), pattern):
+                return True
+    return False
