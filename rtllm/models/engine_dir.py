@@ -7,9 +7,12 @@ An engine directory holds a model exactly as the runtime runs it, already fused 
   (``pretrained_config``, the HF-shaped dict ``ModelConfig`` reads), the build config (limits the
   runtime takes as defaults), the quant config, the weights' dtype, the device type (and GPU name)
   the layouts were packed for, one spec per quantized layer (class, plain attributes, tensor
-  names: rtllm.layers.quant.serialize) and the size of the weights file;
+  names: rtllm.layers.quant.serialize; the INT8 embedding and LM head included) and the size of
+  the weights file;
 - ``rank0.safetensors``: every parameter by its rtllm name (fused ``qkv_proj`` / ``gate_up_proj``),
-  quantized layers as their packed tensors and scales; a tied LM head is stored once;
+  quantized layers as their packed tensors and scales; a tied LM head is stored once (dense: under
+  the embedding's ``weight``; INT8: its spec's ``tied`` maps ``qweight`` / ``scales`` to the
+  embedding's tensors, which both layers hold again after loading);
 - the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template...), so the
   directory loads alone;
 - ``build_log.json``: what the build did and how long it took (not read when loading).
@@ -32,8 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rtllm.errors import ConfigError, ModelLoadError
-from rtllm.layers.quant.base import QuantizedLinear
-from rtllm.layers.quant.serialize import layer_spec, restore_quantized_linear
+from rtllm.layers.quant.base import frozen
+from rtllm.layers.quant.serialize import is_quantized_layer, layer_spec, restore_quantized_layer
 from rtllm.models.config import ModelConfig, parse_dtype
 from rtllm.models.registry import get_model_class
 
@@ -89,17 +92,29 @@ def read_engine_config(path: str) -> dict:
 
 def engine_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """What an engine directory stores of a loaded model: (tensors by parameter name, contiguous on
-    the CPU; quantized layer name -> its spec). A tied parameter is stored under its first name."""
+    the CPU; quantized layer name -> its spec). A tied parameter is stored under its first name; a
+    quantized layer holding it records ``tied``: {its parameter name: the stored name}."""
     tensors: dict[str, torch.Tensor] = {}
+    stored_as: dict[int, str] = {}
     storages: set[int] = set()
     for name, p in model.named_parameters():  # remove_duplicate: a tied LM head is listed once
+        stored_as[id(p)] = name
         t = p.detach()
         ptr = t.untyped_storage().data_ptr()
         if ptr in storages:  # distinct parameters viewing the same memory (safetensors refuses that): a copy
             t = t.clone()
         storages.add(ptr)
         tensors[name] = t.contiguous().cpu()
-    specs = {name: layer_spec(m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    specs = {}
+    for name, m in model.named_modules():
+        if not is_quantized_layer(m):
+            continue
+        spec = layer_spec(m)
+        tied = {t: stored_as[id(p)] for t, p in m.named_parameters(recurse=False)
+                if p is not None and stored_as[id(p)] != f"{name}.{t}"}
+        if tied:
+            spec["tied"] = tied
+        specs[name] = spec
     return tensors, specs
 
 
@@ -155,12 +170,17 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
 
 def _check_quant_config(quant_config: object | None, stored: dict | None, path: str) -> None:
     algo = getattr(quant_config, "quant_algo", None)
-    if algo is None:
+    exclude = getattr(quant_config, "exclude_modules", None) or None
+    if algo is None and exclude is None:
         return
     stored = stored or {}
-    want = {k: stored.get(k) for k in ("quant_algo", "group_size", "kv_cache_quant_algo")}
+    keys = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules") if algo is not None else (
+        "exclude_modules",)  # no algorithm: only the opt-out (which applies to a pre-quantized source) is compared
+    want = {k: stored.get(k) for k in keys}
     got = {k: getattr(quant_config, k, None) for k in want}
-    if got["group_size"] is None:
+    want["exclude_modules"] = want["exclude_modules"] or None  # [] and None both exclude nothing
+    got["exclude_modules"] = got["exclude_modules"] or None
+    if got.get("group_size", 0) is None:
         want["group_size"] = got["group_size"] = None  # "the format's default" matches what was built
     if got != want:
         raise ConfigError(f"quant_config={got}: the engine at {path!r} is already quantized as {want}; "
@@ -202,21 +222,28 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _restore_quantized(model: torch.nn.Module, specs: dict[str, dict], names: set[str], f, where: str) -> None:
+    shared: dict[str, torch.nn.Parameter] = {}  # stored name -> the one Parameter every layer holding it gets
     for layer_name, spec in specs.items():
         try:
             dense = model.get_submodule(layer_name)
         except AttributeError as e:
             raise ModelLoadError(f"{where}: quantized layer {layer_name!r} is not a module of "
                                  f"{type(model).__name__}") from e
+        tied = spec.get("tied") or {}
+        if not isinstance(tied, dict) or not set(tied) <= set(spec.get("tensors", ())):
+            raise ModelLoadError(f"{where}: layer {layer_name!r}: bad 'tied' entry {tied!r} (corrupt engine "
+                                 f"directory: rebuild it)")
         tensors = {}
         for t in spec.get("tensors", ()):
-            full = f"{layer_name}.{t}"
-            if full not in names:
-                raise ModelLoadError(f"{where}: tensor {full!r} is missing (corrupt engine directory: rebuild it)")
-            tensors[t] = _aligned(f.get_tensor(full))
-            names.discard(full)
+            full = tied.get(t, f"{layer_name}.{t}")
+            if full not in shared:
+                if full not in names:
+                    raise ModelLoadError(f"{where}: tensor {full!r} is missing (corrupt engine directory: rebuild it)")
+                shared[full] = frozen(_aligned(f.get_tensor(full)))
+                names.discard(full)
+            tensors[t] = shared[full]
         try:
-            new = restore_quantized_linear(spec, tensors, dense)
+            new = restore_quantized_layer(spec, tensors, dense)
         except ValueError as e:
             raise ModelLoadError(f"{where}: layer {layer_name!r}: {e}") from e
         parent_name, _, child = layer_name.rpartition(".")
@@ -226,7 +253,7 @@ def _restore_quantized(model: torch.nn.Module, specs: dict[str, dict], names: se
 
 def _load_dense(model: torch.nn.Module, names: set[str], f, where: str) -> None:
     params = dict(model.named_parameters())  # after the swap: the quantized layers' own are consumed
-    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    quantized = {n for n, m in model.named_modules() if is_quantized_layer(m)}
     for name in sorted(params):
         if name.rpartition(".")[0] in quantized:
             continue

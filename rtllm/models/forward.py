@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from rtllm.layers.attention_metadata import AttentionMetadata
+from rtllm.layers.norm import RMSNorm
 
 _BLOCK = 16
 
@@ -22,12 +23,13 @@ def prefill_hidden(model: torch.nn.Module, sequences: Sequence[Sequence[int]],
     """Hidden states [len(seq), hidden] for each token sequence, from one batched prefill.
 
     ``dtype``: the KV cache's (the model dtype; torch.float8_e4m3fn for an FP8 cache, quantized with
-    each attention layer's k_scale / v_scale); None takes the first parameter's (the embedding
-    table's in the Llama family)."""
+    each attention layer's k_scale / v_scale); None takes the model dtype, its norms' (the embedding
+    and linear weights may be quantized)."""
     layers = model.attention_layers()
     a = layers[0]
     first = next(model.parameters())
-    device, dtype = first.device, dtype or first.dtype
+    norm = next((m.weight for m in model.modules() if isinstance(m, RMSNorm)), first)
+    device, dtype = first.device, dtype or norm.dtype
     lens = [len(s) for s in sequences]
     if not lens or min(lens) == 0:
         raise ValueError("every sequence needs at least one token")

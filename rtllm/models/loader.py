@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rtllm.errors import ConfigError, ModelLoadError
-from rtllm.layers.quantized_linear import quantize_linear_layers
+from rtllm.layers.quantized_linear import quantize_linear_layers, quantize_vocab_layers
 from rtllm.models.config import ModelConfig, parse_dtype
 from rtllm.models.prequantized import PrequantizedLoader, check_no_quant_config, read_checkpoint_quant
 from rtllm.models.registry import get_model_class, weight_name_map
@@ -212,6 +212,8 @@ def load_model(
     missing = sorted(expected - loaded)
     if missing:
         raise ModelLoadError(f"{model_path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    if prequant is not None:  # its linear layers came quantized; the embedding / LM head follow rtllm's default
+        logger.info("%s: %s", model_path, quantize_vocab_layers(model, quant_config).vocab_summary())
     weight_bytes = _weight_bytes(model)
     if quant_config is not None and quant_config.enabled:
         weight_bytes = quantize_model(model, quant_config, tokenizer_source, calib_tokenize)
@@ -267,8 +269,8 @@ def quantize_model(model: torch.nn.Module, quant_config: QuantConfig, tokenizer_
     for g in report.quantized.values():
         groups[g] = groups.get(g, 0) + 1
     logger.info("%s: quantized %d linear layers (group size, 0 = per channel: layer count %s) in %.2f s; weights "
-                "%.1f MiB -> %.1f MiB (embeddings, norms and LM head stay dense)", quant_config.quant_algo,
-                len(report.quantized), groups, time.perf_counter() - t0, dense_bytes / 2**20, weight_bytes / 2**20)
+                "%.1f MiB -> %.1f MiB (%s; norms stay dense)", quant_config.quant_algo, len(report.quantized), groups,
+                time.perf_counter() - t0, dense_bytes / 2**20, weight_bytes / 2**20, report.vocab_summary())
     if quant_config.quant_algo == NVFP4:
         logger.warning("NVFP4: weights are dequantized to 16 bits before every GEMM (Hopper has no FP4 tensor "
                        "cores; there is no FP4 GEMM path here): it saves memory, not time")

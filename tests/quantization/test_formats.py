@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from rtllm.errors import ConfigError
 from rtllm.layers.linear import Linear, MergedLinear, QKVLinear
-from rtllm.layers.quant import FP8Linear, NVFP4Linear, QuantizedLinear, W4A16Linear, W8A16Linear
+from rtllm.layers.quant import FP8Linear, Int8Embedding, NVFP4Linear, QuantizedLinear, W4A16Linear, W8A16Linear
 from rtllm.layers.quant.base import AWQ_INPUT_SCALE_ATTR
 from rtllm.quantization.config import SUPPORTED_QUANT_ALGOS, QuantConfig
 from rtllm.quantization.int4 import dequantize_w4, quantize_w4_asym, unpack_w4_cpu
@@ -225,10 +225,14 @@ FORMATS = [QuantConfig("FP8"), QuantConfig("W8A16"), QuantConfig("W4A16", 32), Q
 def dequantized_hf_state_dict(rt_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The rtllm model's weights as a transformers Llama state dict: every (quantized) linear replaced by
     its dense fp32 equivalent, fused layers split back into q/k/v and gate/up; norms as rtllm holds them
-    (AWQ folds 1/s into them)."""
+    (AWQ folds 1/s into them); the INT8 embedding / LM head as ``q * scale`` per row."""
     sd: dict[str, torch.Tensor] = {}
     for name, m in rt_model.named_modules():
-        if isinstance(m, QuantizedLinear | Linear):
+        if isinstance(m, Int8Embedding):
+            sd[f"{name}.weight"] = m.qweight.float() * m.scales[:, None]
+        elif name == "lm_head" and isinstance(m, QuantizedLinear):
+            sd["lm_head.weight"] = dense_weight(m)
+        elif isinstance(m, QuantizedLinear | Linear):
             w = dense_weight(m)
             b = None if m.bias is None else m.bias.float()
             if name.endswith("qkv_proj"):
@@ -244,7 +248,7 @@ def dequantized_hf_state_dict(rt_model: torch.nn.Module) -> dict[str, torch.Tens
                     sd[f"{prefix}.{part}.bias"] = b[lo:lo + size]
                 lo += size
     for name, p in rt_model.named_parameters():
-        if "norm" in name or "embed_tokens" in name or name.startswith("lm_head"):
+        if "norm" in name or name in ("model.embed_tokens.weight", "lm_head.weight"):
             sd[name] = p.float()
     return sd
 
@@ -279,8 +283,10 @@ def test_tiny_llama_through_llm_matches_dequantized_model(tiny, qc):
     path, hf_dense = tiny
     # the same quantization as the engine's (deterministic, AWQ calibration included), read for the oracle
     q = load_model(path, "float32", "cpu", max_positions=512, quant_config=qc)
-    kinds = {type(m) for m in q.model.modules() if isinstance(m, QuantizedLinear)}
+    kinds = {type(m) for n, m in q.model.named_modules() if isinstance(m, QuantizedLinear) and n != "lm_head"}
     assert len(kinds) == 1 and not any(type(m) in (Linear, MergedLinear, QKVLinear) for m in q.model.modules())
+    # the embedding and the untied LM head are INT8 per row whatever the format (docs/QUANTIZATION.md)
+    assert isinstance(q.model.model.embed_tokens, Int8Embedding) and isinstance(q.model.lm_head, W8A16Linear)
     oracle = tf.AutoModelForCausalLM.from_config(hf_config("llama")).eval()
     missing, unexpected = oracle.load_state_dict(dequantized_hf_state_dict(q.model), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
@@ -297,11 +303,14 @@ def test_tiny_llama_through_llm_matches_dequantized_model(tiny, qc):
         want = oracle(torch.tensor([prompt])).logits[0, -1].float()
         base = hf_dense(torch.tensor([prompt])).logits[0, -1].float()
     err, quant_err, scale = (got - want).abs().max().item(), (base - want).abs().max().item(), want.abs().max()
-    rel = 0.015
+    # measured err / scale: FP8 0.0146, others 0.0036-0.0069. The INT8 LM head's CPU kernel takes bf16
+    # activations and returns bf16 logits (+0.002-0.004 over a dense fp32 head); FP8's e4m3 activation
+    # rounding flips differently once the embedding rows change (0.0093 with a dense embedding and head)
+    rel = 0.02 if qc.quant_algo == "FP8" else 0.015
     assert err <= rel * scale, (err, scale)
-    # measured err / quant_err: FP8 0.44 (its e4m3 activation rounding flips with the bf16 rounding of the
-    # previous layer's output), W8A16 0.22 (8-bit weights move logits little), 4-bit formats 0.02-0.07
-    ratio = {"FP8": 0.6, "W8A16": 0.35}.get(qc.quant_algo, 0.2)
+    # measured err / quant_err: FP8 0.57 (its e4m3 activation rounding flips with the bf16 rounding of the
+    # previous layer's output), W8A16 0.36 (8-bit weights move logits little), 4-bit formats 0.06-0.16
+    ratio = {"FP8": 0.75, "W8A16": 0.5}.get(qc.quant_algo, 0.2)
     assert err <= ratio * quant_err, (err, quant_err)
 
     prompts = [torch.randint(0, 256, (n,), generator=_gen(n)).tolist() for n in (5, 23)]

@@ -254,7 +254,9 @@ def test_llama_w4a16_matches_dequantized_model(tmp_path):
     make_checkpoint(path, "llama")
     g = 64
     dense = load_model(path, "float32", "cpu", max_positions=512)
-    q = load_model(path, "float32", "cpu", max_positions=512, quant_config=QuantConfig("W4A16", g))
+    # the embedding and LM head kept dense (exclude_modules): this test compares INT4 linear layers alone
+    qc = QuantConfig("W4A16", g, exclude_modules=["embed_tokens", "lm_head"])
+    q = load_model(path, "float32", "cpu", max_positions=512, quant_config=qc)
     layers = [m for m in q.model.modules() if isinstance(m, W4A16Linear)]
     assert len(layers) == 2 * 4  # qkv, o, gate_up, down per layer; embeddings, norms, lm_head stay dense
     assert not any(type(m) in (Linear, MergedLinear, QKVLinear) for m in q.model.modules())
