@@ -136,11 +136,13 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq float8_e4m3fn [M, K], scales fp32 [M, 1]) with x ~= xq * scales.
 
-    ``scale = amax(|row|) / 448`` (an all-zero row gets scale 1); values are divided by the scale
-    in fp32 and rounded to nearest e4m3 (saturating at +-448)."""
+    ``scale = amax(|row|) * fp32(1 / 448)`` (an all-zero row gets scale 1: a product with the
+    rounded reciprocal, which torch's CUDA division by a Python scalar computes too, so CPU, CUDA and
+    the Triton kernel agree bit for bit); values are divided by the scale in fp32 and rounded to
+    nearest e4m3 (saturating at +-448)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
     xq = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return xq, scale
 
@@ -181,7 +183,9 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
 
         return w8a16_gemm_triton(x, weight, scales)
     if x.is_cuda:
-        xq, sx = quantize_fp8_per_token(x)
+        from rtllm.kernels.triton_fp8_quant import quantize_fp8_per_token_triton
+
+        xq, sx = quantize_fp8_per_token_triton(x)  # one kernel (the reference: seven, slower than the GEMM)
         y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.view(1, -1).float(),
                              out_dtype=torch.bfloat16)
         return y.to(x.dtype)
