@@ -1,84 +1,268 @@
-"""Tune the weight-only GEMM kernels for decode (M = 1) at Llama-3.1-8B shapes on the GPU.
+"""Tune and time the weight-only decode kernels at Llama-3.1-8B shapes on the GPU.
 
-    python3 scripts/quant_kernel_tune.py
+    python3 scripts/quant_kernel_tune.py [--out DIR] [--m 1,2,4] [--jobs 12]
+    python3 scripts/quant_kernel_tune.py --smoke      # CPU, TRITON_INTERPRET=1: every path runs once
 
-For each shape: the default configuration's time and bandwidth, then the best (block_n, block_k,
-split_k) found by a small grid search; bandwidth = weight bytes (codes + scales) / time, against a
-device-to-device copy measured in the same run.
+For each shape (N x K), weight format (W4A16 group 128, INT8, FP8 weight-only) and M: bf16
+F.linear, the kernel used before the GEMV kernels (the M = 1 W4 GEMV of before, the tensor-core
+kernels otherwise) and a small grid of GEMV configurations (block_n, block_k, num_warps,
+prefetch, split-K) of rtllm.kernels.triton_quant_gemv. Time: median of CUDA-graph replays of
+launches that rotate over enough weight copies (>= 128 MiB) that L2 never holds the weight;
+bandwidth = weight bytes read (codes + scales + zeros) / time, as a share of a device-to-device
+copy measured in the same run. The best GEMV configuration is checked against the fp32 reference
+(relative error printed) and written to DIR/gemv_tuned.json, which RTLLM_QUANT_GEMV_CONFIG=that
+file makes the engine use (the table in triton_quant_gemv.TUNED holds the committed results).
+All configurations are compiled first by --jobs processes in parallel.
 """
 
 from __future__ import annotations
 
-import itertools
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
 from functools import partial
 
-import torch
-
-from rtllm.kernels.triton_quant_gemm import w4_gemv_triton, w4a16_gemm_triton, w8a16_gemm_triton
-
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+W8_EXTRA = {"lm_head": (128256, 4096)}  # the INT8 LM head (W8 only)
+GROUP = 128
+
+# (block_n, block_k, num_warps, prefetch); the per-thread columns are block_n / (32 num_warps)
+W4_GRID = [(512, 32, 4, True), (1024, 32, 4, True), (1024, 32, 8, True), (2048, 32, 8, True),
+           (512, 64, 4, False), (1024, 64, 4, False), (256, 32, 2, True), (1024, 32, 4, False)]
+W4_GRID_M = [(512, 32, 4, True), (1024, 32, 4, True)]  # M > 1
+W8_GRID = [(32, 256, 4, True), (16, 512, 4, True), (64, 256, 8, True), (32, 512, 8, True),
+           (32, 256, 4, False), (16, 256, 4, True)]
+W8_GRID_M = [(32, 256, 4, True), (16, 256, 4, True)]
+SPLITS = (1, 2, 4, 8, 16, 32)
 
 
-def _time(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
+def _splits(n_tiles: int, k_units: int, sms: int) -> list[int]:
+    """Split counts giving between ~0.7 and ~5 waves of programs (always at least one)."""
+    out = [s for s in SPLITS if s <= k_units and 0.7 * sms <= n_tiles * s <= 5 * sms]
+    if not out:
+        out = [min((s for s in SPLITS if s <= k_units), key=lambda s: abs(n_tiles * s - 2 * sms))]
+    return out
+
+
+def _grid(kind: str, M: int) -> list[tuple[int, int, int, bool]]:
+    if kind == "w4":
+        return W4_GRID if M == 1 else W4_GRID_M
+    return W8_GRID if M == 1 else W8_GRID_M
+
+
+def _compile_job(job: tuple) -> str:
+    """Compile one (kind, M, config, split) by launching it once on a small problem."""
+    import torch
+
+    from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
+
+    kind, M, (bn, bk, warps, pf), split = job
+    dev = torch.device("cuda")
+    K = 1024
+    N = bn * 2
+    x = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
+    cfg = GemvConfig(bn, bk, split, warps, pf)
+    try:
+        if kind == "w4":
+            qw = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
+            s = torch.rand(K // GROUP, N, dtype=torch.bfloat16, device=dev)
+            w4_gemv(x, qw, s, s, cfg)
+        else:
+            q = torch.randint(-127, 127, (N, K), dtype=torch.int8, device=dev)
+            if kind == "fp8":
+                q = q.view(torch.float8_e4m3fn)
+            w8_gemv(x, q, torch.rand(N, device=dev), cfg)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # out of resources for this tile: reported, skipped in the timing
+        return f"{job}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def _time(fns: list, iters: int = 60) -> float:
+    """Seconds per launch: median over 5 replays of a graph of ``iters`` launches cycling over fns."""
+    import torch
+
+    for f in fns[:3]:
+        f()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
+        for i in range(iters):
+            fns[i % len(fns)]()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e-3
+    times = []
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters * 1e-3)
+    return statistics.median(times)
 
 
 def copy_bw() -> float:
-    a = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    import torch
+
+    a = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    return 2 * a.numel() / _time(lambda: b.copy_(a), 20)
+    return 2 * a.numel() / _time([lambda: b.copy_(a)], 10)
+
+
+def _weights(kind: str, N: int, K: int, copies: int, dev) -> list[tuple]:
+    import torch
+
+    out = []
+    for _ in range(copies):
+        if kind == "w4":
+            qw = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
+            s = (torch.rand(K // GROUP, N, device=dev) * 0.02 + 1e-3).to(torch.bfloat16)
+            z = (torch.randn(K // GROUP, N, device=dev) * 0.01).to(torch.bfloat16)
+            out.append((qw, s, z))
+        elif kind == "w8":
+            out.append((torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev),
+                        torch.rand(N, device=dev) * 0.01 + 1e-4))
+        elif kind == "fp8":
+            out.append(((torch.randn(N, K, device=dev) * 100).clamp(-448, 448).to(torch.float8_e4m3fn),
+                        torch.rand(N, device=dev) * 0.01 + 1e-4))
+        else:
+            out.append((torch.randn(N, K, dtype=torch.bfloat16, device=dev),))
+    return out
+
+
+def _nbytes(kind: str, N: int, K: int) -> int:
+    if kind == "w4":
+        return N * K // 2 + 2 * (K // GROUP) * N * 2
+    if kind in ("w8", "fp8"):
+        return N * K + N * 4
+    return N * K * 2
+
+
+def _reference(kind: str, x, w: tuple):
+    import torch
+
+    from rtllm.kernels import quant_gemm as qg
+
+    if kind == "w4":
+        return x.float() @ qg.dequantize_w4_t(*w, torch.float32)
+    return (x.float() @ w[0].float().t()) * w[1].float()
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--m", default="1,2,4")
+    ap.add_argument("--kinds", default="w4,w8,fp8")
+    ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1))
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter: run each path once on a small shape")
+    args = ap.parse_args()
+    if args.smoke:
+        return smoke()
+    import multiprocessing as mp
+
+    import torch
+    import triton
+
+    from rtllm.kernels.triton_attention.common import sm_count
+    from rtllm.kernels.triton_quant_gemm import w4_gemv_triton, w4a16_gemm_triton, w8a16_gemm_triton
+    from rtllm.kernels.triton_quant_gemv import GemvConfig, _launch_shape, w4_gemv, w8_gemv
+
     dev = torch.device("cuda")
+    ms = [int(m) for m in args.m.split(",")]
+    kinds = args.kinds.split(",")
+    sms = sm_count(torch.empty(1, device=dev))
+    jobs = []
+    for kind in kinds:
+        for M in ms:
+            for c in _grid(kind, M):
+                jobs += [(kind, M, c, 1), (kind, M, c, 2)]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        errors = [e for e in pool.map(_compile_job, jobs) if e]
+    for e in errors:
+        print("compile:", e)
     bw = copy_bw()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    x = torch.randn(1, 14336, dtype=torch.bfloat16, device=dev)
-    grid = list(itertools.product([32, 64, 128, 256], [32, 64, 128], [1, 2, 4, 8, 16]))
-    for name, (N, K) in SHAPES.items():
-        xs = x[:, :K].contiguous()
-        qw4 = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
-        s4 = torch.rand(K // 128, N, dtype=torch.bfloat16, device=dev)
-        z4 = torch.rand_like(s4)
-        q8 = torch.randint(-127, 127, (N, K), dtype=torch.int8, device=dev)
-        f8 = torch.randn(N, K, device=dev).to(torch.float8_e4m3fn)
-        s8 = torch.rand(N, device=dev)
-        dense = torch.randn(N, K, dtype=torch.bfloat16, device=dev)
-        t_dense = _time(partial(torch.nn.functional.linear, xs, dense))
-        print(f"{name} N={N} K={K}: bf16 F.linear {t_dense * 1e6:.1f} us ({N * K * 2 / t_dense / bw:.0%} of copy)")
-        cases = {
-            "w4a16 g128": (partial(w4a16_gemm_triton, xs, qw4, s4, z4), N * K // 2 + 2 * s4.numel() * 2),
-            "w4 gemv": (partial(w4_gemv_triton, xs, qw4, s4, z4), N * K // 2 + 2 * s4.numel() * 2),
-            "w8a16 int8": (partial(w8a16_gemm_triton, xs, q8, s8), N * K + N * 4),
-            "w8a16 fp8": (partial(w8a16_gemm_triton, xs, f8, s8), N * K + N * 4),
-        }
-        for label, (fn, nbytes) in cases.items():
-            t0 = _time(fn)
-            best = (t0, "default")
-            for bn, bk, sk in grid:
-                if label.startswith("w4") and bk > 128 or label == "w4 gemv" and bn < 64:
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs", flush=True)
+    tuned, rows = [], []
+    for kind in kinds:
+        shapes = dict(SHAPES, **(W8_EXTRA if kind == "w8" else {}))
+        for name, (N, K) in shapes.items():
+            nbytes = _nbytes(kind, N, K)
+            copies = max(2, math.ceil(128 * 2**20 / nbytes))
+            ws = _weights(kind, N, K, copies, dev)
+            dense = _weights("bf16", N, K, max(2, math.ceil(128 * 2**20 / (N * K * 2))), dev)
+            for M in ms:
+                x = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
+                t_bf16 = _time([partial(torch.nn.functional.linear, x, *d) for d in dense])
+                if kind == "w4":
+                    old = w4_gemv_triton if M == 1 else w4a16_gemm_triton
+                    t_old = _time([partial(old, x, *w) for w in ws])
+                else:
+                    t_old = _time([partial(w8a16_gemm_triton, x, *w) for w in ws])
+                best = None
+                k_units = K // GROUP
+                for bn, bk, warps, pf in _grid(kind, M):
+                    if kind != "w4":
+                        k_units = triton.cdiv(K, bk)
+                    n_tiles = triton.cdiv(N, bn)
+                    for split in _splits(n_tiles, k_units, sms):
+                        cfg = GemvConfig(bn, bk, split, warps, pf)
+                        fn = w4_gemv if kind == "w4" else w8_gemv
+                        try:
+                            t = _time([partial(fn, x, *w, config=cfg) for w in ws], 40)
+                        except Exception as e:  # noqa: BLE001 - a configuration that does not run
+                            print(f"  {kind} {name} M={M} {cfg.key()}: {type(e).__name__}: {str(e)[:120]}")
+                            continue
+                        if best is None or t < best[0]:
+                            best = (t, cfg)
+                if best is None:
                     continue
-                try:
-                    t = _time(partial(fn, block_n=bn, block_k=bk, split_k=sk), 20)
-                except Exception:  # out of resources for this tile
-                    continue
-                if t < best[0]:
-                    best = (t, f"block_n={bn} block_k={bk} split_k={sk}")
-            print(f"  {label:11s} default {t0 * 1e6:7.1f} us ({nbytes / t0 / bw:4.0%} of copy) | best "
-                  f"{best[0] * 1e6:7.1f} us ({nbytes / best[0] / bw:4.0%}) {best[1]}")
+                t_new, cfg = best
+                fn = w4_gemv if kind == "w4" else w8_gemv
+                ref = _reference(kind, x, ws[0])
+                y = fn(x, *ws[0], config=cfg).float()
+                rel = ((y - ref).norm() / ref.norm()).item()
+                splits = _launch_shape(N, K // GROUP if kind == "w4" else triton.cdiv(K, cfg.block_k), cfg)[2]
+                tuned.append({"kind": f"w4g{GROUP}" if kind == "w4" else kind, "M": M, "N": N, "K": K,
+                              "block_n": cfg.block_n, "block_k": cfg.block_k, "split": splits,
+                              "num_warps": cfg.num_warps, "prefetch": cfg.prefetch, "us": t_new * 1e6})
+                row = (f"{kind:4s} {name:8s} M={M} | bf16 {t_bf16 * 1e6:6.1f} us ({N * K * 2 / t_bf16 / bw:4.0%}) | "
+                       f"before {t_old * 1e6:6.1f} us ({nbytes / t_old / bw:4.0%}) | GEMV {t_new * 1e6:6.1f} us "
+                       f"({nbytes / t_new / bw:4.0%}) {cfg.key()} | {t_old / t_new:4.2f}x before, "
+                       f"{t_bf16 / t_new:4.2f}x bf16 | rel err {rel:.1e}")
+                rows.append(row)
+                print(row, flush=True)
+                if not rel < 1e-2:
+                    print(f"  !! {kind} {name} M={M}: relative error {rel} against the fp32 reference")
+            del ws, dense
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gemv_tuned.json"), "w") as f:
+        json.dump(tuned, f, indent=1)
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; % = weight bytes / time / copy bandwidth")
+    print("\n".join(rows))
+
+
+def smoke() -> None:
+    """Run every kernel path once on the CPU interpreter (no timing)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
+
+    K, N = 256, 64
+    for M in (1, 2):
+        x = torch.randn(M, K).to(torch.bfloat16)
+        w4 = _weights("w4", N, K, 1, "cpu")[0]
+        y = w4_gemv(x, *w4, config=GemvConfig(32, 32, 2, 4))
+        print("w4", M, ((y.float() - _reference("w4", x, w4)).norm() / _reference("w4", x, w4).norm()).item())
+        for kind in ("w8", "fp8"):
+            w = _weights(kind, N, K, 1, "cpu")[0]
+            y = w8_gemv(x, *w, config=GemvConfig(16, 64, 2, 4))
+            print(kind, M, ((y.float() - _reference(kind, x, w)).norm() / _reference(kind, x, w).norm()).item())
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

@@ -26,6 +26,8 @@ Dispatch: Triton on CUDA tensors (``triton_enabled``); the references here elsew
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from rtllm.kernels.dispatch import triton_enabled
@@ -33,6 +35,13 @@ from rtllm.kernels.dispatch import triton_enabled
 # At most this many rows run the fused dequantize-GEMM Triton kernels; larger batches dequantize
 # the weight once and run a dense 16-bit GEMM (compute-bound there, where cuBLAS wins).
 SMALL_M = 16
+
+# At most this many rows run the GEMV kernels (rtllm.kernels.triton_quant_gemv: CUDA cores, no
+# M padding); more rows run the tensor-core kernels above. RTLLM_QUANT_GEMV=0 turns them off
+# (the M = 1 W4 GEMV and tensor-core kernels of before, for comparisons).
+_GEMV_ON = os.environ.get("RTLLM_QUANT_GEMV", "1") != "0"
+W4_GEMV_MAX_M = 4 if _GEMV_ON else 0
+W8_GEMV_MAX_M = 4 if _GEMV_ON else 0
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
@@ -82,12 +91,16 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T for the W4 layout; y in x's dtype.
 
-    CUDA: M = 1 (batch-1 decode) runs the GEMV kernel on CUDA cores; M <= SMALL_M the fused
+    CUDA: M <= W4_GEMV_MAX_M (decode) runs the GEMV kernel on CUDA cores; M <= SMALL_M the fused
     Triton dequantize-GEMM; larger M dequantizes W^T to x's dtype (Triton) and runs one dense
     GEMM. Elsewhere: the reference."""
     if triton_enabled(x):
         from rtllm.kernels.triton_quant_gemm import dequantize_w4_triton, w4_gemv_triton, w4a16_gemm_triton
 
+        if 0 < x.shape[0] <= W4_GEMV_MAX_M:
+            from rtllm.kernels.triton_quant_gemv import w4_gemv
+
+            return w4_gemv(x, qweight, scales, zeros)
         if x.shape[0] == 1:
             return w4_gemv_triton(x, qweight, scales, zeros)
         if x.shape[0] <= SMALL_M:
@@ -109,13 +122,17 @@ def w8a16_gemm_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
 def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """y [M, N] = x [M, K] @ (q * scales)^T; y in x's dtype.
 
-    CUDA: M <= SMALL_M runs the fused Triton kernel; larger M converts q to x's dtype (exact)
-    and runs one dense GEMM, scaling its output. CPU: torch's int8 weight-only kernel
+    CUDA: M <= W8_GEMV_MAX_M runs the GEMV kernel, M <= SMALL_M the fused tensor-core Triton
+    kernel; larger M converts q to x's dtype (exact) and runs one dense GEMM, scaling its output. CPU: torch's int8 weight-only kernel
     (``aten._weight_int8pack_mm``, bf16 activations: its fast path) up to SMALL_M rows, the
     dense path above (faster there, measured on a 2-core AVX-512 machine)."""
     if triton_enabled(x):
         from rtllm.kernels.triton_quant_gemm import w8a16_gemm_triton
 
+        if 0 < x.shape[0] <= W8_GEMV_MAX_M:
+            from rtllm.kernels.triton_quant_gemv import w8_gemv
+
+            return w8_gemv(x, qweight, scales)
         if x.shape[0] <= SMALL_M:
             return w8a16_gemm_triton(x, qweight, scales)
         return (torch.mm(x, qweight.t().to(x.dtype)) * scales).to(x.dtype)
@@ -174,13 +191,17 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
     CUDA: ``torch._scaled_mm`` (FP8 tensor cores, sm_89+) with row-wise scales
     ``scale_a [M, 1]`` and ``scale_b [1, N]`` (fp32), which requires a bf16 output. K and N must be
     multiples of 16. Up to SMALL_M rows (decode) the weights are read by the weight-only Triton
-    kernel instead, activations unquantized: at M = 1 the per-token quantization (several small
+    kernels instead (the GEMV up to W8_GEMV_MAX_M rows), activations unquantized: at M = 1 the per-token quantization (several small
     kernels per layer) and a tensor-core tile padded 64-fold cost more than the bytes FP8 saves
     (H100, Llama-3.1-8B shape: batch-1 decode 0.85x bf16 through ``_scaled_mm``). Elsewhere: the
     emulation."""
     if triton_enabled(x) and x.shape[0] <= SMALL_M:
         from rtllm.kernels.triton_quant_gemm import w8a16_gemm_triton
 
+        if 0 < x.shape[0] <= W8_GEMV_MAX_M:
+            from rtllm.kernels.triton_quant_gemv import w8_gemv
+
+            return w8_gemv(x, weight, scales)
         return w8a16_gemm_triton(x, weight, scales)
     if x.is_cuda:
         from rtllm.kernels.triton_fp8_quant import quantize_fp8_per_token_triton

@@ -1,0 +1,434 @@
+"""GEMV-shaped weight-only kernels for decode (M <= 4 activation rows): W4 (int4 group-wise) and
+W8 (int8 or e4m3 bytes, per-channel scales), on CUDA cores.
+
+Semantics are those of :mod:`rtllm.kernels.quant_gemm` (same layouts, ``y = x @ W^T``), computed
+exactly in fp32 except for the sums: each weight code is decoded exactly, multiplied by the
+activation in fp32, summed in fp32 and rounded once to x's dtype. (The tensor-core kernels round
+W to x's 16-bit dtype first; these never do, so they are at least as close to the exact product.)
+
+Why not ``tl.dot``: at M = 1 a tensor-core tile pads M to 16 and the dequantized tile must be
+moved into the MMA operand layout through shared memory; a GEMV needs neither. Each program owns
+BLOCK_N output features and a range of K (split-K when N alone gives too few programs), loads the
+packed weights with 16-byte loads that are contiguous across the warp, decodes them in registers
+and keeps per-thread fp32 partial sums; the reduction over K happens once at the end.
+
+Decoding costs about 3 instructions per weight, so the kernels stay memory-bound on an H100:
+
+- W4: the word ``w`` (8 nibbles, K-major) is not shifted per nibble. ``(w & (0xF << s)) | magic``
+  places nibble s/4 in the mantissa of the fp32 ``2^(23-s) + q`` (exact), and one FADD of
+  ``-(2^(23-s) + 8)`` gives ``q - 8`` exactly: LOP3 + FADD + FFMA per weight. Nibbles 5..7 do not
+  fit under the exponent and are read from ``w >> 16`` (one shift per word). ``magic`` and the 16
+  are kernel arguments so that the compiler keeps them in registers and cannot fold mask and
+  shift into bit-field extracts. The group's scale and zero apply once per group and column:
+  ``sum_k x_k ((q - 8) s + z) = s sum_k x_k (q - 8) + z sum_k x_k``.
+- W8 int8: ``q + 0x4B000080`` (integer add on the sign-extended byte) is the fp32 ``2^23 + 128 + q``;
+  an FADD gives q exactly. e4m3: Hopper's paired e4m3 -> f16 conversion (exact), then f16 -> f32.
+  The per-channel scale multiplies the finished sum.
+
+Split-K without a second kernel: with SPLIT > 1 each program writes its fp32 partial to a
+workspace and bumps a per-N-tile counter (acq_rel); the program that arrives last sums the
+partials in split order (deterministic), writes the output in x's dtype and resets the counter to
+zero for the next launch. The workspace is allocated once per device, outside CUDA-graph capture
+(a captured graph keeps pointing at it); a launch that would need it during a capture before it
+exists, or more of it than there is, falls back to partials summed by torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from rtllm.kernels.triton_attention.common import interpreting, sm_count
+
+# W4: fp32 bits of 2^23 (nibble s/4 of a word uses MAGIC - (s << 23), i.e. 2^(23 - s))
+_W4_MAGIC = 0x4B000000
+# W8: fp32 bits of 2^23 + 128; (q + this) for a signed byte q is the fp32 2^23 + 128 + q
+_W8_MAGIC = 0x4B000080
+
+WORKSPACE_FLOATS = 1 << 21  # 8 MiB of fp32 partials per device
+WORKSPACE_TILES = 1 << 14  # counters: one per N tile of a launch
+MAX_GEMV_M = 4  # the GEMV kernels unroll one accumulator per activation row, up to this many
+
+
+# --------------------------------------------------------------------------------------------
+# split-K epilogue
+
+
+@triton.jit
+def _finish(acc, m, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M: tl.constexpr, PARTIAL: tl.constexpr):
+    """Row m's result, or with PARTIAL its fp32 partial (ws [splits, M, N], split pid_k)."""
+    if PARTIAL:
+        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
+    else:
+        tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om, n_splits,
+                   M: tl.constexpr, REDUCE: tl.constexpr):  # fmt: skip
+    """After every row's partial is stored: the last program of this N tile sums the partials."""
+    if REDUCE:
+        tl.debug_barrier()  # all of this program's partial stores happen before the release below
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            for m in tl.static_range(M):
+                tot = tl.zeros(offs_n.shape, dtype=tl.float32)
+                for s in range(n_splits):
+                    tot += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + m * stride_om + offs_n, tot.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# W4
+
+
+@triton.jit
+def _w4_nibble(w, hi, j: tl.constexpr, MAGIC):
+    """q - 8 (fp32, exact) for nibble j of the words w (hi = w >> 16)."""
+    if j < 5:
+        src = w
+        s: tl.constexpr = 4 * j
+    else:
+        src = hi
+        s: tl.constexpr = 4 * (j - 4)
+    bits = (src & (0xF << s)) | (MAGIC - (s << 23))
+    return bits.to(tl.float32, bitcast=True) - ((1 << (23 - s)) + 8)
+
+
+@triton.jit
+def _w4_load(qw_ptr, k0, rows, offs_n, mask_n, stride_qk):
+    return tl.load(qw_ptr + (k0 // 8 + rows)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+
+
+@triton.jit
+def _w4_row(t, xs, qf, xk):
+    x = tl.load(xk).to(tl.float32)
+    return t + qf * x[:, None], xs + x
+
+
+@triton.jit
+def _w4_group_sum(acc, t, xs, s, z):
+    return acc + tl.sum(t, axis=0) * s + tl.sum(xs, axis=0) * z
+
+
+@triton.jit(do_not_specialize=["T_PER_SPLIT", "n_splits"])
+def _w4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+    N, NUM_T, T_PER_SPLIT, n_splits, MAGIC, SH16,
+    stride_xm, stride_qk, stride_sg, stride_om,
+    GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr, PARTIAL: tl.constexpr, REDUCE: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_N), n_splits). Program (n tile, split) reduces K tiles
+    [split * T_PER_SPLIT, ...) (of BLOCK_K; a split holds whole groups) for M (1..4) rows. With
+    PREFETCH the next tile's words are loaded before the current one is decoded."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8  # packed words per column per tile
+    TPG: tl.constexpr = GROUP // BLOCK_K  # tiles per group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, R)
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t0 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    t1 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    t2 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    t3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    xs0 = tl.zeros((R,), dtype=tl.float32)
+    xs1 = tl.zeros((R,), dtype=tl.float32)
+    xs2 = tl.zeros((R,), dtype=tl.float32)
+    xs3 = tl.zeros((R,), dtype=tl.float32)
+    t_lo = pid_k * T_PER_SPLIT
+    t_hi = tl.minimum(t_lo + T_PER_SPLIT, NUM_T)
+    w_next = _w4_load(qw_ptr, t_lo * BLOCK_K, rows, offs_n, mask_n, stride_qk)
+    for tile in range(t_lo, t_hi):
+        k0 = tile * BLOCK_K
+        if PREFETCH:
+            w = w_next
+            w_next = _w4_load(qw_ptr, tl.minimum(tile + 1, t_hi - 1) * BLOCK_K, rows, offs_n, mask_n, stride_qk)
+        else:
+            w = _w4_load(qw_ptr, k0, rows, offs_n, mask_n, stride_qk)
+        hi = w >> SH16
+        for j in tl.static_range(8):
+            qf = _w4_nibble(w, hi, j, MAGIC)
+            xk = x_ptr + k0 + rows * 8 + j
+            t0, xs0 = _w4_row(t0, xs0, qf, xk)
+            if M > 1:
+                t1, xs1 = _w4_row(t1, xs1, qf, xk + stride_xm)
+            if M > 2:
+                t2, xs2 = _w4_row(t2, xs2, qf, xk + 2 * stride_xm)
+            if M > 3:
+                t3, xs3 = _w4_row(t3, xs3, qf, xk + 3 * stride_xm)
+        if (tile + 1) % TPG == 0:  # the group ends: its scale and zero apply once
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc0 = _w4_group_sum(acc0, t0, xs0, s, z)
+            t0 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+            xs0 = tl.zeros((R,), dtype=tl.float32)
+            if M > 1:
+                acc1 = _w4_group_sum(acc1, t1, xs1, s, z)
+                t1 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+                xs1 = tl.zeros((R,), dtype=tl.float32)
+            if M > 2:
+                acc2 = _w4_group_sum(acc2, t2, xs2, s, z)
+                t2 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+                xs2 = tl.zeros((R,), dtype=tl.float32)
+            if M > 3:
+                acc3 = _w4_group_sum(acc3, t3, xs3, s, z)
+                t3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+                xs3 = tl.zeros((R,), dtype=tl.float32)
+    _finish(acc0, 0, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    if M > 1:
+        _finish(acc1, 1, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    if M > 2:
+        _finish(acc2, 2, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    if M > 3:
+        _finish(acc3, 3, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om, n_splits, M, REDUCE)
+
+
+# --------------------------------------------------------------------------------------------
+# W8 (int8 or e4m3 bytes)
+
+
+@triton.jit
+def _w8_decode(q, MAGIC, FP8: tl.constexpr):
+    if FP8:
+        return q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return (q.to(tl.int32) + MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+
+
+@triton.jit
+def _w8_load(qw_ptr, offs_n, mask_n, offs_k, k_hi, stride_qn, EVEN_K: tl.constexpr):
+    ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_k[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=mask_n[:, None], other=0)
+    return tl.load(ptrs, mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0)
+
+
+@triton.jit
+def _w8_row(t, w, xk, k_hi, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        x = tl.load(xk)
+    else:
+        x = tl.load(xk, mask=tl.arange(0, w.shape[1]) < k_hi, other=0.0)
+    return t + w * x.to(tl.float32)[None, :]
+
+
+@triton.jit(do_not_specialize=["n_splits"])
+def _w8_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
+    N, K, K_PER_SPLIT, n_splits, MAGIC,
+    stride_xm, stride_qn, stride_om,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    PARTIAL: tl.constexpr, REDUCE: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_N), n_splits); qw [N, K] bytes (int8, or e4m3 read as uint8). K range
+    [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of BLOCK_K."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    cols = tl.arange(0, BLOCK_K)
+    t0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    t3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    q_next = _w8_load(qw_ptr, offs_n, mask_n, k_lo + cols, k_hi, stride_qn, EVEN_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            q = q_next
+            k_next = tl.where(k0 + BLOCK_K < k_hi, k0 + BLOCK_K, k0)  # the last tile loads itself again
+            q_next = _w8_load(qw_ptr, offs_n, mask_n, k_next + cols, k_hi, stride_qn, EVEN_K)
+        else:
+            q = _w8_load(qw_ptr, offs_n, mask_n, k0 + cols, k_hi, stride_qn, EVEN_K)
+        w = _w8_decode(q, MAGIC, FP8)
+        xk = x_ptr + k0 + cols
+        t0 = _w8_row(t0, w, xk, k_hi - k0, EVEN_K)
+        if M > 1:
+            t1 = _w8_row(t1, w, xk + stride_xm, k_hi - k0, EVEN_K)
+        if M > 2:
+            t2 = _w8_row(t2, w, xk + 2 * stride_xm, k_hi - k0, EVEN_K)
+        if M > 3:
+            t3 = _w8_row(t3, w, xk + 3 * stride_xm, k_hi - k0, EVEN_K)
+    sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    _finish(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    if M > 1:
+        _finish(tl.sum(t1, axis=1) * sc, 1, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    if M > 2:
+        _finish(tl.sum(t2, axis=1) * sc, 2, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    if M > 3:
+        _finish(tl.sum(t3, axis=1) * sc, 3, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om, n_splits, M, REDUCE)
+
+
+# --------------------------------------------------------------------------------------------
+# configurations
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    split: int  # requested splits of K (rounded to whole groups / tiles)
+    num_warps: int
+    prefetch: bool = True
+
+    def key(self) -> str:
+        return f"n{self.block_n}k{self.block_k}s{self.split}w{self.num_warps}{'p' if self.prefetch else ''}"
+
+
+# Tuned on an H100 (scripts/quant_kernel_tune.py): (kind, M, N, K) -> config. kind: "w4g<group>",
+# "w8" (int8) or "fp8" (e4m3 bytes).
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
+
+_ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune script writes one)
+_env_loaded = False
+
+
+def _load_env_table() -> None:
+    global _env_loaded
+    _env_loaded = True
+    path = os.environ.get(_ENV_TABLE)
+    if not path:
+        return
+    with open(path) as f:
+        for row in json.load(f):
+            TUNED[(row["kind"], row["M"], row["N"], row["K"])] = GemvConfig(
+                row["block_n"], row["block_k"], row["split"], row["num_warps"], row.get("prefetch", True))
+
+
+def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:
+    """A heuristic for shapes not in the tuned table: 16-byte loads, about 2 waves of programs."""
+    if kind in ("w8", "fp8"):
+        bn, bk, warps = 32, 256, 4
+        n_tiles = triton.cdiv(N, bn)
+        split = max(1, min((2 * sms) // n_tiles, K // (4 * bk)))
+        return GemvConfig(bn, bk, split, warps)
+    group = int(kind[3:])
+    bn, warps = 512, 4
+    bk = min(64, group)
+    n_tiles = triton.cdiv(N, bn)
+    split = max(1, min((2 * sms) // n_tiles, K // group))
+    return GemvConfig(bn, bk, split, warps)
+
+
+def gemv_config(kind: str, M: int, N: int, K: int, device_sms: int) -> GemvConfig:
+    if not _env_loaded:
+        _load_env_table()
+    cfg = TUNED.get((kind, M, N, K))
+    if cfg is None and M > 1:
+        cfg = TUNED.get((kind, 1, N, K))
+    return cfg or _default_config(kind, M, N, K, device_sms)
+
+
+# --------------------------------------------------------------------------------------------
+# workspace
+
+
+_workspaces: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(fp32 partials, int32 zeroed counters) for a split-K launch, or None when this launch cannot
+    use them (too large, or a CUDA-graph capture before the workspace exists)."""
+    key = (device.type, device.index)
+    ws = _workspaces.get(key)
+    if ws is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        ws = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+              torch.zeros(WORKSPACE_TILES, dtype=torch.int32, device=device))
+        _workspaces[key] = ws
+    if floats > ws[0].numel() or tiles > ws[1].numel():
+        return None
+    return ws
+
+
+def _launch_shape(N: int, k_units: int, cfg: GemvConfig) -> tuple[int, int, int]:
+    """(n_tiles, units per split, splits) for k_units units of K (groups or tiles)."""
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    split = max(1, min(cfg.split, k_units))
+    per = triton.cdiv(k_units, split)
+    return n_tiles, per, triton.cdiv(k_units, per)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def _plan(x: torch.Tensor, M: int, N: int, n_tiles: int, splits: int):
+    """(out, ws, counters, PARTIAL, REDUCE) for a launch of ``splits`` K splits."""
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if splits == 1:
+        return out, out, out, False, False
+    ws = _workspace(x.device, splits * M * N, n_tiles)
+    if ws is None:  # each split stores its partial; torch sums them
+        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+        return part, part, part, True, False
+    return out, ws[0], ws[1], True, True
+
+
+def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            config: GemvConfig | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T for the W4 layout (qweight int32 [K/8, N], scales / zeros
+    [K/g, N]), 1 <= M <= 4; y in x's dtype. Group g: a power of two >= 8 dividing K."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    assert 1 <= M <= MAX_GEMV_M, M
+    assert qweight.shape[0] * 8 == K and scales.shape == zeros.shape and scales.shape[1] == N
+    num_g = scales.shape[0]
+    group = K // num_g
+    assert group * num_g == K and group & (group - 1) == 0 and group >= 8, group
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or (GemvConfig(32, 32, 2, 4) if interpreting(x)
+                     else gemv_config(f"w4g{group}", M, N, K, sm_count(x)))
+    bk = min(cfg.block_k, group)
+    tpg = group // bk
+    n_tiles, g_per, splits = _launch_shape(N, num_g, cfg)
+    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits)
+    _w4_gemv_kernel[(n_tiles, splits)](
+        x, qweight, scales, zeros, out, ws, cnt, N, num_g * tpg, g_per * tpg, splits, _W4_MAGIC, 16,
+        x.stride(0), qweight.stride(0), scales.stride(0), N,
+        GROUP=group, M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial,
+        REDUCE=reduce, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out.sum(0).to(x.dtype) if partial and not reduce else out
+
+
+def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            config: GemvConfig | None = None) -> torch.Tensor:
+    """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 or float8_e4m3fn [N, K] and scales
+    [N], 1 <= M <= 4; y in x's dtype."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    assert 1 <= M <= MAX_GEMV_M, M
+    assert qweight.shape[1] == K and scales.shape == (N,) and qweight.stride(1) == 1
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    q = qweight.view(torch.uint8) if fp8 else qweight
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or (GemvConfig(16, 32, 2, 4) if interpreting(x)
+                     else gemv_config("fp8" if fp8 else "w8", M, N, K, sm_count(x)))
+    bk = cfg.block_k
+    n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
+    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits)
+    _w8_gemv_kernel[(n_tiles, splits)](
+        x, q, scales, out, ws, cnt, N, K, t_per * bk, splits, _W8_MAGIC,
+        x.stride(0), q.stride(0), N,
+        M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce, FP8=fp8,
+        EVEN_K=K % bk == 0,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out.sum(0).to(x.dtype) if partial and not reduce else out
