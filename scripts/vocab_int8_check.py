@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 errs.append(((head(x).float() - want).abs().max() / want.abs().max()).item())
             x1 = torch.randn(1, head.in_features, device=device, dtype=torch.bfloat16)
             w16 = torch.randn(head.out_features, head.in_features, device=device, dtype=torch.bfloat16)
-            t_q, t_d = _time(lambda: head(x1), device), _time(lambda: F.linear(x1, w16), device)
+            t_q = _time(lambda h=head, x=x1: h(x), device)
+            t_d = _time(lambda x=x1, w=w16: F.linear(x, w), device)
             del w16
             ok &= exact and max(errs) < 1e-2
             line += (f"; lookup bit-equal: {exact}; LM head rel err M=1/8/64: "
