@@ -110,7 +110,8 @@ def ramp_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[
 
 
 def make_engine(path: str, max_batch_size=16, max_num_tokens=256, max_seq_len=512, kv_tokens=8192,
-                tokens_per_block=8, chunked=True, reuse=True, dtype="float32", overlap=False, loaded=None):
+                tokens_per_block=8, chunked=True, reuse=True, dtype="float32", overlap=False, loaded=None,
+                quant_config=None):
     from rtllm.config import EngineConfig, KvCacheConfig, SchedulerConfig
     from rtllm.runtime.py_executor import PyExecutor
 
@@ -118,7 +119,8 @@ def make_engine(path: str, max_batch_size=16, max_num_tokens=256, max_seq_len=51
         path, dtype=dtype,
         kv_cache_config=KvCacheConfig(max_tokens=kv_tokens, tokens_per_block=tokens_per_block,
                                       enable_block_reuse=reuse),
-        scheduler_config=SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len, chunked), overlap=overlap),
+        scheduler_config=SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len, chunked), overlap=overlap,
+        quant_config=quant_config),
         loaded=loaded)  # loaded: a LoadedModel to serve instead of loading ``path``
 
 

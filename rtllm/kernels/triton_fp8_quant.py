@@ -2,11 +2,12 @@
 
 ``x [M, K]`` (16- or 32-bit) -> ``xq`` float8_e4m3fn ``[M, K]`` and ``scale`` fp32 ``[M, 1]``, the
 same bits as the torch reference ``rtllm.kernels.quant_gemm.quantize_fp8_per_token``:
-``scale = amax(|x_row|) * fp32(1 / 448)`` (1 for an all-zero row), ``xq = e4m3(clamp(x / scale))`` rounded to
-nearest even. One program per row reads the row once (held in registers; rows over 16K elements:
-twice, the second read from the cache) and writes one byte per element: on an H100 the torch reference's seven kernels took
-24-460 us per linear of the Llama-3.1-8B shape at 64-2048 rows, more than the FP8 GEMM after it
-(scripts/fp8_gemm_bench.py). The division x / scale is IEEE round-to-nearest (``div_rn``), as torch's.
+``scale = amax(|x_row|) * fp32(1 / 448)`` (1 for an all-zero row), ``xq = e4m3(clamp(x / scale))``
+rounded to nearest even. One program per row reads the row once (held in registers; rows over 16K
+elements: twice, the second read from the cache) and writes one byte per element: on an H100 the
+torch reference's seven kernels took 24-460 us per linear of the Llama-3.1-8B shape at 64-2048 rows,
+more than the FP8 GEMM after it (scripts/fp8_gemm_bench.py). The division x / scale is IEEE
+round-to-nearest (``div_rn``), as torch's.
 """
 
 from __future__ import annotations

@@ -109,6 +109,8 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 class RowParallelLinear(Linear):
     """This rank holds columns [r * in/tp, (r+1) * in/tp) of the weight; y = all_reduce(x_r W_r^T) + b."""
 
+    reduces_output = True  # a quantized layer replacing it all-reduces its output too (rtllm.layers.quant.base)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, mapping: Mapping) -> None:
         if in_features % mapping.tp_size:
             raise ValueError(f"input size {in_features} is not divisible by tp_size={mapping.tp_size}")

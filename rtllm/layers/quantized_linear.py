@@ -33,6 +33,7 @@ from torch import nn
 from rtllm.errors import ConfigError
 from rtllm.layers.embedding import LMHead, VocabEmbedding
 from rtllm.layers.linear import Linear
+from rtllm.layers.parallel_linear import VocabParallelEmbedding
 from rtllm.layers.quant.base import QuantizedLinear
 from rtllm.layers.quant.fp8 import FP8Linear
 from rtllm.layers.quant.int4 import DEQUANT_MIN_TOKENS, KERNEL_DTYPE, W4A16Linear, w4_backend
@@ -100,8 +101,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _vocab_names(model: nn.Module) -> list[str]:
-    embeds, heads = _vocab_modules(model)
-    return [n for n, _ in embeds + heads]
+    """Names exclude_modules may match besides the linear layers: the embedding(s) and LM head, also
+    the vocab-parallel ones of a model split across ranks (which stay dense: see _split_vocab)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (VocabEmbedding, LMHead, VocabParallelEmbedding))]
+
+
+def _split_vocab(model: nn.Module) -> list[str]:
+    """The vocab-parallel embedding / LM head of a model split across ranks: not quantized yet."""
+    return [n for n, m in model.named_modules() if isinstance(m, VocabParallelEmbedding)]
 
 
 @torch.no_grad()
@@ -120,6 +127,9 @@ def quantize_vocab_layers(model: nn.Module, quant_config: QuantConfig | None, re
     if check_patterns:
         qc.check_exclude_modules([n for n, _ in embeds + heads], "that rtllm quantizes here (on a pre-quantized "
                                  "checkpoint: only the token embedding and the LM head)")
+    for n in _split_vocab(model):
+        if not qc.excludes(n):
+            report.skipped[n] = "vocab-parallel (split across ranks): the INT8 tables are not split yet"
     excluded = {n for n, _ in embeds + heads if qc.excludes(n)}
     tied = {hn: en for hn, h in heads for en, e in embeds if h.weight is e.weight}
     keep = set(excluded)

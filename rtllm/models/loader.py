@@ -225,13 +225,18 @@ def load_model(
 
 def _check_split(mapping: Mapping, config: ModelConfig, model_cls: type, quant_config: QuantConfig | None,
                  prequant: object) -> None:
-    """What runs split across ranks today: models whose class supports it (dense and MoE), unquantized."""
+    """What runs split across ranks today: models whose class supports it (dense and MoE), unquantized or
+    quantized at load by a format that needs no calibration (each rank quantizes its own shards)."""
     what = f"tp_size={mapping.tp_size}, pp_size={mapping.pp_size}"
     mapping.validate_for(config)
     if not getattr(model_cls, "supports_parallel", False):
         raise ConfigError(f"{config.architecture} does not support running split across ranks ({what})")
-    if (quant_config is not None and quant_config.enabled) or prequant is not None:
-        raise ConfigError(f"quantized weights do not run with {what} yet (the quantized layers are not split)")
+    if prequant is not None:
+        raise ConfigError(f"pre-quantized checkpoints do not run with {what} yet (their packed tensors are not "
+                          f"split); quantize at load instead (e.g. --quant fp8 on the bf16 checkpoint)")
+    if quant_config is not None and quant_config.quant_algo == W4A16_AWQ:
+        raise ConfigError(f"{W4A16_AWQ} does not run with {what} yet (its calibration runs on one rank); use "
+                          f"{W4A16} (round-to-nearest INT4), or build the AWQ engine at tp_size=1")
 
 
 def _native_group(quant_config: QuantConfig | None, block: int | None, source: str) -> QuantConfig | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rtllm.parallel import comm
+
 # set on a dense Linear by AWQ calibration when 1/s cannot be folded into the previous op: the
 # weight already holds W diag(s) and the quantized layer multiplies its input by this [K] tensor
 AWQ_INPUT_SCALE_ATTR = "awq_input_scale"
@@ -16,6 +18,8 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class QuantizedLinear(nn.Module):
+    reduces_output = False  # set by copy_attributes on the replacement of a row-parallel layer
+
     """Base: y = (x * input_scale)[:, input_perm] W^T (+ b), with W held in some packed format by the subclass.
 
     Subclasses implement ``_matmul(x2d) -> y2d`` (x2d [M, K], contiguous) and
@@ -41,10 +45,14 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("input_perm", None)
 
     def copy_attributes(self, layer: nn.Module) -> None:
-        """Keep the replaced layer's plain attributes (q_size, output_sizes, ...) so model code never knows."""
+        """Keep the replaced layer's plain attributes (q_size, output_sizes, ...) so model code never knows.
+        A row-parallel layer's replacement all-reduces its output over the tensor-parallel group, as the
+        layer did (rtllm.layers.parallel_linear.RowParallelLinear), before adding the bias."""
         for k, v in vars(layer).items():
             if not k.startswith("_") and k not in ("training", AWQ_INPUT_SCALE_ATTR) and not hasattr(self, k):
                 setattr(self, k, v)
+        if getattr(layer, "reduces_output", False):
+            self.reduces_output = True
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -62,6 +70,8 @@ class QuantizedLinear(nn.Module):
         y = self._matmul(x2 if x2.is_contiguous() else x2.contiguous())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
+        if self.reduces_output:
+            y = comm.tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
