@@ -169,7 +169,7 @@ def cmd_build(args) -> int:
                      max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, dtype=args.dtype,
                      kv_cache_dtype=args.kv_cache_dtype, tokens_per_block=args.tokens_per_block,
                      quant_config=QuantConfig.from_name(args.quant, args.quant_group_size),
-                     tp_size=args.tp_size, pp_size=args.pp_size)
+                     tp_size=args.tp_size, pp_size=args.pp_size, moe_ep_size=args.moe_ep_size)
     result = build(args.model, bc, args.output, device=args.device)
     log = result.log
     sizes = log["sizes_bytes"]
@@ -243,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-num-tokens", type=int, default=8192)
     b.add_argument("--tokens-per-block", type=int, default=32)
     b.add_argument("--tp", "--tp-size", dest="tp_size", type=int, default=1,
-                   help="tensor-parallel ranks (only 1 until parallel execution lands)")
-    b.add_argument("--pp", "--pp-size", dest="pp_size", type=int, default=1, help="pipeline-parallel ranks (only 1)")
+                   help="tensor-parallel ranks: one weights file per rank (load with the same --tp)")
+    b.add_argument("--pp", "--pp-size", dest="pp_size", type=int, default=1, help="pipeline-parallel stages")
+    b.add_argument("--ep", "--moe-ep-size", dest="moe_ep_size", type=int, default=1,
+                   help="MoE models: split the experts across this many of the tp ranks")
     b.add_argument("--log-level", default="info")
     b.set_defaults(func=cmd_build)
 

@@ -109,19 +109,25 @@ def ramp_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[
     return [torch.randint(0, 256, (L,), generator=g).tolist() for L in lens]
 
 
-def make_engine(path: str, max_batch_size=16, max_num_tokens=256, max_seq_len=512, kv_tokens=8192,
-                tokens_per_block=8, chunked=True, reuse=True, dtype="float32", overlap=False, loaded=None,
-                quant_config=None):
+def engine_config(path: str, max_batch_size=16, max_num_tokens=256, max_seq_len=512, kv_tokens=8192,
+                  tokens_per_block=8, chunked=True, reuse=True, dtype="float32", overlap=False, quant_config=None):
+    """The EngineConfig make_engine serves ``path`` with (nothing loaded)."""
     from rtllm.config import EngineConfig, KvCacheConfig, SchedulerConfig
-    from rtllm.runtime.py_executor import PyExecutor
 
-    return PyExecutor(EngineConfig(
+    return EngineConfig(
         path, dtype=dtype,
         kv_cache_config=KvCacheConfig(max_tokens=kv_tokens, tokens_per_block=tokens_per_block,
                                       enable_block_reuse=reuse),
         scheduler_config=SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len, chunked), overlap=overlap,
-        quant_config=quant_config),
-        loaded=loaded)  # loaded: a LoadedModel to serve instead of loading ``path``
+        quant_config=quant_config)
+
+
+def make_engine(path: str, loaded=None, **kw):
+    """A PyExecutor for ``path`` (keyword arguments: engine_config's); ``loaded``: a LoadedModel to serve
+    instead of loading ``path``."""
+    from rtllm.runtime.py_executor import PyExecutor
+
+    return PyExecutor(engine_config(path, **kw), loaded=loaded)
 
 
 def run_engine(engine, prompts: list[list[int]], params, arrivals: list[int] | None = None,

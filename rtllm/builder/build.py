@@ -4,12 +4,14 @@ Steps: validate the BuildConfig, load the checkpoint (HF directory or GGUF file)
 rtllm.models.loader.load_model, which fuses q|k|v and gate|up while loading and applies the
 quantization (AWQ calibration included), check the limits against the model, then write the
 engine directory (layout: rtllm.models.engine_dir): ``config.json``, ``rank0.safetensors`` with the
-parameters exactly as the runtime holds them, the tokenizer files (copied from an HF directory,
-exported from a GGUF file's metadata and checked against it), and ``build_log.json``.
+parameters exactly as the runtime holds them (one ``rank{r}.safetensors`` per rank when tp_size *
+pp_size > 1: each rank's slice is loaded, reading only its shard, quantized and written in turn),
+the tokenizer files (copied from an HF directory, exported from a GGUF file's metadata and checked
+against it), and ``build_log.json``.
 
 Same inputs on the same machine give byte-identical ``config.json`` and weights (no timestamps or
-paths in them; the log has those). Not done yet: sharding for tp > 1 (BuildConfig refuses it) and
-storing Triton autotuner choices (kernel configurations are picked at run time).
+paths in them; the log has those). Not done yet: storing Triton autotuner choices (kernel
+configurations are picked at run time).
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from rtllm.models.engine_dir import (
     WEIGHTS_NAME,
     engine_tensors,
     is_engine_dir,
+    rank_weights_name,
 )
 from rtllm.models.gguf_reader import GGUFTokenizerData
 from rtllm.models.loader import load_model
+from rtllm.parallel.mapping import Mapping
 from rtllm.plugins import load_plugins
 from rtllm.tokenizer import Tokenizer, build_gguf_backend
 
@@ -111,23 +115,43 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json")):
         from rtllm.models.config import ModelConfig
 
-        bc.resolve(ModelConfig.from_file(os.path.join(model, "config.json")).max_position_embeddings)  # fail early
+        model_cfg = ModelConfig.from_file(os.path.join(model, "config.json"))
+        bc.resolve(model_cfg.max_position_embeddings)  # fail early
+        if bc.tp_size * bc.pp_size > 1:
+            Mapping(bc.tp_size * bc.pp_size, bc.tp_size, bc.pp_size,
+                    moe_ep_size=bc.moe_ep_size).validate_for(model_cfg)
     _prepare_output(output_dir)
 
-    t0 = time.perf_counter()
-    loaded = load_model(model, bc.dtype, dev, max_positions=bc.max_seq_len, quant_config=bc.quant_config)
-    load_s = time.perf_counter() - t0
+    world = bc.tp_size * bc.pp_size
+    load_s = save_s = 0.0
+    ranks = []  # per rank: {"weights": {file, bytes, num_tensors}, "quantized_layers": specs}
+    by_dtype: Counter = Counter()
+    runtime_bytes = 0
+    for rank in range(world):  # one rank at a time: its slice loaded (only its shard read), quantized, written
+        mapping = Mapping(world, bc.tp_size, bc.pp_size, moe_ep_size=bc.moe_ep_size, rank=rank) if world > 1 else None
+        t0 = time.perf_counter()
+        loaded = load_model(model, bc.dtype, dev, max_positions=bc.max_seq_len, quant_config=bc.quant_config,
+                            mapping=mapping)
+        load_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tensors, specs = engine_tensors(loaded.model)
+        name = WEIGHTS_NAME if world == 1 else rank_weights_name(rank)
+        weights_path = os.path.join(output_dir, name)
+        tmp = weights_path + ".tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order
+        os.replace(tmp, weights_path)
+        save_s += time.perf_counter() - t0
+        ranks.append({"weights": {"file": name, "bytes": os.path.getsize(weights_path), "num_tensors": len(tensors)},
+                      "quantized_layers": specs})
+        for t in tensors.values():
+            by_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+        runtime_bytes += loaded.weight_bytes
+        if rank < world - 1:
+            del loaded, tensors
     cfg = loaded.config
     bc = bc.resolve(cfg.max_position_embeddings)
-
-    t0 = time.perf_counter()
-    tensors, specs = engine_tensors(loaded.model)
-    weights_path = os.path.join(output_dir, WEIGHTS_NAME)
-    tmp = weights_path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order
-    os.replace(tmp, weights_path)
-    weights_bytes = os.path.getsize(weights_path)
-    save_s = time.perf_counter() - t0
+    tensors_total = sum(r["weights"]["num_tensors"] for r in ranks)
+    weights_bytes = sum(r["weights"]["bytes"] for r in ranks)
 
     t0 = time.perf_counter()
     tokenizer_files = _write_tokenizer(loaded.tokenizer_source, output_dir)
@@ -146,13 +170,14 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "tp_size": bc.tp_size,
         "pp_size": bc.pp_size,
+        **({"moe_ep_size": bc.moe_ep_size, "ranks": ranks} if world > 1 else {}),
         "build_config": bc.to_dict(),
         "quant_config": None if bc.quant_config is None else dataclasses.asdict(bc.quant_config),
         "pretrained_config": raw,
         "eos_token_id": raw.get("eos_token_id"),  # the tokenizer reads it from config.json, as for an HF dir
         "tokenizer_files": tokenizer_files,
-        "quantized_layers": specs,
-        "weights": {"file": WEIGHTS_NAME, "bytes": weights_bytes, "num_tensors": len(tensors)},
+        "quantized_layers": ranks[0]["quantized_layers"],
+        "weights": ranks[0]["weights"],
     }
     try:
         text = json.dumps(engine_cfg, indent=2, sort_keys=True, allow_nan=False)
@@ -161,9 +186,6 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
     with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
         f.write(text + "\n")
 
-    by_dtype = Counter()
-    for t in tensors.values():
-        by_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
     log = {
         "source": os.path.abspath(model),
         "output_dir": os.path.abspath(output_dir),
@@ -177,19 +199,21 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         "build_config": bc.to_dict(),
         "timings_s": {"load_fuse_quantize": round(load_s, 3), "save_weights": round(save_s, 3),
                       "tokenizer": round(tokenizer_s, 3), "total": round(time.perf_counter() - t_start, 3)},
-        "sizes_bytes": {"weights_file": weights_bytes, "runtime_weights": loaded.weight_bytes,
+        "sizes_bytes": {"weights_file": weights_bytes, "runtime_weights": runtime_bytes,
+                        "per_rank": [r["weights"]["bytes"] for r in ranks],
                         "by_dtype": dict(sorted(by_dtype.items()))},
-        "num_tensors": len(tensors),
-        "quantized_layers": dict(sorted(Counter(s["class"] for s in specs.values()).items())),
+        "num_tensors": tensors_total,
+        "quantized_layers": dict(sorted(Counter(s["class"] for r in ranks
+                                                for s in r["quantized_layers"].values()).items())),
         "tokenizer_files": tokenizer_files,
-        "not_done": ["tp/pp sharding (tp_size = pp_size = 1 only)",
-                     "Triton autotuning at build time (kernel configurations are chosen at run time)"],
+        "not_done": ["Triton autotuning at build time (kernel configurations are chosen at run time)"],
     }
     with open(os.path.join(output_dir, BUILD_LOG_NAME), "w", encoding="utf-8") as f:
         json.dump(log, f, indent=2)
         f.write("\n")
-    logger.info("built %s -> %s in %.2f s: %d tensors, %.1f MiB (%s)", model, output_dir, log["timings_s"]["total"],
-                len(tensors), weights_bytes / 2**20, log["quantized_layers"] or "not quantized")
+    logger.info("built %s -> %s in %.2f s (%d rank%s): %d tensors, %.1f MiB (%s)", model, output_dir,
+                log["timings_s"]["total"], world, "s" if world > 1 else "", tensors_total, weights_bytes / 2**20,
+                log["quantized_layers"] or "not quantized")
     return BuildResult(output_dir, bc, log)
 
 

@@ -43,7 +43,9 @@ class BuildConfig:
     docs/QUANTIZATION.md). tokens_per_block: the KV block size the
     runtime defaults to (a power of two). quant_config: weight quantization
     (rtllm.quantization.QuantConfig) applied during the build; None: none.
-    tp_size / pp_size: tensor / pipeline parallel ranks; only 1 until parallel execution lands.
+    tp_size / pp_size: tensor / pipeline parallel ranks: the build writes one weights file per rank
+    (checked against the model's heads, widths and layers when it loads). moe_ep_size: MoE models,
+    the experts split across this many of the tp ranks (must divide tp_size).
     """
 
     max_input_len: int = 1024
@@ -58,20 +60,20 @@ class BuildConfig:
     quant_config: QuantConfig | None = None
     tp_size: int = 1
     pp_size: int = 1
+    moe_ep_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_input_len", "max_batch_size", "max_beam_width", "max_num_tokens", "tokens_per_block",
-                     "tp_size", "pp_size"):
+                     "tp_size", "pp_size", "moe_ep_size"):
             _positive_int(name, getattr(self, name))
         for name in ("max_seq_len", "opt_num_tokens"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if self.max_beam_width != 1:
             raise _bad("max_beam_width", self.max_beam_width, "only 1 is supported (beam search is not implemented)")
-        for name in ("tp_size", "pp_size"):
-            if getattr(self, name) != 1:
-                raise _bad(name, getattr(self, name), "only 1 is supported: tensor and pipeline parallel "
-                           "execution are not implemented yet (build for one GPU)")
+        if self.tp_size % self.moe_ep_size:
+            raise _bad("moe_ep_size", self.moe_ep_size, f"must divide tp_size={self.tp_size} (the experts split "
+                       f"across moe_ep_size of the tp ranks)")
         if self.tokens_per_block & (self.tokens_per_block - 1):
             raise _bad("tokens_per_block", self.tokens_per_block, "must be a power of two")
         if self.dtype not in DTYPES:

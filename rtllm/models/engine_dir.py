@@ -12,7 +12,10 @@ An engine directory holds a model exactly as the runtime runs it, already fused 
 - ``rank0.safetensors``: every parameter by its rtllm name (fused ``qkv_proj`` / ``gate_up_proj``),
   quantized layers as their packed tensors and scales; a tied LM head is stored once (dense: under
   the embedding's ``weight``; INT8: its spec's ``tied`` maps ``qweight`` / ``scales`` to the
-  embedding's tensors, which both layers hold again after loading);
+  embedding's tensors, which both layers hold again after loading). An engine built for
+  tp_size * pp_size > 1 ranks holds one ``rank{r}.safetensors`` per rank (that rank's slice, already
+  quantized), and config.json lists them under ``ranks`` (each rank's ``weights`` and
+  ``quantized_layers``; the top-level entries are rank 0's); it loads only with the same tp / pp;
 - the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template...), so the
   directory loads alone;
 - ``build_log.json``: what the build did and how long it took (not read when loading).
@@ -83,11 +86,34 @@ def read_engine_config(path: str) -> dict:
     missing = [k for k in _REQUIRED_KEYS if k not in data]
     if missing:
         raise ModelLoadError(f"{cfg_path}: engine config lacks {missing} (corrupt or hand-edited): rebuild it")
-    for key in ("tp_size", "pp_size"):
-        if data.get(key, 1) != 1:
-            raise ModelLoadError(f"{cfg_path}: the engine was built for {key}={data[key]}; this rtllm runs one rank "
-                                 f"(tp_size = pp_size = 1): rebuild it with --tp 1")
+    world = data.get("tp_size", 1) * data.get("pp_size", 1)
+    ranks = data.get("ranks")
+    if world > 1 and (not isinstance(ranks, list) or len(ranks) != world
+                      or not all(isinstance(r, dict) and {"weights", "quantized_layers"} <= set(r) for r in ranks)):
+        raise ModelLoadError(f"{cfg_path}: an engine for {world} ranks must list {world} 'ranks' entries with "
+                             f"'weights' and 'quantized_layers' (corrupt or hand-edited): rebuild it")
     return data
+
+
+def rank_weights_name(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def check_engine_mapping(data: dict, mapping, path: str) -> int:
+    """The rank of this load in an engine built for data's tp / pp; a ConfigError names a mismatch."""
+    built = (data.get("tp_size", 1), data.get("pp_size", 1))
+    want = (mapping.tp_size, mapping.pp_size) if mapping is not None else (1, 1)
+    if built != want:
+        raise ConfigError(f"the engine at {path!r} was built for tp_size={built[0]}, pp_size={built[1]} (one weights "
+                          f"file per rank); this load asks for tp_size={want[0]}, pp_size={want[1]}: load it with "
+                          f"tensor_parallel_size={built[0]}, pipeline_parallel_size={built[1]} (--tp / --pp), or "
+                          f"rebuild it with --tp {want[0]} --pp {want[1]}")
+    if mapping is not None and built != (1, 1):
+        layout = data.get("moe_ep_size", 1)
+        if mapping.moe_ep_size != layout:
+            raise ConfigError(f"the engine at {path!r} was built with moe_expert_parallel_size={layout}; this load "
+                              f"asks for {mapping.moe_ep_size}: load it with the same, or rebuild it")
+    return 0 if mapping is None else mapping.rank
 
 
 def engine_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -119,19 +145,31 @@ def engine_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
 
 
 def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
-                    max_positions: int | None = None, quant_config: object | None = None):
+                    max_positions: int | None = None, quant_config: object | None = None, mapping=None):
     """Load a built engine (see the module doc) onto ``device``; returns a loader.LoadedModel.
 
     ``dtype`` must be "auto" or the dtype it was built with; ``quant_config``, when it quantizes,
     must equal the stored one (the weights are already quantized: nothing is requantized).
-    ``max_positions`` (the rotary table's length) defaults to the built max_seq_len."""
+    ``max_positions`` (the rotary table's length) defaults to the built max_seq_len. ``mapping``
+    (rtllm.parallel.Mapping, for an engine built for several ranks): this rank's slice, read from its
+    own file; its tp / pp must be the engine's."""
     from rtllm.models.loader import LoadedModel, _weight_bytes, build_model
 
     t0 = time.perf_counter()
     device = torch.device(device)
     data = read_engine_config(path)
+    rank = check_engine_mapping(data, mapping, path)
     cfg_path = os.path.join(path, CONFIG_NAME)
     config = ModelConfig.from_dict(data["pretrained_config"], source=cfg_path)
+    if mapping is not None and mapping.world_size > 1:
+        mapping.validate_for(config)
+        config.mapping = mapping
+        entry = data["ranks"][rank]
+        weights_info, specs = entry["weights"], entry["quantized_layers"]
+        weights_path = os.path.join(path, rank_weights_name(rank))
+    else:
+        weights_info, specs = data["weights"], data["quantized_layers"]
+        weights_path = os.path.join(path, WEIGHTS_NAME)
     built_dtype = parse_dtype(data["dtype"])
     if dtype != "auto" and parse_dtype(dtype) != built_dtype:
         raise ConfigError(f"dtype={dtype!r}: the engine at {path!r} was built with dtype "
@@ -147,11 +185,9 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
         raise ModelLoadError(f"{path}: {e}{hint}") from e
     max_positions = max_positions or int(data["build_config"].get("max_seq_len") or config.max_position_embeddings)
 
-    weights_path = os.path.join(path, WEIGHTS_NAME)
-    _check_weights_file(weights_path, data["weights"])
+    _check_weights_file(weights_path, weights_info)
     model = build_model(model_cls, config, built_dtype, device, max_positions)
 
-    specs: dict[str, dict] = data["quantized_layers"]
     try:
         with safe_open(weights_path, framework="pt", device=str(device)) as f:
             names = set(f.keys())

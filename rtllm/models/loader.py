@@ -147,11 +147,8 @@ def load_model(
     from rtllm.models.engine_dir import is_engine_dir, load_engine_dir
 
     split = mapping is not None and mapping.world_size > 1
-    if split and is_engine_dir(model_path):
-        raise ConfigError(f"{model_path} is an engine directory: engines are built for one rank; load the "
-                          f"checkpoint to run it with tp_size={mapping.tp_size}, pp_size={mapping.pp_size}")
-    if is_engine_dir(model_path):  # built by `rtllm build`: fused and quantized already, loaded as stored
-        return load_engine_dir(model_path, dtype, device, max_positions, quant_config)
+    if is_engine_dir(model_path):  # built by `rtllm build`: fused, quantized (and sharded) already, loaded as stored
+        return load_engine_dir(model_path, dtype, device, max_positions, quant_config, mapping if split else None)
     t0 = time.perf_counter()
     device = torch.device(device)
     if quant_config is not None:

@@ -125,8 +125,7 @@ def test_same_inputs_give_identical_files(ckpt, tmp_path):
     ({"opt_num_tokens": "8"}, "opt_num_tokens", "positive integer"),
     ({"max_beam_width": 4}, "max_beam_width", "only 1"),
     ({"max_beam_width": 0}, "max_beam_width", "positive integer"),
-    ({"tp_size": 2}, "tp_size", "only 1"),
-    ({"pp_size": 2}, "pp_size", "only 1"),
+    ({"tp_size": 2, "moe_ep_size": 4}, "moe_ep_size", "must divide tp_size=2"),
     ({"tp_size": 0}, "tp_size", "positive integer"),
     ({"tokens_per_block": 24}, "tokens_per_block", "power of two"),
     ({"dtype": "int8"}, "dtype", "one of"),
@@ -266,7 +265,7 @@ def test_damaged_config_is_refused(w8_engine, tmp_path):
     with pytest.raises(ModelLoadError, match="built for 'cuda'"):
         load_model(eng)
     _edit_config(eng, device="cpu", tp_size=2)
-    with pytest.raises(ModelLoadError, match="built for tp_size=2; this rtllm runs one rank"):
+    with pytest.raises(ModelLoadError, match="an engine for 2 ranks must list 2 'ranks' entries"):
         load_model(eng)
     del cfg["pretrained_config"]
     with open(os.path.join(eng, CONFIG_NAME), "w") as f:
@@ -301,12 +300,11 @@ def test_cli_build_then_generate(ckpt, tmp_path, capsys):
     assert got["token_ids"] == want
 
 
-def test_cli_build_refuses_tp(ckpt, tmp_path, capsys):
-    rc = main(["build", "--model", ckpt, "--tp", "2", "--output", str(tmp_path / "tp2")])
+def test_cli_build_refuses_a_mapping_the_model_cannot_take(ckpt, tmp_path, capsys):
+    rc = main(["build", "--model", ckpt, "--tp", "3", "--output", str(tmp_path / "tp3")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "BuildConfig.tp_size=2" in err and "only 1 is supported" in err
-    assert not os.path.exists(tmp_path / "tp2")
+    assert "tp_size=3 does not fit" in err and "num_attention_heads=4 must be divisible by tp_size" in err
 
 
 def test_engine_built_with_fp8_kv_keeps_an_fp8_cache(ckpt, tmp_path):

@@ -20,16 +20,13 @@ def _rank_main(rank, tp, pp, ep, path, engine_kwargs, prompts, arrivals, params,
     from rtllm.parallel import comm
     from rtllm.parallel.mapping import Mapping
     from rtllm.runtime.py_executor import PyExecutor
-    from tests.tiny import make_engine, run_engine
+    from tests.tiny import engine_config, run_engine
 
     try:
         torch.set_num_threads(1)
         mapping = Mapping(tp * pp, tp, pp, moe_ep_size=ep, rank=rank)
         comm.init_distributed(mapping, f"tcp://127.0.0.1:{port}")
-        base = make_engine(path, **engine_kwargs)  # the TP=1 engine's config, then this rank's engine
-        config = dataclasses.replace(base.config, mapping=mapping)
-        del base
-        engine = PyExecutor(config)
+        engine = PyExecutor(dataclasses.replace(engine_config(path, **engine_kwargs), mapping=mapping))
         if rank == 0:
             out = run_engine(engine, prompts, params, arrivals)
             engine.stop_followers()
