@@ -89,8 +89,14 @@ class EngineConfig:
     # a rtllm.parallel.Mapping (typed loosely, as quant_config) when the model is split across ranks
     # (tensor / pipeline parallel); each rank's engine gets it with its own rank. None: one process
     mapping: object | None = None
+    # pipeline parallel: micro-batches in flight between the stages (None: pp_size; 1: one step at a time)
+    num_micro_batches: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.num_micro_batches is None or (isinstance(self.num_micro_batches, int)
+                                                  and not isinstance(self.num_micro_batches, bool)
+                                                  and self.num_micro_batches > 0),
+               "EngineConfig", "num_micro_batches", self.num_micro_batches, "must be a positive integer or None")
         self.kv_cache_config = self.kv_cache_config or KvCacheConfig()
         self.scheduler_config = self.scheduler_config or SchedulerConfig()
 

@@ -1,10 +1,19 @@
 """Collectives over torch.distributed: NCCL on CUDA, gloo on the CPU, the same code for both.
 
 One process per rank calls ``init_distributed(mapping, init_method)`` once; it creates the world
-group, one tensor-parallel group per pipeline stage, one pipeline group per tp rank, and (under
-NCCL) a gloo group for Python objects (the step plans rank 0 broadcasts). The layers call
-``tp_all_reduce`` / ``tp_all_gather`` only when their mapping has tp_size > 1, so a single
-process never touches torch.distributed.
+group, one tensor-parallel group per pipeline stage, one pipeline group per tp rank, (under NCCL) a
+gloo group for Python objects (the step plans rank 0 sends), and one two-rank group per pipeline
+link: stage s -> s+1 for each tp rank, and the last stage's tp rank 0 -> rank 0 (the logits). The
+layers call ``tp_all_reduce`` / ``tp_all_gather`` only when their mapping has tp_size > 1, so a
+single process never touches torch.distributed.
+
+Pipeline traffic is point to point and non-blocking on the sending side (``isend_*`` return a
+``Sent`` to wait on later), so a stage can start its next micro-batch while the previous one's
+output is still on its way. Each link has its own group: under NCCL a group is a communicator with
+its own stream, so the residual stream going down the pipeline and the logits coming back to rank 0
+(the same pair of ranks at pp_size 2) never queue behind each other; under gloo the groups cost a
+socket each. Messages on one link arrive in the order they were sent (gloo and NCCL both keep
+point-to-point order per pair), which is what keeps every rank's micro-batches in rank 0's order.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ class _State:
     tp_group: object
     pp_group: object
     cpu_group: object  # gloo, for pickled objects (the world group under gloo)
+    next_link: object | None = None  # this rank -> the next stage's rank of the same tp rank
+    prev_link: object | None = None  # the previous stage's rank -> this rank
+    logits_link: object | None = None  # the last stage's tp rank 0 -> rank 0 (on those two ranks)
 
 
 _state: _State | None = None
@@ -65,6 +77,18 @@ def init_distributed(mapping: Mapping, init_method: str, device: torch.device | 
             pp_group = g
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     _state = _State(mapping, backend, device, tp_group, pp_group, cpu_group)
+    if mapping.pp_size > 1:  # one group per pipeline link, created in the same order on every rank
+        for ranks in mapping.pp_groups():
+            for a, b in zip(ranks, ranks[1:]):
+                g = dist.new_group([a, b], timeout=timeout)
+                if mapping.rank == a:
+                    _state.next_link = g
+                if mapping.rank == b:
+                    _state.prev_link = g
+        last = (mapping.pp_size - 1) * mapping.tp_size
+        g = dist.new_group([0, last], timeout=timeout)
+        if mapping.rank in (0, last):
+            _state.logits_link = g
 
 
 def is_initialized() -> bool:
@@ -131,10 +155,101 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return obj if st.mapping.rank == src else pickle.loads(buf.numpy().tobytes())
 
 
-def broadcast_tensor(x: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank ``src``'s ``x`` into every rank's ``x`` (same shape and dtype everywhere), on the device group."""
-    _require()
-    dist.broadcast(x, src=src)
+def broadcast_tensor(x: torch.Tensor, src: int = 0, group: str = "world") -> torch.Tensor:
+    """Rank ``src``'s ``x`` into ``x`` on every rank of ``group`` ("world", or "tp": this rank's
+    pipeline stage, which must hold ``src``), on the device group (same shape and dtype everywhere)."""
+    st = _require()
+    dist.broadcast(x, src=src, group=st.tp_group if group == "tp" else None)
+    return x
+
+
+# -- point to point, non-blocking sends ---------------------------------------------------------------
+_TAG_SIZE, _TAG_BYTES = 11, 12  # a pickled object: its size, then its bytes (on the gloo object group)
+
+
+class Sent:
+    """Sends in progress: ``wait()`` returns once every one has left (their buffers are kept alive until
+    then). Waiting on a send whose receiver has already received it returns at once."""
+
+    def __init__(self) -> None:
+        self._works: list[tuple[object, torch.Tensor]] = []
+
+    def add(self, work: object, buf: torch.Tensor) -> None:
+        self._works.append((work, buf))
+
+    def extend(self, other: Sent) -> None:
+        self._works.extend(other._works)
+
+    def wait(self) -> None:
+        works, self._works = self._works, []
+        for work, _ in works:
+            work.wait()
+
+    def __len__(self) -> int:
+        return len(self._works)
+
+
+def isend_object(obj: object, dst: int, sent: Sent | None = None) -> Sent:
+    """Send a picklable ``obj`` to rank ``dst`` over the gloo object group without waiting for it to
+    arrive; ``recv_object(src)`` on ``dst`` receives it (objects from one rank arrive in order)."""
+    st = _require()
+    sent = sent if sent is not None else Sent()
+    data = pickle.dumps(obj, protocol=5)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    sent.add(dist.isend(size, dst, group=st.cpu_group, tag=_TAG_SIZE), size)
+    sent.add(dist.isend(buf, dst, group=st.cpu_group, tag=_TAG_BYTES), buf)
+    return sent
+
+
+def recv_object(src: int) -> object:
+    """The next object rank ``src`` sent this rank with ``isend_object`` (blocks until it comes)."""
+    st = _require()
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src, group=st.cpu_group, tag=_TAG_SIZE)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(buf, src, group=st.cpu_group, tag=_TAG_BYTES)
+    return pickle.loads(buf.numpy().tobytes())
+
+
+def _link(name: str) -> object:
+    st = _require()
+    g = getattr(st, name)
+    if g is None:
+        raise RuntimeError(f"rank {st.mapping.rank} has no {name} (pp_size={st.mapping.pp_size})")
+    return g
+
+
+def isend_next_stage(x: torch.Tensor, sent: Sent | None = None) -> Sent:
+    """Send this stage's output to the next stage's rank of the same tp rank, without waiting."""
+    st = _require()
+    sent = sent if sent is not None else Sent()
+    x = x.contiguous()
+    sent.add(dist.isend(x, st.mapping.next_pp_rank(), group=_link("next_link")), x)
+    return sent
+
+
+def recv_prev_stage(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The previous stage's output (the next one it sent this rank)."""
+    st = _require()
+    x = torch.empty(shape, dtype=dtype, device=st.device)
+    dist.recv(x, st.mapping.prev_pp_rank(), group=_link("prev_link"))
+    return x
+
+
+def isend_logits(x: torch.Tensor, sent: Sent | None = None) -> Sent:
+    """The last stage's tp rank 0: send logits to rank 0, without waiting."""
+    sent = sent if sent is not None else Sent()
+    x = x.contiguous()
+    sent.add(dist.isend(x, 0, group=_link("logits_link")), x)
+    return sent
+
+
+def recv_logits(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rank 0: the next logits the last stage sent."""
+    st = _require()
+    x = torch.empty(shape, dtype=dtype, device=st.device)
+    dist.recv(x, (st.mapping.pp_size - 1) * st.mapping.tp_size, group=_link("logits_link"))
     return x
 
 

@@ -3,14 +3,22 @@
 Thread model: ``enqueue`` and ``abort`` may be called from any thread; everything else runs on
 the loop's thread. Each iteration takes new requests and aborts, schedules, runs the model,
 samples, and emits RequestUpdates through the ``emit`` callback.
+
+Pipeline parallel (pp_size > 1) keeps up to ``num_micro_batches`` micro-batches in flight (default
+pp_size, EngineConfig.num_micro_batches): each iteration schedules one from the requests that are
+in no launched micro-batch, launches it (stage 0 runs it on rank 0, later stages follow), and, when
+the pipeline is full or nothing new could start, finishes the oldest: its logits come back from the
+last stage, rank 0 samples them, and its requests can be scheduled again. See ``_step_pipelined``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +54,17 @@ class _Launched:
     pending: PendingTokens | None = None
     host: torch.Tensor | None = None
     event: torch.cuda.Event | None = None
+
+
+@dataclass
+class _MicroBatch:
+    """Pipeline parallel: a micro-batch launched on the stages (committed to the scheduler), whose
+    logits are not back yet. Its requests are busy: not scheduled again, not preempted."""
+
+    batch: ScheduledBatch
+    handle: Any  # rtllm.runtime.distributed.Launched
+    reqs: list[Request]  # requests that sample, in the order of their tokens
+    rows: list[SamplingRow]  # made before commit (their token lists without this step's placeholder)
 
 
 @dataclass
@@ -109,6 +128,11 @@ class PyExecutor:
         # overlap scheduling pays off when a device runs the step asynchronously (CUDA)
         self.overlap = (self.device.type == "cuda") if config.overlap is None else config.overlap
         self._inflight: _Launched | None = None
+        # pipeline parallel: micro-batches in flight between the stages (1: one step at a time)
+        pp = self.mapping.pp_size if split else 1
+        self.num_micro_batches = (config.num_micro_batches or pp) if pp > 1 else 1
+        self._pipeline: deque[_MicroBatch] = deque()
+        self.max_micro_batches_seen = 0  # the most micro-batches in flight at once so far (stats, tests)
 
     # -- ranks other than 0 (the model split across ranks) -----------------------------------------
     def follow_loop(self) -> None:
@@ -117,8 +141,11 @@ class PyExecutor:
             pass
 
     def stop_followers(self) -> None:
-        """Rank 0, at shutdown: release the other ranks from their follow loops."""
+        """Rank 0, at shutdown: finish the micro-batches still in flight (their tokens are dropped),
+        then release the other ranks from their follow loops."""
         if self.mapping is not None and self.mapping.world_size > 1:
+            while self._pipeline:
+                self.runner.finish(self._pipeline.popleft().handle)
             self.runner.stop_followers()
 
     def set_eos_token_ids(self, ids: frozenset[int]) -> None:
@@ -176,6 +203,7 @@ class PyExecutor:
             "device": str(self.device),
             "tensor_parallel_size": self.mapping.tp_size if self.mapping is not None else 1,
             "pipeline_parallel_size": self.mapping.pp_size if self.mapping is not None else 1,
+            "num_micro_batches": self.num_micro_batches,
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "vocab_size": self.model_config.vocab_size,
             "max_seq_len": sc.max_seq_len,
@@ -244,6 +272,8 @@ class PyExecutor:
         """One iteration. With overlap, step N+1 is scheduled and launched before step N's tokens
         are read back, so the CPU work of both runs while the GPU computes; otherwise each step
         completes before the next is scheduled. Both give the same tokens."""
+        if self.num_micro_batches > 1:
+            return self._step_pipelined()
         batch = self.scheduler.schedule()
         prev = self._inflight
         self._inflight = None
@@ -276,19 +306,91 @@ class PyExecutor:
         return ScheduledBatch([batch.requests[i] for i in keep], [batch.num_new_tokens[i] for i in keep],
                               batch.preempted)
 
+    # -- pipeline parallel: micro-batches in flight ------------------------------------------------
+    def _step_pipelined(self) -> list[RequestUpdate]:
+        """One iteration with up to num_micro_batches micro-batches in flight between the stages.
+
+        1. Unless the pipeline is full, schedule a micro-batch from the requests in no launched one
+           (at most ceil(active / num_micro_batches) requests, so they spread over the micro-batches)
+           and launch it: rank 0 sends the step to every rank and runs stage 0, and the step is
+           committed (a placeholder for each token it will sample), as under overlap scheduling.
+        2. When the pipeline is full or nothing could be launched, finish the oldest micro-batch:
+           wait for its logits from the last stage and sample them. Without overlap its tokens are
+           applied at once; with overlap they stay on the device until the next iteration has
+           launched its micro-batch (which may read them, filled on rank 0's device), as in ``step``.
+        A request is in at most one launched micro-batch: its next token is scheduled only after
+        the previous one is sampled. Every rank runs the micro-batches in launch order, so freed or
+        prefix-shared KV blocks are never read or overwritten before an earlier micro-batch is done
+        with them on that rank."""
+        updates: list[RequestUpdate] = []
+        prev, self._inflight = self._inflight, None  # sampled on the device, not applied yet (overlap)
+        launched = False
+        if len(self._pipeline) < self.num_micro_batches:
+            busy = {r for mb in self._pipeline for r in mb.batch.requests}
+            s = self.scheduler
+            cap = max(1, math.ceil((len(s.running) + len(s.waiting)) / self.num_micro_batches))
+            batch = s.schedule(busy=busy, max_requests=cap)
+            if batch.requests:
+                if self.overlap and not self._needs_sync(batch):
+                    self._pipeline.append(self._launch_micro(batch, prev))
+                else:
+                    if prev is not None:
+                        updates.extend(self._complete(prev))
+                        prev = None
+                    batch = self._drop_finished(batch)
+                    if batch.requests:
+                        self._pipeline.append(self._launch_micro(batch, None))
+                launched = bool(batch.requests)
+                self.max_micro_batches_seen = max(self.max_micro_batches_seen, len(self._pipeline))
+        if prev is not None:
+            updates.extend(self._complete(prev))
+        if self._pipeline and (len(self._pipeline) >= self.num_micro_batches or not launched):
+            done = self._finish_micro(self._pipeline.popleft(), to_cpu=not self.overlap)
+            if self.overlap:
+                self._inflight = done  # applied next iteration, after its micro-batch is launched
+            else:
+                updates.extend(self._complete(done))
+        self.num_steps += 1
+        return updates
+
+    def _launch_micro(self, batch: ScheduledBatch, prev: _Launched | None) -> _MicroBatch:
+        handle = self.runner.launch(batch, prev.pending if prev is not None else None)
+        rows = self._sampling_rows(batch, handle.sample_rows)
+        return _MicroBatch(batch, handle, self.scheduler.commit(batch), rows)
+
+    def _finish_micro(self, mb: _MicroBatch, to_cpu: bool) -> _Launched:
+        out = self.runner.finish(mb.handle)
+        return self._sampled(mb.batch, out, mb.rows, mb.reqs, to_cpu)
+
+    # -- one step -------------------------------------------------------------------------------------
+    @staticmethod
+    def _sampling_rows(batch: ScheduledBatch, sample_rows: list[int]) -> list[SamplingRow]:
+        rows = []
+        for i in sample_rows:
+            r = batch.requests[i]
+            rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids, r.output_token_ids,
+                                    r.eos_token_ids, r.logits_processors or None))
+        return rows
+
     def _launch(self, batch: ScheduledBatch, prev: _Launched | None, to_cpu: bool) -> _Launched:
         """Run the model and the sampler for ``batch`` (asynchronously on a GPU when to_cpu is
         False) and commit the step to the scheduler."""
         out = self.runner.execute(batch, prev.pending if prev is not None else None)
-        rows = []
-        for i in out.sample_rows:
-            r = batch.requests[i]
-            rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids, r.output_token_ids,
-                                    r.eos_token_ids, r.logits_processors or None))
+        rows = self._sampling_rows(batch, out.sample_rows)
         sampled = self.sampler.sample(out.sample_logits, rows, to_cpu=to_cpu) if rows else None
         prompt_lp = self._prompt_logprobs(batch, out)
         reqs = self.scheduler.commit(batch)
-        launched = _Launched(batch, reqs, sampled, prompt_lp, rows)
+        return self._with_pending(_Launched(batch, reqs, sampled, prompt_lp, rows), out)
+
+    def _sampled(self, batch: ScheduledBatch, out, rows: list[SamplingRow], reqs: list[Request],
+                 to_cpu: bool) -> _Launched:
+        """A committed micro-batch's logits sampled (the tokens' copy to the host started)."""
+        sampled = self.sampler.sample(out.sample_logits, rows, to_cpu=to_cpu) if rows else None
+        return self._with_pending(_Launched(batch, reqs, sampled, self._prompt_logprobs(batch, out), rows), out)
+
+    @staticmethod
+    def _with_pending(launched: _Launched, out) -> _Launched:
+        sampled, batch = launched.sampled, launched.batch
         if sampled is not None:
             tokens = sampled.token_ids
             launched.pending = PendingTokens(tokens, {batch.requests[i].request_id: j
@@ -335,7 +437,7 @@ class PyExecutor:
         return updates
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or self._inflight is not None or bool(self._pipeline)
 
     def _prompt_logprobs(self, batch, out) -> dict[str, list]:
         result: dict[str, list] = {}

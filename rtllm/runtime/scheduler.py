@@ -14,6 +14,7 @@ import functools
 import itertools
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from rtllm.config import SchedulerConfig
@@ -102,20 +103,31 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, busy: Collection[Request] = (), max_requests: int | None = None) -> ScheduledBatch:
+        """The next step's batch. Pipeline micro-batches (several batches in flight): ``busy`` are the
+        requests of batches launched whose tokens are not sampled yet; they are neither scheduled nor
+        preempted (their KV blocks stay theirs). ``max_requests`` caps the batch's requests, so the
+        running requests spread over the micro-batches. The defaults are one batch at a time."""
         cfg = self.config
         budget = cfg.max_num_tokens
         chosen: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        room = max_requests if max_requests is not None else cfg.max_batch_size
 
         for req in list(self.running):
             if req.status != RequestStatus.RUNNING or req.length_pending:  # preempted here / last token pending
                 continue
+            if busy and req in busy:
+                continue
+            if len(chosen) >= room:
+                break
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running[-1]
+                if busy and victim in busy:  # the newest request not in flight (``req`` at worst)
+                    victim = next(r for r in reversed(self.running) if r not in busy)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
@@ -125,16 +137,16 @@ class Scheduler:
                 budget -= num_new
 
         if not preempted:
-            self._admit(chosen, budget)
+            self._admit(chosen, budget, room)
 
         # decodes first, then prefill chunks (the attention layer splits the batch there)
         chosen.sort(key=lambda rn: rn[1] != 1 or rn[0].num_tokens - rn[0].num_computed_tokens != 1)
         return ScheduledBatch([r for r, _ in chosen], [n for _, n in chosen], preempted)
 
-    def _admit(self, chosen: list[tuple[Request, int]], budget: int) -> None:
+    def _admit(self, chosen: list[tuple[Request, int]], budget: int, room: int) -> None:
         cfg = self.config
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size and len(chosen) < room:
             req = self.waiting[0]
             leader = req.wait_for
             if leader is not None and not leader.is_finished and not leader.prefill_done:
