@@ -9,9 +9,10 @@ Semantics shared by the reference and the Triton kernels (``x.dtype`` is the sto
 ``y = (h @ w2[e]^T) * topk_weight`` in fp32, rounded to x.dtype per (token, slot); the output
 row is the fp32 sum of a token's k slots, rounded once.
 
-The Triton path (CUDA) sorts the T * k (token, slot) pairs by expert (``moe_align_block_size``)
-and runs each GEMM as ONE launch over all experts; this module holds the torch references, the
-alignment step and the dispatch.
+The Triton path (CUDA) sorts the T * k (token, slot) pairs by expert (``moe_align_block_size``;
+rtllm.kernels.triton_moe.moe_align_block_size_triton gives the same outputs in two launches) and
+runs each GEMM as ONE launch over all experts; this module holds the torch references, the
+alignment's reference and the dispatch.
 """
 
 from __future__ import annotations

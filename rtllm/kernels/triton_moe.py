@@ -14,23 +14,39 @@ multiplies by w2, scales each row by its routing weight and writes [N, H]; a sum
 combines them. Blocks past the last expert's run (expert -1) exit at once, so the grid size is a
 static function of T and nothing is read back to the host (CUDA-graph safe). With few pairs
 (batch-1 decode) the GEMMs skip the alignment: row block m is pair m alone, its expert read from
-topk_ids (PAIR_BLOCKS), so a decode step runs routing, two GEMMs and the sum, nothing else.
+topk_ids (PAIR_BLOCKS).
+
+Alignment runs as two Triton launches (a histogram per chunk of pairs, then each chunk sorted
+by expert and placed, each block's expert and padding filled): the torch version's ~30 small
+launches per layer made an eager prefill host-bound.
+
+``GEMV`` (opt-in, config GEMV=True): decode as GEMV-shaped launches instead of the 16-row tiles:
+one program per (pair, block of I rows) for gate/up, then one per (token, block of H rows) that
+runs the token's k slots and adds their rounded, weighted outputs in fp32 (no sum launch). On an
+H100 at Qwen3-30B-A3B batch 1 it measured 47.1 us per layer against 45.5 for the tiled path
+(gate/up at 2.5 TB/s, but down at 1.5 TB/s: Triton pipelines no loads that feed no dot, so each
+down program has one tile in flight), so it is not the default.
+
+Integers that change with the number of tokens are not specialized (``do_not_specialize``): a new
+batch size never compiles a new variant; only the block-size tier (moe_gemm_config) does.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.moe import moe_align_block_size
 from rtllm.kernels.triton_attention.common import interpreting
 
 # --------------------------------------------------------------------------------------------
 # routing
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _topk_softmax_kernel(
     logits_ptr, w_ptr, ids_ptr, T, E, stride_l, stride_w, stride_i,
     TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -51,8 +67,8 @@ def _topk_softmax_kernel(
     vals = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     idx = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.argmax(p, axis=1, tie_break_left=True).to(tl.int32)
-        val = tl.max(p, axis=1)
+        val, best = tl.max(p, axis=1, return_indices=True, return_indices_tie_break_left=True)  # one reduction
+        best = best.to(tl.int32)
         vals = tl.where(offs_k[None, :] == j, val[:, None], vals)
         idx = tl.where(offs_k[None, :] == j, best[:, None], idx)
         p = tl.where(offs_e[None, :] == best[:, None], -2.0, p)
@@ -77,16 +93,122 @@ def fused_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
     _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
         logits, weights, ids, T, E, logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=4 if block_e >= 128 else 1,
+        # one warp while a row fits in it: the k rounds of max then shuffle within the warp, without
+        # a shared-memory exchange and barrier each (batch-1 decode: one program, one row)
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if block_t * block_e <= 256 else 4,
     )  # fmt: skip
     return weights, ids
+
+
+# --------------------------------------------------------------------------------------------
+# alignment: the (token, slot) pairs grouped by expert, each expert's run padded to BLOCK_M
+
+
+@triton.jit(do_not_specialize=["N"])
+def _moe_count_kernel(ids_ptr, counts_ptr, N, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """counts[c, e] = pairs of chunk c (CHUNK consecutive flat slots) routed to expert e (local ids
+    in [0, E) only)."""
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
+    ok = (offs < N) & (ids >= 0) & (ids < num_experts)
+    hist = tl.histogram(tl.where(ok, ids, 0), BLOCK_E, mask=ok)
+    tl.store(counts_ptr + c * BLOCK_E + tl.arange(0, BLOCK_E), hist)
+
+
+@triton.jit(do_not_specialize=["N", "num_chunks", "num_blocks"])
+def _moe_place_kernel(
+    ids_ptr, counts_ptr, base_ptr, sorted_ids_ptr, block_expert_ptr, N, num_experts, num_chunks, num_blocks,
+    CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """Program p: places chunk p's pairs (p < num_chunks) and fills blocks [p * BLOCK_B, (p+1) * BLOCK_B).
+
+    Every program derives the same run layout from the counts: expert e's run starts at
+    padded_start[e] (runs padded to BLOCK_M, in expert order); a pair's place in it is the pairs of e
+    in earlier chunks plus its rank among e's pairs in its own chunk (a sort of the chunk by
+    (expert, slot): stable, as the reference's argsort). A block's expert is the number of runs that
+    end at or before its start (-1 past the last); its slots past the run's real pairs get N."""
+    pid = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    mine = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, ROWS):
+        rows = c0 + tl.arange(0, ROWS)
+        cnt = tl.load(counts_ptr + rows[:, None] * BLOCK_E + offs_e[None, :], mask=(rows < num_chunks)[:, None],
+                      other=0)
+        total += tl.sum(cnt, axis=0)
+        before += tl.sum(tl.where((rows < pid)[:, None], cnt, 0), axis=0)
+        mine += tl.sum(tl.where((rows == pid)[:, None], cnt, 0), axis=0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    if pid < num_chunks:
+        # slot of the pair at sorted position i of this chunk: base[e] + i, base = run start + the
+        # pairs of e in earlier chunks - the pairs of smaller experts in this chunk
+        tl.store(base_ptr + pid * BLOCK_E + offs_e, padded_start + before - (tl.cumsum(mine, axis=0) - mine))
+        tl.debug_barrier()
+        offs = tl.arange(0, CHUNK)
+        flat = pid * CHUNK + offs
+        ids = tl.load(ids_ptr + flat, mask=flat < N, other=-1)
+        ok = (flat < N) & (ids >= 0) & (ids < num_experts)
+        key = tl.sort(tl.where(ok, ids, BLOCK_E) * CHUNK + offs)  # other ranks' experts and the tail last
+        e_s = key // CHUNK
+        real = e_s < BLOCK_E
+        dest = tl.load(base_ptr + pid * BLOCK_E + e_s, mask=real, other=0) + offs
+        tl.store(sorted_ids_ptr + dest, pid * CHUNK + key % CHUNK, mask=real)
+    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < num_blocks
+    start = offs_b * BLOCK_M
+    is_e = (offs_e < num_experts)[None, :]
+    expert = tl.sum(((padded_end[None, :] <= start[:, None]) & is_e).to(tl.int32), axis=1)
+    has = expert < num_experts
+    real_end = tl.sum(tl.where((offs_e[None, :] == expert[:, None]) & is_e, (padded_start + total)[None, :], 0), axis=1)
+    tl.store(block_expert_ptr + offs_b, tl.where(has, expert, -1), mask=mask_b)
+    pos = start[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    pad = (~has)[:, None] | (pos >= real_end[:, None])
+    tl.store(sorted_ids_ptr + pos, tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.int32) + N, mask=mask_b[:, None] & pad)
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int,
+                                block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rtllm.kernels.moe.moe_align_block_size in two launches (the same outputs, bit for bit).
+
+    The torch version takes some 30 small launches per call; at prefill the host spent longer
+    issuing them than the GPU ran the layer (an eager 128-token prefill of Qwen3-30B-A3B on H100:
+    69 ms of host launch work for 14 ms of kernels)."""
+    flat = topk_ids.reshape(-1)
+    flat = flat if flat.dtype == torch.int32 and flat.is_contiguous() else flat.to(torch.int32).contiguous()
+    n = flat.numel()
+    bound = n + min(num_experts, n) * (block_m - 1)
+    padded_len = -(-bound // block_m) * block_m
+    num_blocks = padded_len // block_m
+    dev = flat.device
+    sorted_ids = torch.empty(padded_len, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    if n == 0:
+        return sorted_ids, block_expert
+    chunk = min(4096, max(256, triton.next_power_of_2(triton.cdiv(n, 128))))
+    num_chunks = triton.cdiv(n, chunk)
+    block_e = triton.next_power_of_2(num_experts)
+    block_b = 16
+    grid = max(num_chunks, triton.cdiv(num_blocks, block_b))
+    counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=dev)
+    base = torch.empty(num_chunks, block_e, dtype=torch.int32, device=dev)
+    _moe_count_kernel[(num_chunks,)](flat, counts, n, num_experts, CHUNK=chunk, BLOCK_E=block_e, num_warps=4)
+    _moe_place_kernel[(grid,)](
+        flat, counts, base, sorted_ids, block_expert, n, num_experts, num_chunks, num_blocks,
+        CHUNK=chunk, BLOCK_E=block_e, ROWS=max(1, min(16, 2048 // block_e)), BLOCK_M=block_m, BLOCK_B=block_b,
+        num_warps=4,
+    )  # fmt: skip
+    return sorted_ids, block_expert
 
 
 # --------------------------------------------------------------------------------------------
 # grouped expert GEMM
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_m_blocks"])  # change with the token count
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, block_expert_ptr,
     N, K, num_pairs, num_m_blocks, num_experts,
@@ -199,14 +321,193 @@ def _launch_gemm(a, b, c, topk_w, sorted_ids, block_expert, N, K, num_pairs, a_r
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------
+# decode: GEMV-shaped expert launches (a few (token, slot) pairs)
+
+
+@triton.jit
+def _moe_gemv_gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, ids_ptr, N, K, num_experts,
+    stride_xm, stride_we, stride_wn, stride_hm,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr,
+):  # fmt: skip
+    """h[pair, n-block] = silu(x[token] @ gate^T) * (x[token] @ up^T) for the pair's expert.
+
+    Grid (pairs, cdiv(N, BLOCK_N)); w [E, 2N, K] (gate rows, then up rows). A pair whose expert lies
+    outside [0, E) (another rank's) writes nothing: the second launch skips it."""
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm + offs_k
+    g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    u_ptrs = g_ptrs + N * stride_wn
+    if ACC2D:  # products summed per lane in the loop, one reduction at the end (no barrier per step)
+        acc_g2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        xv = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+        mask = mask_n[:, None] & mask_k[None, :]
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if ACC2D:
+            acc_g2 += g * xv[None, :]
+            acc_u2 += u * xv[None, :]
+        else:
+            acc_g += tl.sum(g * xv[None, :], axis=1)
+            acc_u += tl.sum(u * xv[None, :], axis=1)
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    if ACC2D:
+        acc_g = tl.sum(acc_g2, axis=1)
+        acc_u = tl.sum(acc_u2, axis=1)
+    out_ty = h_ptr.dtype.element_ty
+    g = acc_g.to(out_ty).to(tl.float32)
+    u = acc_u.to(out_ty).to(tl.float32)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + pair.to(tl.int64) * stride_hm + offs_n, h.to(out_ty), mask=mask_n)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(
+    h_ptr, w_ptr, out_ptr, topk_w_ptr, ids_ptr, N, K, num_experts,
+    stride_hm, stride_we, stride_wn, stride_om,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr,
+):  # fmt: skip
+    """out[token, n-block] = sum over the token's k slots of round(topk_w * (h[pair] @ w2[expert]^T)).
+
+    Grid (tokens, cdiv(N, BLOCK_N)); w [E, N, K]. Each slot's product is rounded to the output dtype
+    and the k of them are added in fp32, rounded once (the reference's order of roundings). Slots
+    of foreign experts (outside [0, E)) load nothing and add zero."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = t * TOP_K + j
+        expert = tl.load(ids_ptr + pair)
+        valid = (expert >= 0) & (expert < num_experts)
+        weight = tl.where(valid, tl.load(topk_w_ptr + pair), 0.0)
+        h_ptrs = h_ptr + pair.to(tl.int64) * stride_hm + offs_k
+        w_ptrs = w_ptr + tl.where(valid, expert, 0).to(tl.int64) * stride_we + w_rows
+        if ACC2D:
+            y2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (offs_k < K - k0) & valid
+            hv = tl.load(h_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            if ACC2D:
+                y2 += wv * hv[None, :]
+            else:
+                y += tl.sum(wv * hv[None, :], axis=1)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if ACC2D:
+            y = tl.sum(y2, axis=1)
+        acc += (y * weight).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, acc.to(out_ty), mask=mask_n)
+
+
+def moe_gemv_config(hidden: int, inter: int, interpreting: bool) -> dict:
+    """Tiles of the decode launches: BLOCK_N1 x BLOCK_K1 (gate/up, N = I, K = H) and BLOCK_N2 x
+    BLOCK_K2 (down, N = H, K = I): the best of the sweep in scripts/moe_kernel_bench.py --tune (H100,
+    Qwen3-30B-A3B, batch 1). Narrow row blocks give hundreds of programs at batch 1 (48 x 8 and 256);
+    long K tiles keep tens of KiB of weights in flight per program (plain 16-byte vector loads:
+    Triton software-pipelines no load that feeds no dot, so num_stages would change nothing;
+    ACC2D, products summed per lane and reduced once, measured the same)."""
+    if interpreting:
+        return dict(BLOCK_N1=16, BLOCK_K1=32, WARPS1=4, ACC2D1=False, BLOCK_N2=16, BLOCK_K2=32, WARPS2=4, ACC2D2=True)
+    cfg = dict(BLOCK_N1=16, BLOCK_K1=min(512, triton.next_power_of_2(hidden)), WARPS1=8, ACC2D1=False,
+               BLOCK_N2=8, BLOCK_K2=min(1024, triton.next_power_of_2(inter)), WARPS2=8, ACC2D2=False)
+    return dict(cfg, **_GEMV_TILES)
+
+
+# tile overrides for the decode launches, e.g. '{"BLOCK_N1": 8}' (scripts/moe_kernel_bench.py --tune prints them)
+_GEMV_TILES: dict = json.loads(os.environ.get("RTLLM_MOE_GEMV_TILES") or "{}")
+
+
+def _fused_experts_gemv(x, w13, w2, topk_w, ids, top_k, cfg) -> torch.Tensor:
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    num_pairs = ids.numel()
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, cfg["BLOCK_N1"]))](
+        x, w13, h, ids, inter, H, E, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        TOP_K=top_k, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], ACC2D=cfg["ACC2D1"], num_warps=cfg["WARPS1"],
+        num_stages=1,
+    )  # fmt: skip
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    _moe_gemv_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N2"]))](
+        h, w2, out, topk_w, ids, H, inter, E, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOP_K=top_k, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], ACC2D=cfg["ACC2D2"], num_warps=cfg["WARPS2"],
+        num_stages=1,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the k-slot sum when some slots were never written (foreign experts)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _moe_slot_sum_kernel(y_ptr, ids_ptr, out_ptr, T, N, num_experts, stride_ym, stride_om,
+                         TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """out[t] = sum over slots j with ids[t, j] in [0, E) of y[t * k + j], in fp32, rounded once."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_t = offs_t < T
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = offs_t * TOP_K + j
+        e = tl.load(ids_ptr + pair, mask=mask_t, other=-1)
+        ok = mask_t & (e >= 0) & (e < num_experts)
+        acc += tl.load(y_ptr + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
+                       mask=ok[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    out = out_ptr + offs_t.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_n[None, :])
+
+
+def _slot_sum(y: torch.Tensor, ids: torch.Tensor, T: int, top_k: int, num_experts: int) -> torch.Tensor:
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    block_n = min(1024, triton.next_power_of_2(H))
+    _moe_slot_sum_kernel[(T, triton.cdiv(H, block_n))](
+        y, ids, out, T, H, num_experts, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_T=1, BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                          topk_ids: torch.Tensor, config: dict | None = None,
                          foreign_ids: bool = False) -> torch.Tensor:
-    """out [T, H] = sum over k of topk_weights * expert(x); two grouped-GEMM launches and a sum.
+    """out [T, H] = sum over k of topk_weights * expert(x): two grouped-GEMM launches and a sum.
 
     x [T, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous along their last dim), topk_* [T, k].
     ``foreign_ids``: some ids may lie outside [0, E) (experts of another rank); those pairs then
-    contribute zero (costs one memset of the [T * k, H] buffer). ``config`` overrides block sizes."""
+    contribute zero (no memset: the slot sum and the GEMV launches skip them). ``config``
+    overrides block sizes and the path (PAIR_BLOCKS, GEMV)."""
     T, H = x.shape
     E, two_i, H2 = w13.shape
     inter = two_i // 2
@@ -217,19 +518,25 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     if T == 0:
         return x.new_empty(T, H)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = dict(moe_gemm_config(num_pairs, E, interpreting(x)), **(config or {}))
+    interp = interpreting(x)
+    cfg = {**moe_gemm_config(num_pairs, E, interp), **moe_gemv_config(H, inter, interp), **(config or {})}
     pair_blocks = cfg.pop("PAIR_BLOCKS")
-    if pair_blocks:  # one row block per pair, its expert read from topk_ids: no alignment launches
-        sorted_ids = block_expert = topk_ids.reshape(-1).to(torch.int32).contiguous()
-    else:
-        sorted_ids, block_expert = moe_align_block_size(topk_ids, E, cfg["BLOCK_M"])
+    gemv = cfg.pop("GEMV", False)
     topk_w = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    flat_ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    if gemv:
+        return _fused_experts_gemv(x, w13, w2, topk_w, flat_ids, top_k, cfg)
+    if pair_blocks:  # one row block per pair, its expert read from topk_ids: no alignment launches
+        sorted_ids = block_expert = flat_ids
+    else:
+        sorted_ids, block_expert = moe_align_block_size_triton(flat_ids, E, cfg["BLOCK_M"])
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _launch_gemm(x, w13, h, topk_w, sorted_ids, block_expert, inter, H, num_pairs, top_k, True, False, cfg,
                  pair_blocks)
-    # pairs of foreign experts are never written: zero them so the combine ignores them
-    y = (torch.zeros if foreign_ids else torch.empty)(num_pairs, H, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_pairs, H, dtype=x.dtype, device=x.device)
     _launch_gemm(h, w2, y, topk_w, sorted_ids, block_expert, H, inter, num_pairs, 1, False, True, cfg, pair_blocks)
+    if foreign_ids:  # pairs of foreign experts were never written: the sum skips them
+        return _slot_sum(y, flat_ids, T, top_k, E)
     if top_k == 1:
         return y
     return y.view(T, top_k, H).sum(dim=1)  # accumulated in fp32 and rounded once, also for 16-bit y
