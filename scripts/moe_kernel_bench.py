@@ -2,14 +2,20 @@
 (8 experts, top 2, H 4096, I 14336) shapes: check and time them.
 
     python scripts/moe_kernel_bench.py                  # both shapes, bf16
-    python scripts/moe_kernel_bench.py --only qwen3 --tune   # also sweep the decode GEMM tiles
+    python scripts/moe_kernel_bench.py --only qwen3 --tune   # also sweep the opt-in GEMV path's tiles
+    python scripts/moe_kernel_bench.py --only qwen3 --profile   # per-kernel times of a batch-1 layer
     TRITON_INTERPRET=1 python scripts/moe_kernel_bench.py --smoke   # CPU: tiny shapes, logic only
 
-Each row: T tokens through one MoE layer (router logits given): Triton routing + alignment + the two
-grouped GEMMs + the combine, checked against the torch references (routing: the same probabilities
-chosen; experts: max |diff| / max |ref|), timed eagerly and as a CUDA graph replay (how the engine
-runs decode). Bandwidth: bytes of the experts the batch hits (each read once) + activations, over
-the graph time, against the copy bandwidth measured here; FLOP/s: 2 * T * k * 3 * H * I over the
+Each row: T tokens through one MoE layer as the model runs it: the router GEMM, Triton routing and
+the experts (alignment unless few pairs, two grouped GEMMs, the k-slot sum), checked against the
+torch references (routing: the same probabilities chosen; experts: max |diff| / max |ref|) and
+timed as a CUDA graph replay (how the engine runs decode), and eagerly (how it runs a prefill:
+"eager" wall time, "host" the time to issue the launches; host >= eager means host-bound). The
+graph runs LAYERS distinct layers' weights one after the other (time / LAYERS per layer), so that
+a layer never finds its experts in L2 from the previous replay (50 MB of L2 against 75 MB of
+experts at batch 1). "gemv" is the opt-in GEMV-shaped decode path (config GEMV=True), same graph.
+Bandwidth: bytes of the experts the batch hits (each read once) + router + activations, over the
+graph time, against the copy bandwidth measured here; FLOP/s: 2 * T * k * 3 * H * I over the
 graph time. Exits 1 if a kernel disagrees with its reference.
 """
 
@@ -21,11 +27,13 @@ import sys
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from rtllm.bench.bounds import time_cuda
 from rtllm.kernels import moe, triton_moe
 
 SHAPES = {"qwen3": (128, 8, 2048, 768, True), "mixtral": (8, 2, 4096, 14336, True)}  # E, k, H, I, renormalize
+GEMV_DECODE = dict(GEMV=True)  # the opt-in decode path (GEMV-shaped launches, no sum launch), for comparison
 failures: list[str] = []
 
 
@@ -52,88 +60,169 @@ def copy_bandwidth() -> float:
     return 2 * bufs[0].numel() * 2 / (median_ms(lambda: bufs[1].copy_(bufs[0]), 20) / 1e3)
 
 
-def layer_fn(x, logits, w13, w2, k, renorm, config=None):
+def layers_fn(x, layers, k, renorm, config=None):
+    """One MoE layer per (w13, w2, gate) in ``layers``, each as FusedMoE.forward runs it."""
     def run():
-        w, ids = triton_moe.fused_topk_triton(logits, k, renorm)
-        return triton_moe.fused_experts_triton(x, w13, w2, w, ids, config=config)
+        for w13, w2, gate in layers:
+            w, ids = triton_moe.fused_topk_triton(F.linear(x, gate), k, renorm)
+            triton_moe.fused_experts_triton(x, w13, w2, w, ids, config=config)
     return run
 
 
-def check(name: str, T: int, x, logits, w13, w2, k: int, renorm: bool) -> None:
+def host_and_eager_us(fn, n: int, iters: int = 10) -> tuple[float, float]:
+    """Per layer, run eagerly (how the engine runs a prefill): the host's time to issue the launches
+    (until fn returns) and the wall time with the GPU's work (synchronized); medians."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    host, wall = [], []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t)
+    return sorted(host)[iters // 2] / n * 1e6, sorted(wall)[iters // 2] / n * 1e6
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
+
+
+def check(name: str, T: int, x, logits, w13, w2, k: int, renorm: bool, configs=(None,)) -> list[float]:
     w, ids = triton_moe.fused_topk_triton(logits, k, renorm)
     w_ref, ids_ref = moe.fused_topk_torch(logits, k, renorm)
     probs = torch.softmax(logits.float(), -1)
     if not torch.allclose(probs.gather(1, ids.long()), probs.gather(1, ids_ref.long()), atol=1e-6, rtol=0) or \
             not torch.allclose(w, w_ref, atol=1e-5, rtol=1e-4):
         failures.append(f"{name} T={T} routing")
-    out = triton_moe.fused_experts_triton(x, w13, w2, w_ref, ids_ref)
     ref = moe.fused_experts_torch(x, w13, w2, w_ref, ids_ref)
-    rel = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
-    if rel > 2e-2:
-        failures.append(f"{name} T={T} experts rel err {rel:.3g}")
-    return rel
+    errs = []
+    for cfg in configs:
+        out = triton_moe.fused_experts_triton(x, w13, w2, w_ref, ids_ref, config=cfg)
+        errs.append(rel_err(out, ref))
+        if errs[-1] > 2e-2:
+            failures.append(f"{name} T={T} experts {cfg} rel err {errs[-1]:.3g}")
+    return errs
 
 
-def run_shape(name: str, tokens: list[int], bw: float, dtype: torch.dtype, tune: bool) -> None:
+def make_layers(E, k, H, inter, dtype, n, g):
+    return [(torch.randn(E, 2 * inter, H, device="cuda", dtype=dtype, generator=g) * 0.02,
+             torch.randn(E, H, inter, device="cuda", dtype=dtype, generator=g) * 0.02,
+             torch.randn(E, H, device="cuda", dtype=dtype, generator=g) * 0.02) for _ in range(n)]
+
+
+def run_shape(name: str, tokens: list[int], bw: float, dtype: torch.dtype, n_layers: int) -> list:
     E, k, H, inter, renorm = SHAPES[name]
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=dtype, generator=g) * 0.02
-    w2 = torch.randn(E, H, inter, device="cuda", dtype=dtype, generator=g) * 0.02
-    gate = torch.randn(E, H, device="cuda", dtype=dtype, generator=g) * 0.02
+    n = max(1, min(n_layers, int(0.5 * torch.cuda.mem_get_info()[0] // (3 * E * H * inter * 2))))
+    layers = make_layers(E, k, H, inter, dtype, n, g)
+    w13, w2, gate = layers[0]
     expert_bytes = 3 * H * inter * w13.element_size()
-    print(f"\n== {name}: E {E}, top-{k}, H {H}, I {inter}, {dtype}; {expert_bytes / 2**20:.1f} MiB per expert")
-    print(f"{'T':>6} {'rel err':>8} {'eager ms':>9} {'graph ms':>9} {'ref ms':>8} {'hit':>4} {'GB/s':>7} "
-          f"{'of copy':>7} {'TFLOP/s':>8}")
+    print(f"\n== {name}: E {E}, top-{k}, H {H}, I {inter}, {dtype}; {expert_bytes / 2**20:.1f} MiB per expert; "
+          f"graph over {n} layers' weights")
+    print(f"{'T':>6} {'rel err':>8} {'graph us':>9} {'gemv us':>8} {'eager us':>9} {'host us':>8} {'ref ms':>8} "
+          f"{'hit':>4} {'GB/s':>7} {'of copy':>7} {'gemv':>6} {'TFLOP/s':>8}")
+    rows = []
     for T in tokens:
         x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
-        logits = x @ gate.T
-        rel = check(name, T, x, logits, w13, w2, k, renorm)
-        fn = layer_fn(x, logits, w13, w2, k, renorm)
-        eager = median_ms(fn)
-        graph = median_ms(graphed(fn))
+        logits = F.linear(x, gate)
+        decode = T * k * 4 <= E
+        errs = check(name, T, x, logits, w13, w2, k, renorm, (None, GEMV_DECODE) if decode else (None,))
+        per = median_ms(graphed(layers_fn(x, layers, k, renorm))) / n
+        host, eager = host_and_eager_us(layers_fn(x, layers, k, renorm), n)
+        gemv = median_ms(graphed(layers_fn(x, layers, k, renorm, GEMV_DECODE))) / n if decode else float("nan")
         w, ids = moe.fused_topk_torch(logits, k, renorm)
-        ref_fn = partial(moe.fused_experts_torch, x, w13, w2, w, ids)
-        ref = median_ms(ref_fn, 10) if T <= 2048 else float("nan")
+        ref = median_ms(partial(moe.fused_experts_torch, x, w13, w2, w, ids), 10) if T <= 2048 else float("nan")
         hit = int(torch.unique(ids).numel())
-        nbytes = hit * expert_bytes + T * H * x.element_size() * (2 + k) + T * k * inter * x.element_size() * 2
-        gbs = nbytes / (graph / 1e3) / 1e9
-        tflops = 2 * T * k * 3 * H * inter / (graph / 1e3) / 1e12
-        print(f"{T:>6} {rel:>8.1e} {eager:>9.3f} {graph:>9.3f} {ref:>8.3f} {hit:>4} {gbs:>7.0f} "
-              f"{gbs * 1e9 / bw:>7.1%} {tflops:>8.1f}")
-    if tune:
-        tune_decode(name, w13, w2, gate, k, renorm, expert_bytes, bw, g)
+        nbytes = (hit * expert_bytes + E * H * x.element_size() + T * H * x.element_size() * (3 + k)
+                  + T * k * inter * x.element_size() * 2)
+        gbs = nbytes / (per / 1e3) / 1e9
+        tflops = 2 * T * k * 3 * H * inter / (per / 1e3) / 1e12
+        print(f"{T:>6} {max(errs):>8.1e} {per * 1e3:>9.1f} {gemv * 1e3:>8.1f} {eager:>9.1f} {host:>8.1f} {ref:>8.3f} "
+              f"{hit:>4} {gbs:>7.0f} "
+              f"{gbs * 1e9 / bw:>7.1%} {nbytes / (gemv / 1e3) / bw:>6.1%} {tflops:>8.1f}")
+        rows.append(dict(T=T, us=per * 1e3, gemv_us=gemv * 1e3, eager_us=eager, host_us=host, hit=hit, gbs=gbs,
+                         of_copy=gbs * 1e9 / bw))
+    return layers, rows
 
 
-def tune_decode(name, w13, w2, gate, k, renorm, expert_bytes, bw, g) -> None:
-    """Sweep the grouped GEMM tiles at decode batch sizes (graph replay times)."""
-    H = w13.shape[2]
-    print(f"\n-- {name} decode tile sweep (graph ms; best first)")
-    for T in (1, 4):
-        x = torch.randn(T, H, device="cuda", dtype=w13.dtype, generator=g)
-        logits = x @ gate.T
-        rows = []
-        for bm, bn, bk, nw, ns in itertools.product((16,), (32, 64, 128), (64, 128, 256), (4, 8), (4,)):
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=nw, num_stages=ns)
-            try:
-                t = median_ms(graphed(layer_fn(x, logits, w13, w2, k, renorm, cfg)), 20)
-            except Exception as e:  # noqa: BLE001  (a tile that does not compile or fit)
-                rows.append((float("inf"), cfg, type(e).__name__))
+def profile_layer(name, layers, dtype, T: int = 1) -> None:
+    """Per-kernel GPU times of T tokens through the layers (graph replays), default and GEMV decode path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    E, k, H, inter, renorm = SHAPES[name]
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    for label, cfg in (("default", None), ("gemv", GEMV_DECODE)):
+        replay = graphed(layers_fn(x, layers, k, renorm, cfg))
+        replay()
+        torch.cuda.synchronize()
+        reps = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                replay()
+            torch.cuda.synchronize()
+        calls = reps * len(layers)
+        print(f"\n-- {name} T={T} per-kernel GPU time per layer ({label} path; graph replays)")
+        total = 0.0
+        for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+            if ev.device_time_total <= 0 or ev.count < calls:
                 continue
-            rows.append((t, cfg, ""))
-        rows.sort(key=lambda r: r[0])
-        hit = int(torch.unique(moe.fused_topk_torch(logits, k, renorm)[1]).numel())
-        for t, cfg, err in rows[:5]:
-            print(f"  T={T:<3} {t:.4f} ms  {hit * expert_bytes / (t / 1e3) / bw:6.1%} of copy  {cfg} {err}")
+            per = ev.device_time_total / calls
+            total += per
+            print(f"  {per:7.2f} us  x{ev.count // calls}  {ev.key[:90]}")
+        print(f"  {total:7.2f} us  kernels in all (the graph's wall time adds the gaps between them)")
+
+
+def tune_decode(name, layers, bw, dtype, out_path=None, tokens=(1,)) -> None:
+    """Sweep the opt-in GEMV path's tiles (graph replay per layer): gate/up tiles with the down tiles at their
+    default, then the down tiles with the best gate/up tiles. ``out_path``: the best tiles at the
+    first T as JSON (for RTLLM_MOE_GEMV_TILES)."""
+    E, k, H, inter, renorm = SHAPES[name]
+    expert_bytes = 3 * H * inter * 2
+    print(f"\n-- {name} decode GEMV tile sweep (graph us per layer; best first)")
+    best = None
+    for T in tokens:
+        x = torch.randn(T, H, device="cuda", dtype=dtype)
+        hit = int(torch.unique(moe.fused_topk_torch(F.linear(x, layers[0][2]), k, renorm)[1]).numel())
+
+        def sweep(cands, x=x, T=T, hit=hit):
+            rows = []
+            for cfg in cands:
+                try:
+                    t = median_ms(graphed(layers_fn(x, layers, k, renorm, cfg)), 20) / len(layers)
+                except Exception as e:  # noqa: BLE001  (a tile that does not compile or fit)
+                    rows.append((float("inf"), cfg, type(e).__name__))
+                    continue
+                rows.append((t, cfg, ""))
+            rows.sort(key=lambda r: r[0])
+            for t, cfg, err in rows[:4] + rows[-1:]:
+                share = hit * expert_bytes / (t / 1e3) / bw
+                print(f"  T={T:<3} {t * 1e3:7.1f} us  {share:6.1%} of copy  {cfg} {err}")
+            return rows[0][1]
+
+        best1 = sweep([dict(GEMV=True, BLOCK_N1=bn, BLOCK_K1=bk, WARPS1=w, ACC2D1=a) for (bn, bk), w, a in
+                       itertools.product(((8, 512), (16, 512), (16, 256), (32, 256)), (4, 8), (False, True))])
+        best2 = sweep([dict(best1, BLOCK_N2=bn, BLOCK_K2=bk, WARPS2=w, ACC2D2=a) for (bn, bk), w, a in
+                       itertools.product(((8, 1024), (16, 1024), (16, 512), (32, 256)), (4, 8), (False, True))])
+        best = best or best2
+    if out_path and best:
+        import json
+
+        with open(out_path, "w") as f:
+            json.dump(best, f)
+        print(f"  best tiles -> {out_path}: {json.dumps(best)}")
 
 
 def smoke() -> int:
-    """CPU under TRITON_INTERPRET=1: tiny shapes through the same checks."""
+    """CPU under TRITON_INTERPRET=1: tiny shapes through the same checks, both decode paths."""
     E, k, H, inter = 8, 2, 32, 16
     w13 = torch.randn(E, 2 * inter, H) * 0.1
     w2 = torch.randn(E, H, inter) * 0.1
     for T in (1, 5):
         x = torch.randn(T, H)
-        check("smoke", T, x, torch.randn(T, E), w13, w2, k, True)
+        check("smoke", T, x, torch.randn(T, E), w13, w2, k, True, (None, GEMV_DECODE, dict(PAIR_BLOCKS=False)))
     print("smoke:", "FAIL " + "; ".join(failures) if failures else "ok")
     return 1 if failures else 0
 
@@ -141,8 +230,11 @@ def smoke() -> int:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(SHAPES), default=None)
-    ap.add_argument("--tokens", default="1,2,8,32,128,512,2048,8192")
+    ap.add_argument("--tokens", default="1,2,4,8,32,128,512,2048,8192")
+    ap.add_argument("--layers", type=int, default=8, help="distinct layers' weights in each timed graph")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-out", default=None, help="write the best decode tiles (JSON) here")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -152,7 +244,12 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     tokens = [int(t) for t in args.tokens.split(",")]
     for name in [args.only] if args.only else list(SHAPES):
-        run_shape(name, tokens, bw, torch.bfloat16, args.tune)
+        layers, _ = run_shape(name, tokens, bw, torch.bfloat16, args.layers)
+        if args.profile:
+            profile_layer(name, layers, torch.bfloat16)
+        if args.tune:
+            tune_decode(name, layers, bw, torch.bfloat16, args.tune_out)
+        del layers
         torch.cuda.empty_cache()
     if failures:
         print("FAILURES:", "; ".join(failures))
