@@ -8,6 +8,15 @@ import logging
 import sys
 
 
+def _tp_size(value: str) -> int | str:
+    if value.lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
 def _engine_args(p: argparse.ArgumentParser, engine_limits: bool = False) -> None:
     """``engine_limits``: --max-batch-size / --max-num-tokens default to None, so an engine directory's
     build limits apply (64 / 2048 for a checkpoint)."""
@@ -34,8 +43,9 @@ def _engine_args(p: argparse.ArgumentParser, engine_limits: bool = False) -> Non
     p.add_argument("--quant-group-size", type=int, default=None,
                    help="input channels per INT4 scale: 32 | 64 | 128 | 256 (default 128 where it divides). 32 "
                         "keeps a Q4_1 GGUF's codes exactly (coarser groups requantize a 4-bit model)")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
-                   help="split the model across this many ranks (tensor parallel), one worker process each")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=_tp_size, default=1,
+                   help="split the model across this many ranks (tensor parallel), one worker process each; "
+                        "auto: the smallest power of two whose shares fit the visible GPUs' free memory (1 on CPU)")
     p.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1,
                    help="split the layers across this many pipeline stages (ranks = tp * pp)")
     p.add_argument("--ep", "--moe-expert-parallel-size", dest="moe_expert_parallel_size", type=int, default=None,
