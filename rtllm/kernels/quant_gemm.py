@@ -37,11 +37,15 @@ from rtllm.kernels.dispatch import triton_enabled
 SMALL_M = 16
 
 # At most this many rows run the GEMV kernels (rtllm.kernels.triton_quant_gemv: CUDA cores, no
-# M padding); more rows run the tensor-core kernels above. RTLLM_QUANT_GEMV=0 turns them off
+# M padding); more rows run the tensor-core kernels above, whose time does not grow with M. The
+# GEMV's work does: each row adds an FFMA and an activation load per weight to ~4.3 (W4) / ~5 (W8)
+# instructions at M = 1 (sm_90 SASS: x1.45 at M = 2, x1.9 at M = 3, and spills at M = 4 for W8),
+# so past 2 rows the tensor-core kernels are expected to be as fast (M = 1 is measured, M = 2 is
+# estimated from the instruction counts; docs/PERF.md). RTLLM_QUANT_GEMV=0 turns the GEMV off
 # (the M = 1 W4 GEMV and tensor-core kernels of before, for comparisons).
 _GEMV_ON = os.environ.get("RTLLM_QUANT_GEMV", "1") != "0"
-W4_GEMV_MAX_M = 4 if _GEMV_ON else 0
-W8_GEMV_MAX_M = 4 if _GEMV_ON else 0
+W4_GEMV_MAX_M = 2 if _GEMV_ON else 0
+W8_GEMV_MAX_M = 2 if _GEMV_ON else 0
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
@@ -123,9 +127,10 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
     """y [M, N] = x [M, K] @ (q * scales)^T; y in x's dtype.
 
     CUDA: M <= W8_GEMV_MAX_M runs the GEMV kernel, M <= SMALL_M the fused tensor-core Triton
-    kernel; larger M converts q to x's dtype (exact) and runs one dense GEMM, scaling its output. CPU: torch's int8 weight-only kernel
-    (``aten._weight_int8pack_mm``, bf16 activations: its fast path) up to SMALL_M rows, the
-    dense path above (faster there, measured on a 2-core AVX-512 machine)."""
+    kernel; larger M converts q to x's dtype (exact) and runs one dense GEMM, scaling its output.
+    CPU: torch's int8 weight-only kernel (``aten._weight_int8pack_mm``, bf16 activations: its fast
+    path) up to SMALL_M rows, the dense path above (faster there, measured on a 2-core AVX-512
+    machine)."""
     if triton_enabled(x):
         from rtllm.kernels.triton_quant_gemm import w8a16_gemm_triton
 
@@ -191,10 +196,10 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
     CUDA: ``torch._scaled_mm`` (FP8 tensor cores, sm_89+) with row-wise scales
     ``scale_a [M, 1]`` and ``scale_b [1, N]`` (fp32), which requires a bf16 output. K and N must be
     multiples of 16. Up to SMALL_M rows (decode) the weights are read by the weight-only Triton
-    kernels instead (the GEMV up to W8_GEMV_MAX_M rows), activations unquantized: at M = 1 the per-token quantization (several small
-    kernels per layer) and a tensor-core tile padded 64-fold cost more than the bytes FP8 saves
-    (H100, Llama-3.1-8B shape: batch-1 decode 0.85x bf16 through ``_scaled_mm``). Elsewhere: the
-    emulation."""
+    kernels instead (the GEMV up to W8_GEMV_MAX_M rows), activations unquantized: at M = 1 the
+    per-token quantization (several small kernels per layer) and a tensor-core tile padded 64-fold
+    cost more than the bytes FP8 saves (H100, Llama-3.1-8B shape: batch-1 decode 0.85x bf16 through
+    ``_scaled_mm``). Elsewhere: the emulation."""
     if triton_enabled(x) and x.shape[0] <= SMALL_M:
         from rtllm.kernels.triton_quant_gemm import w8a16_gemm_triton
 

