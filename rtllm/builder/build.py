@@ -40,6 +40,7 @@ from rtllm.models.engine_dir import (
     WEIGHTS_NAME,
     engine_tensors,
     is_engine_dir,
+    kv_cache_scales,
     rank_weights_name,
 )
 from rtllm.models.gguf_reader import GGUFTokenizerData
@@ -150,6 +151,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
             del loaded, tensors
     cfg = loaded.config
     bc = bc.resolve(cfg.max_position_embeddings)
+    fp8_kv = bc.quant_config is not None and bc.quant_config.kv_cache_quant_algo is not None
     tensors_total = sum(r["weights"]["num_tensors"] for r in ranks)
     weights_bytes = sum(r["weights"]["bytes"] for r in ranks)
 
@@ -178,6 +180,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         "tokenizer_files": tokenizer_files,
         "quantized_layers": ranks[0]["quantized_layers"],
         "weights": ranks[0]["weights"],
+        **({"kv_cache_scales": kv_cache_scales(loaded.model)} if world == 1 and fp8_kv else {}),
     }
     try:
         text = json.dumps(engine_cfg, indent=2, sort_keys=True, allow_nan=False)

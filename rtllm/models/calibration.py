@@ -1,4 +1,5 @@
-"""Calibration at load time: AWQ's activation-aware scaling of a loaded model before INT4 quantization.
+"""Calibration at load time: AWQ's activation-aware scaling of a loaded model before INT4 quantization,
+and the per-layer scales of an FP8 KV cache (``calibrate_kv_scales``, at the end of this module).
 
 ``apply_awq(model, quant_config, sequences)`` runs the dense model once over calibration token
 sequences, records the input activations of every ``Linear`` (a subsample of rows), searches
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from rtllm.errors import ConfigError
+from rtllm.layers.attention import Attention
 from rtllm.layers.linear import Linear
 from rtllm.layers.quant.base import AWQ_INPUT_SCALE_ATTR
 from rtllm.layers.quant.int4 import W4A16Linear
@@ -156,3 +158,46 @@ def apply_awq(model: nn.Module, quant_config: QuantConfig, sequences: Sequence[S
                 sum(len(s) for s in sequences), t1 - t0, time.perf_counter() - t1,
                 sum(ratios.values()) / max(len(ratios), 1))
     return ratios
+
+
+FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn: a layer's amax maps onto it
+
+
+@torch.no_grad()
+def calibrate_kv_scales(model: nn.Module, sequences: Sequence[Sequence[int]]) -> dict[str, tuple[float, float]]:
+    """Set every attention layer's FP8 KV-cache scales from one prefill pass over ``sequences``:
+    ``k_scale = amax(|RoPE(k)|) / 448`` (the keys as the cache stores them, rotated at their
+    positions: the rotation mixes the two halves of each head, neox-style as rtllm.layers.rope)
+    and ``v_scale = amax(|v|) / 448``. The pass itself runs with the model's own cache dtype.
+    Returns {layer name: (k_scale, v_scale)}; a layer that saw only zeros keeps 1.0."""
+    amax: dict[str, list[float]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if not isinstance(m, Attention):
+            continue
+
+        def hook(mod, args, name=name):
+            positions, _q, k, v = args[:4]
+            kk = k.float().reshape(k.shape[0], -1, mod.head_dim)
+            half = mod.rotary.rotary_dim // 2
+            cos_sin = mod.rotary.cos_sin_cache[positions.long()]
+            cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:2 * half]
+            k1, k2 = kk[..., :half], kk[..., half:2 * half]
+            rotated = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin, kk[..., 2 * half:]), dim=-1)
+            seen = amax.setdefault(name, [0.0, 0.0])
+            seen[0] = max(seen[0], float(rotated.abs().max()))
+            seen[1] = max(seen[1], float(v.float().abs().max()))
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        prefill_hidden(model, sequences)
+    finally:
+        for h in hooks:
+            h.remove()
+    scales = {}
+    for name, m in model.named_modules():
+        if name in amax:
+            k_amax, v_amax = amax[name]
+            m.k_scale = k_amax / FP8_KV_MAX if k_amax > 0 else 1.0
+            m.v_scale = v_amax / FP8_KV_MAX if v_amax > 0 else 1.0
+            scales[name] = (m.k_scale, m.v_scale)
+    return scales

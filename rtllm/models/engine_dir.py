@@ -7,8 +7,9 @@ An engine directory holds a model exactly as the runtime runs it, already fused 
   (``pretrained_config``, the HF-shaped dict ``ModelConfig`` reads), the build config (limits the
   runtime takes as defaults), the quant config, the weights' dtype, the device type (and GPU name)
   the layouts were packed for, one spec per quantized layer (class, plain attributes, tensor
-  names: rtllm.layers.quant.serialize; the INT8 embedding and LM head included) and the size of
-  the weights file;
+  names: rtllm.layers.quant.serialize; the INT8 embedding and LM head included), the size of
+  the weights file, and with an FP8 KV cache ``kv_cache_scales`` (each attention layer's
+  [k_scale, v_scale], calibrated at build time);
 - ``rank0.safetensors``: every parameter by its rtllm name (fused ``qkv_proj`` / ``gate_up_proj``),
   quantized layers as their packed tensors and scales; a tied LM head is stored once (dense: under
   the embedding's ``weight``; INT8: its spec's ``tied`` maps ``qweight`` / ``scales`` to the
@@ -144,6 +145,27 @@ def engine_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return tensors, specs
 
 
+def kv_cache_scales(model: torch.nn.Module) -> dict[str, list[float]]:
+    """{attention layer name: [k_scale, v_scale]}: an FP8 KV cache's per-layer scales, as config.json
+    stores them (``kv_cache_scales``; calibrated at build time, or 1.0)."""
+    from rtllm.layers.attention import Attention
+
+    return {n: [m.k_scale, m.v_scale] for n, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def _set_kv_cache_scales(model: torch.nn.Module, stored: dict, where: str) -> None:
+    from rtllm.layers.attention import Attention
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
+    if not isinstance(stored, dict) or set(stored) != set(layers) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) and x > 0 for x in v)
+            for v in stored.values()):
+        raise ModelLoadError(f"{where}: 'kv_cache_scales' must give [k_scale, v_scale] (positive) for each of the "
+                             f"{len(layers)} attention layers (corrupt or hand-edited engine config): rebuild it")
+    for name, (k, v) in stored.items():
+        layers[name].k_scale, layers[name].v_scale = k, v
+
+
 def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu",
                     max_positions: int | None = None, quant_config: object | None = None, mapping=None):
     """Load a built engine (see the module doc) onto ``device``; returns a loader.LoadedModel.
@@ -195,6 +217,8 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
             _load_dense(model, names, f, weights_path)
     except SafetensorError as e:
         raise ModelLoadError(f"cannot read engine weights {weights_path}: {e}") from e
+    if "kv_cache_scales" in data:
+        _set_kv_cache_scales(model, data["kv_cache_scales"], cfg_path)
     secs = time.perf_counter() - t0
     weight_bytes = _weight_bytes(model)
     logger.info("loaded engine %s (%s, %s, %s) in %.2f s: %.1f MiB of weights, nothing re-quantized", path,

@@ -25,7 +25,7 @@ from rtllm.models.prequantized import PrequantizedLoader, check_no_quant_config,
 from rtllm.models.registry import get_model_class, weight_name_map
 from rtllm.parallel.mapping import Mapping
 from rtllm.parallel.weights import LazyTensor
-from rtllm.quantization.config import NVFP4, W4A16, W4A16_AWQ, QuantConfig
+from rtllm.quantization.config import FP8, NVFP4, W4A16, W4A16_AWQ, QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ def load_model(
     weight_bytes = _weight_bytes(model)
     if quant_config is not None and quant_config.enabled:
         weight_bytes = quantize_model(model, quant_config, tokenizer_source, calib_tokenize)
+    if quant_config is not None and quant_config.kv_cache_quant_algo == FP8:
+        set_kv_cache_scales(model, quant_config, tokenizer_source, calib_tokenize, split)
     secs = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.2f s: %.1f MiB of weights", model_path, config.architecture,
                 torch_dtype, secs, weight_bytes / 2**20)
@@ -250,6 +252,32 @@ def _native_group(quant_config: QuantConfig | None, block: int | None, source: s
 
 def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied tensors counted once
+
+
+def set_kv_cache_scales(model: torch.nn.Module, quant_config: QuantConfig, tokenizer_source: object = None,
+                        calib_tokenize: Callable[[str], list[int]] | None = None, split: bool = False) -> None:
+    """FP8 KV cache: calibrate each attention layer's k_scale / v_scale on the calibration text
+    (QuantConfig.kv_cache_scales="calibrate", rtllm.models.calibration.calibrate_kv_scales), or
+    keep 1.0 ("static"; also without a tokenizer or when split across ranks, with a log line)."""
+    if quant_config.kv_cache_scales == "static":
+        logger.info("FP8 KV cache: static scales 1.0 (kv_cache_scales='static')")
+        return
+    if split or (tokenizer_source is None and calib_tokenize is None):
+        why = "the model is split across ranks" if split else "the model has no tokenizer"
+        logger.warning("FP8 KV cache: scales stay 1.0 (%s, so no calibration pass)", why)
+        return
+    from rtllm.models.calibration import calibrate_kv_scales, calibration_encoder, calibration_sequences
+
+    t0 = time.perf_counter()
+    try:
+        encode = calib_tokenize or calibration_encoder(tokenizer_source)
+    except ConfigError as e:  # no tokenizer registered (rtllm.tokenizer not imported): not worth failing a load
+        logger.warning("FP8 KV cache: scales stay 1.0 (no calibration tokenizer: %s)", e)
+        return
+    scales = calibrate_kv_scales(model, calibration_sequences(encode, quant_config))
+    ks, vs = [k for k, _ in scales.values()], [v for _, v in scales.values()]
+    logger.info("FP8 KV cache: calibrated %d layers' scales in %.2f s (k_scale %.3g..%.3g, v_scale %.3g..%.3g)",
+                len(scales), time.perf_counter() - t0, min(ks), max(ks), min(vs), max(vs))
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ W4A16 = "W4A16"
 W4A16_AWQ = "W4A16_AWQ"
 NVFP4 = "NVFP4"
 SUPPORTED_QUANT_ALGOS: tuple[str, ...] = (FP8, W8A16, W4A16, W4A16_AWQ, NVFP4)
+KV_CACHE_SCALES: tuple[str, ...] = ("calibrate", "static")  # how an FP8 KV cache's per-layer scales are set
 KV_CACHE_QUANT_ALGOS: tuple[str, ...] = (FP8,)
 
 W4A16_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
@@ -68,6 +69,13 @@ class QuantConfig:
     in_features of every layer it quantizes, else loading fails with a ConfigError.
 
     kv_cache_quant_algo: None or "FP8" (an FP8 KV cache; see the module doc).
+    kv_cache_scales: with an FP8 KV cache, "static" (default: k_scale = v_scale = 1.0 in every
+    layer, no calibration pass) or "calibrate" (each attention layer's k_scale / v_scale = the
+    amax of its post-RoPE keys / values over the calibration text, divided by 448, measured at
+    load; a model without a tokenizer, or split across ranks, keeps 1.0 and says so). On the
+    default model static scales measured better (docs/QUANTIZATION.md): e4m3's relative precision
+    does not depend on the scale, so calibration pays off only for caches whose values exceed 448
+    or fall below 2^-6.
     calib_size / calib_max_seq_length: W4A16_AWQ calibration, the number of text sequences and
     the tokens in each (TensorRT-LLM's names).
 
@@ -88,8 +96,12 @@ class QuantConfig:
     calib_size: int = 16
     calib_max_seq_length: int = 256
     exclude_modules: list[str] | None = None
+    kv_cache_scales: str = "static"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_scales not in KV_CACHE_SCALES:
+            raise ConfigError(f"QuantConfig.kv_cache_scales={self.kv_cache_scales!r}: must be one of "
+                              f"{list(KV_CACHE_SCALES)}")
         self.quant_algo = self._algo("quant_algo", self.quant_algo, SUPPORTED_QUANT_ALGOS)
         self.kv_cache_quant_algo = self._algo("kv_cache_quant_algo", self.kv_cache_quant_algo,
                                               KV_CACHE_QUANT_ALGOS)
