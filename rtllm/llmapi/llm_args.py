@@ -92,22 +92,27 @@ class LlmArgs:
                               f"{tp}, pipeline_parallel_size={pp}) runs one worker process per rank; use 'auto'")
 
     def _auto_tp(self) -> int:
-        """tensor_parallel_size="auto": the smallest tp that fits (rtllm.parallel.auto.choose_tp), logged."""
-        if not self.device.startswith("cuda"):
-            logger.warning("tensor_parallel_size='auto' on the CPU: there are no GPUs to split the model across; "
-                           "using 1")
-            return 1
+        """tensor_parallel_size="auto": the smallest tp that fits (rtllm.parallel.auto.choose_tp), logged.
+        An engine directory loads only at the tp it was built for: that one."""
         from rtllm.models.config import ModelConfig
-        from rtllm.models.engine_dir import is_engine_dir
+        from rtllm.models.engine_dir import is_engine_dir, read_engine_config
         from rtllm.models.loader import resolve_dtype
         from rtllm.runtime.py_executor import DEFAULT_MAX_SEQ_LEN
 
         path = self.model
-        if os.path.isdir(path) and not is_engine_dir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        if is_engine_dir(path):
+            tp = int(read_engine_config(path).get("tp_size", 1))
+            logger.info("tensor_parallel_size='auto' -> %d: the engine at %s was built for it", tp, path)
+            return tp
+        if not self.device.startswith("cuda"):
+            logger.warning("tensor_parallel_size='auto' on the CPU: there are no GPUs to split the model across; "
+                           "using 1")
+            return 1
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
             path = os.path.join(path, "config.json")
-        elif not (path.endswith(".json") and os.path.isfile(path)):  # an engine directory or a GGUF file
-            logger.warning("tensor_parallel_size='auto': %s is not a checkpoint directory with a config.json "
-                           "(engine directories and GGUF files run on one rank here); using 1", self.model)
+        elif not (path.endswith(".json") and os.path.isfile(path)):  # a GGUF file
+            logger.warning("tensor_parallel_size='auto': %s has no config.json to size the model from (a GGUF "
+                           "file?); using 1", self.model)
             return 1
         config = ModelConfig.from_file(path)
         dtype = resolve_dtype(self.dtype, config.torch_dtype, torch.device("cuda"))

@@ -138,3 +138,12 @@ def test_cli_tp_auto_on_cpu(tmp_path, capsys):
                      "--max-tokens", "3", "--raw", "--json", "hello"])
     assert code == 0
     assert '"text"' in capsys.readouterr().out
+
+
+def test_engine_directory_keeps_its_built_tp(tmp_path):
+    from rtllm.builder import BuildConfig, build
+
+    src, out = str(tmp_path / "ckpt"), str(tmp_path / "engine")
+    make_checkpoint(src, "llama")
+    build(src, BuildConfig(max_input_len=64, max_seq_len=128, dtype="float32", tp_size=2), out, device="cpu")
+    assert LlmArgs(out, device="cpu", tensor_parallel_size="auto").tensor_parallel_size == 2
