@@ -72,6 +72,19 @@ def calibration_sequences(encode: Encode, quant_config: QuantConfig) -> list[lis
     return [s for s in seqs if len(s) >= 2]
 
 
+def prefill_observed(model: nn.Module, sequences: Sequence[Sequence[int]], kind: type[nn.Module],
+                     observe: Callable[[str, nn.Module, tuple], None]) -> None:
+    """One prefill pass over ``sequences`` with ``observe(name, module, args)`` called on the inputs
+    of every module of type ``kind`` (forward pre-hooks, removed afterwards)."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: observe(name, mod, args))
+             for name, m in model.named_modules() if isinstance(m, kind)]
+    try:
+        prefill_hidden(model, sequences)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_linear_inputs(model: nn.Module, sequences: Sequence[Sequence[int]], max_rows: int = AWQ_MAX_ROWS,
                           ) -> dict[str, torch.Tensor]:
@@ -79,18 +92,12 @@ def collect_linear_inputs(model: nn.Module, sequences: Sequence[Sequence[int]], 
     total = sum(len(s) for s in sequences)
     stride = max(1, total // max_rows)
     captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, Linear):
-            def hook(_mod, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                captured[name] = x[::stride][:max_rows].float().cpu()
-            hooks.append(m.register_forward_pre_hook(hook))
-    try:
-        prefill_hidden(model, sequences)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def observe(name: str, _mod: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        captured[name] = x[::stride][:max_rows].float().cpu()
+
+    prefill_observed(model, sequences, Linear, observe)
     return captured
 
 
@@ -171,28 +178,20 @@ def calibrate_kv_scales(model: nn.Module, sequences: Sequence[Sequence[int]]) ->
     and ``v_scale = amax(|v|) / 448``. The pass itself runs with the model's own cache dtype.
     Returns {layer name: (k_scale, v_scale)}; a layer that saw only zeros keeps 1.0."""
     amax: dict[str, list[float]] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if not isinstance(m, Attention):
-            continue
 
-        def hook(mod, args, name=name):
-            positions, _q, k, v = args[:4]
-            kk = k.float().reshape(k.shape[0], -1, mod.head_dim)
-            half = mod.rotary.rotary_dim // 2
-            cos_sin = mod.rotary.cos_sin_cache[positions.long()]
-            cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:2 * half]
-            k1, k2 = kk[..., :half], kk[..., half:2 * half]
-            rotated = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin, kk[..., 2 * half:]), dim=-1)
-            seen = amax.setdefault(name, [0.0, 0.0])
-            seen[0] = max(seen[0], float(rotated.abs().max()))
-            seen[1] = max(seen[1], float(v.float().abs().max()))
-        hooks.append(m.register_forward_pre_hook(hook))
-    try:
-        prefill_hidden(model, sequences)
-    finally:
-        for h in hooks:
-            h.remove()
+    def observe(name: str, mod: nn.Module, args: tuple) -> None:
+        positions, _q, k, v = args[:4]
+        kk = k.float().reshape(k.shape[0], -1, mod.head_dim)
+        half = mod.rotary.rotary_dim // 2
+        cos_sin = mod.rotary.cos_sin_cache[positions.long()]
+        cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:2 * half]
+        k1, k2 = kk[..., :half], kk[..., half:2 * half]
+        rotated = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin, kk[..., 2 * half:]), dim=-1)
+        seen = amax.setdefault(name, [0.0, 0.0])
+        seen[0] = max(seen[0], float(rotated.abs().max()))
+        seen[1] = max(seen[1], float(v.float().abs().max()))
+
+    prefill_observed(model, sequences, Attention, observe)
     scales = {}
     for name, m in model.named_modules():
         if name in amax:
