@@ -174,7 +174,14 @@ class GenerationExecutor(ABC):
     @staticmethod
     def create(engine_config: EngineConfig, tokenizer, multi_process: bool = True) -> GenerationExecutor:
         """The multi-process executor runs the engine loop in a worker process's main thread (torch is
-        measurably slower on a non-main thread); the in-process one runs it on a background thread."""
+        measurably slower on a non-main thread); the in-process one runs it on a background thread.
+        Under an external launcher (torchrun) with the engine split across its ranks, a rank other than
+        0 serves rank 0's engine here and then exits the process (rtllm.executor.launcher)."""
+        from rtllm.executor.launcher import follow_launched, launch_for
+
+        launch = launch_for(engine_config)
+        if launch is not None and launch.rank != 0:  # a torchrun rank other than 0: serve rank 0, then exit
+            follow_launched(engine_config, launch)
         if multi_process:
             from rtllm.executor.multiprocess import MultiProcessExecutor
 

@@ -34,8 +34,8 @@ class WorkerConfig:
     """What the worker process is started with (pickled by multiprocessing's spawn)."""
 
     engine_config: EngineConfig
-    input_addr: str  # the worker PULLs NewRequest / Abort / Shutdown from here
-    output_addr: str  # the worker PUSHes Ready / UpdateBatch / Fatal here
+    input_addr: str | None  # the worker PULLs NewRequest / Abort / Shutdown from here
+    output_addr: str | None  # the worker PUSHes Ready / UpdateBatch / Fatal here (None: a launched follower)
     eos_token_ids: frozenset[int] | None = None  # the tokenizer's end tokens, applied with set_eos_token_ids
     ipc_dir: str | None = None  # the sockets' directory: the worker removes it if the parent dies first
     log_level: int | None = None  # the parent's effective root log level (spawn does not carry logging setup)
@@ -43,6 +43,7 @@ class WorkerConfig:
     # torch.distributed rendezvous (tcp://host:port). Rank 0 runs the step loop; the others follow it
     rank: int = 0
     dist_init_method: str | None = None
+    local_rank: int | None = None  # ranks started by a launcher (rtllm.executor.launcher): the GPU index on its node
 
 
 @dataclass

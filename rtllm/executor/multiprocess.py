@@ -47,6 +47,7 @@ from rtllm import errors
 from rtllm.config import EngineConfig
 from rtllm.errors import EngineDeadError
 from rtllm.executor.base import GenerationExecutor
+from rtllm.executor.launcher import launch_for
 from rtllm.executor.messages import (
     Abort,
     Fatal,
@@ -120,13 +121,20 @@ class MultiProcessExecutor(GenerationExecutor):
         eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else None
         mapping = engine_config.mapping
         self._world_size = mapping.world_size if mapping is not None else 1
-        init_method = f"tcp://127.0.0.1:{free_port()}" if self._world_size > 1 else None
+        # ranks started by a launcher (torchrun): the other ranks are its processes; spawn rank 0 only,
+        # which joins through the launch's env:// rendezvous (rtllm.executor.launcher)
+        self._launch = launch_for(engine_config)
+        if self._launch is not None:
+            init_method, local_rank, spawned = "env://", self._launch.local_rank, 1
+        else:
+            init_method = f"tcp://127.0.0.1:{free_port()}" if self._world_size > 1 else None
+            local_rank, spawned = None, self._world_size
         ctx = multiprocessing.get_context("spawn")
         self._procs = []
-        for rank in range(self._world_size):
+        for rank in range(spawned):
             cfg = WorkerConfig(engine_config, f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out", eos,
                                self._ipc_dir, logging.getLogger().getEffectiveLevel(), rank=rank,
-                               dist_init_method=init_method)
+                               dist_init_method=init_method, local_rank=local_rank)
             name = "rtllm-engine-worker" if self._world_size == 1 else f"rtllm-engine-rank{rank}"
             self._procs.append(ctx.Process(target=worker_main, args=(cfg,), name=name, daemon=True))
         self._proc = self._procs[0]  # rank 0: takes requests, runs the step loop

@@ -17,7 +17,9 @@ A model split across ranks (tensor / pipeline parallel) runs one such process pe
 in one torch.distributed group: rank 0 is the worker above (its PyExecutor broadcasts every step),
 ranks 1..N-1 build their slice of the engine and follow rank 0's steps (``PyExecutor.follow_loop``)
 until rank 0 stops them at shutdown; they only send Fatal (with their rank) when they fail, and
-exit when the parent process is gone.
+exit when the parent process is gone. Under an external launcher (torchrun: rtllm.executor.launcher)
+only rank 0 is spawned here; the other ranks are the launch's own processes, which call
+``follow_rank`` from ``LLM()`` with no parent executor to report to.
 """
 
 from __future__ import annotations
@@ -166,20 +168,32 @@ def join_group(cfg: WorkerConfig) -> EngineConfig:
     mapping = mapping.with_rank(cfg.rank)
     device = ec.device
     if device.startswith("cuda"):
-        device = f"cuda:{cfg.rank % torch.cuda.device_count()}"
+        local = cfg.local_rank if cfg.local_rank is not None else cfg.rank
+        device = f"cuda:{local % torch.cuda.device_count()}"
     else:  # the host's cores shared between the ranks, not oversubscribed
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // mapping.world_size))
     comm.init_distributed(mapping, cfg.dist_init_method, device)
     return dataclasses.replace(ec, mapping=mapping, device=device)
 
 
+def follow_rank(cfg: WorkerConfig) -> int:
+    """A rank other than 0: build this rank's engine, run the steps rank 0 broadcasts until it stops the
+    group, leave the group; the exit status (0, or 1 after a failure, which is reported to the parent
+    executor when there is one: cfg.output_addr)."""
+    code = _follow(cfg)
+    if code == 0:
+        comm.destroy_distributed()
+    return code
+
+
 def _follow(cfg: WorkerConfig) -> int:
-    """A rank other than 0: build this rank's engine and run the steps rank 0 broadcasts."""
     ctx = zmq.Context()
-    out = ctx.socket(zmq.PUSH)
-    out.setsockopt(zmq.SNDHWM, 0)
-    out.setsockopt(zmq.LINGER, 5000)
-    out.connect(cfg.output_addr)
+    out = None
+    if cfg.output_addr is not None:
+        out = ctx.socket(zmq.PUSH)
+        out.setsockopt(zmq.SNDHWM, 0)
+        out.setsockopt(zmq.LINGER, 5000)
+        out.connect(cfg.output_addr)
     parent = multiprocessing.parent_process()
 
     def parent_alive() -> bool:
@@ -199,11 +213,14 @@ def _follow(cfg: WorkerConfig) -> int:
         return 0
     except BaseException as e:
         logger.exception("engine rank %d failed", cfg.rank)
-        with contextlib.suppress(PeerGone):
-            send(out, Fatal(type(e).__name__, str(e), traceback.format_exc(), startup, rank=cfg.rank), parent_alive)
+        if out is not None:
+            with contextlib.suppress(PeerGone):
+                send(out, Fatal(type(e).__name__, str(e), traceback.format_exc(), startup, rank=cfg.rank),
+                     parent_alive)
         return 1
     finally:
-        out.close()
+        if out is not None:
+            out.close()
         ctx.term()
 
 
@@ -214,10 +231,7 @@ def worker_main(cfg: WorkerConfig) -> None:
         tag = "worker" if cfg.engine_config.mapping is None else f"rank {cfg.rank}"
         logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s %(name)s [{tag}]: %(message)s")
     if cfg.rank != 0:
-        code = _follow(cfg)
-        if code == 0:
-            comm.destroy_distributed()
-        sys.exit(code)
+        sys.exit(follow_rank(cfg))
     worker = _Worker(cfg)
     code = 1
     try:
