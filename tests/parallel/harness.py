@@ -30,35 +30,34 @@ def _rank_main(rank, tp, pp, ep, path, engine_kwargs, prompts, arrivals, params,
         if rank == 0:
             out = run_engine(engine, prompts, params, arrivals)
             engine.stop_followers()
-            results.put((0, "ok", out, [tuple(p.shape) for p in engine.loaded.model.parameters()]))
+            results.put((0, "ok", (out, [tuple(p.shape) for p in engine.loaded.model.parameters()])))
         else:
             engine.follow_loop()
-            results.put((rank, "ok", None, [tuple(p.shape) for p in engine.loaded.model.parameters()]))
+            results.put((rank, "ok", (None, [tuple(p.shape) for p in engine.loaded.model.parameters()])))
         comm.destroy_distributed()
     except BaseException:
-        results.put((rank, "error", traceback.format_exc(), None))
+        results.put((rank, "error", traceback.format_exc()))
 
 
-def run_split(path: str, tp: int, pp: int, prompts, params, arrivals=None, timeout: float = 120.0,
-              ep: int | None = None, **engine_kwargs):
-    """Token ids of every prompt from rank 0, and each rank's parameter shapes. ``ep``: the MoE layers'
-    expert-parallel size (None: the Mapping default, experts split by moe tensor parallel)."""
+def spawn_ranks(target, world: int, args: tuple, timeout: float = 120.0) -> dict:
+    """Run ``target(rank, *args, port, results)`` in ``world`` spawned processes (a fresh tcp port for the
+    rendezvous); each puts ``(rank, "ok" | "error", payload)`` on ``results``. Returns the payloads by
+    rank; a rank's error or a rank that never answers within ``timeout`` fails the test."""
     from rtllm.parallel.comm import free_port
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp, pp, ep, path, engine_kwargs, prompts, arrivals, params, port,
-                                                  results), daemon=True) for r in range(tp * pp)]
+    procs = [ctx.Process(target=target, args=(r, *args, port, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     got = {}
     try:
         while len(got) < len(procs):
-            rank, status, payload, shapes = results.get(timeout=timeout)
+            rank, status, payload = results.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{payload}")
-            got[rank] = (payload, shapes)
+            got[rank] = payload
     except queue.Empty:
         raise AssertionError(f"ranks {sorted(set(range(len(procs))) - set(got))} did not finish") from None
     finally:
@@ -66,4 +65,12 @@ def run_split(path: str, tp: int, pp: int, prompts, params, arrivals=None, timeo
             p.join(10)
             if p.exitcode is None:
                 p.kill()
-    return got[0][0], {r: s for r, (_, s) in got.items()}
+    return got
+
+
+def run_split(path: str, tp: int, pp: int, prompts, params, arrivals=None, timeout: float = 120.0,
+              ep: int | None = None, **engine_kwargs):
+    """Token ids of every prompt from rank 0, and each rank's parameter shapes. ``ep``: the MoE layers'
+    expert-parallel size (None: the Mapping default, experts split by moe tensor parallel)."""
+    got = spawn_ranks(_rank_main, tp * pp, (tp, pp, ep, path, engine_kwargs, prompts, arrivals, params), timeout)
+    return got[0][0], {r: shapes for r, (_, shapes) in got.items()}

@@ -8,10 +8,9 @@ split tp x pp (the other ranks follow), with EngineConfig overrides (num_micro_b
 from __future__ import annotations
 
 import dataclasses
-import queue
 import traceback
 
-import torch.multiprocessing as mp
+from tests.parallel.harness import spawn_ranks
 
 
 def run_script(engine, prompts, params, arrivals=None, aborts=None, max_steps: int = 10_000) -> dict:
@@ -70,16 +69,13 @@ def _rank_main(rank, tp, pp, path, engine_kwargs, overrides, prompts, arrivals, 
     from rtllm.parallel import comm
     from rtllm.parallel.mapping import Mapping
     from rtllm.runtime.py_executor import PyExecutor
-    from tests.tiny import make_engine
+    from tests.tiny import engine_config
 
     try:
         torch.set_num_threads(1)
         mapping = Mapping(tp * pp, tp, pp, rank=rank)
         comm.init_distributed(mapping, f"tcp://127.0.0.1:{port}")
-        base = make_engine(path, **engine_kwargs)  # the one-rank engine's config, then this rank's engine
-        config = dataclasses.replace(base.config, mapping=mapping, **overrides)
-        del base
-        engine = PyExecutor(config)
+        engine = PyExecutor(dataclasses.replace(engine_config(path, **engine_kwargs), mapping=mapping, **overrides))
         if rank == 0:
             out = run_script(engine, prompts, params, arrivals, aborts)
             engine.stop_followers()
@@ -95,28 +91,6 @@ def _rank_main(rank, tp, pp, path, engine_kwargs, overrides, prompts, arrivals, 
 def run_split_script(path: str, tp: int, pp: int, prompts, params, arrivals=None, aborts=None,
                      overrides: dict | None = None, timeout: float = 120.0, **engine_kwargs) -> dict:
     """``run_script`` on rank 0 of the engine split tp x pp (spawned ranks, gloo)."""
-    from rtllm.parallel.comm import free_port
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, tp, pp, path, engine_kwargs, overrides or {}, prompts, arrivals,
-                                                  aborts, params, port, results), daemon=True)
-             for r in range(tp * pp)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        while len(got) < len(procs):
-            rank, status, payload = results.get(timeout=timeout)
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{payload}")
-            got[rank] = payload
-    except queue.Empty:
-        raise AssertionError(f"ranks {sorted(set(range(len(procs))) - set(got))} did not finish") from None
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.exitcode is None:
-                p.kill()
+    got = spawn_ranks(_rank_main, tp * pp, (tp, pp, path, engine_kwargs, overrides or {}, prompts, arrivals,
+                                            aborts, params), timeout)
     return got[0]
