@@ -1,8 +1,10 @@
 """Greedy tokens of a tiny random checkpoint split across ranks vs one rank, on any device.
 
-    python scripts/parallel_check.py [--device cuda] [--dtype float32] [--splits 2x1,1x2,2x2]
+    python scripts/parallel_check.py [--device cuda] [--dtype float32] [--splits 2x1,1x2,2x2,2x1e2]
+        [--archs llama,qwen3,mixtral,qwen3_moe]
 
-Each split "TPxPP" runs through LLM(tensor_parallel_size=TP, pipeline_parallel_size=PP) (one process
+Each split "TPxPP" (or "TPxPPeEP": MoE experts split EP ways) runs through
+LLM(tensor_parallel_size=TP, pipeline_parallel_size=PP, moe_expert_parallel_size=EP) (one process
 per rank; NCCL on CUDA, gloo on the CPU) and must give the one-rank run's token ids. Prints the time
 of each run. Needs transformers (tests/tiny.py writes the checkpoints).
 """
@@ -42,9 +44,13 @@ def main() -> int:
                 ref = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
             print(f"{arch} 1x1: {time.perf_counter() - t0:.1f} s", flush=True)
             for split in args.splits.split(","):
-                tp, pp = (int(x) for x in split.split("x"))
+                dims, _, ep = split.partition("e")
+                tp, pp = (int(x) for x in dims.split("x"))
+                if ep and "moe" not in arch and arch != "mixtral":
+                    continue  # expert parallel splits only MoE models
                 t0 = time.perf_counter()
-                with LLM(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **opts) as llm:
+                with LLM(path, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                         moe_expert_parallel_size=int(ep) if ep else None, **opts) as llm:
                     out = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
                 same = sum(a == b for a, b in zip(out, ref))
                 failures += same != len(ref)
