@@ -111,6 +111,12 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
     if is_engine_dir(model):
         raise ConfigError(f"{model!r} is already an engine directory; build from the original checkpoint")
     dev = _resolve_device(device)
+    qc = bc.quant_config
+    if (bc.tp_size * bc.pp_size > 1 and qc is not None and qc.kv_cache_quant_algo
+            and qc.kv_cache_scales == "calibrate"):
+        raise ConfigError("QuantConfig.kv_cache_scales='calibrate' is not supported for an engine split across "
+                          f"ranks (tp_size={bc.tp_size}, pp_size={bc.pp_size}): the calibration pass runs on one "
+                          "rank; build with kv_cache_scales='static' or at tp_size = pp_size = 1")
     if bc.quant_config is not None:
         bc.quant_config.check_device(dev)
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, "config.json")):

@@ -194,7 +194,8 @@ def _quantize_one(layer: Linear, qc: QuantConfig) -> tuple[nn.Module | None, int
     raise ConfigError(f"QuantConfig.quant_algo={algo!r}: no layer implementation")  # pragma: no cover
 
 
-def quantize_linear_layers(model: nn.Module, quant_config: QuantConfig | None) -> QuantizeReport:
+def quantize_linear_layers(model: nn.Module, quant_config: QuantConfig | None,
+                           check_patterns: bool = True) -> QuantizeReport:
     """Replace the model's loaded Linear layers by quantized ones, in place (after weights are loaded).
 
     A layer the format cannot hold (e.g. INT4 with no group dividing in_features under
@@ -205,7 +206,8 @@ def quantize_linear_layers(model: nn.Module, quant_config: QuantConfig | None) -
     if quant_config is None or not quant_config.enabled:
         return report
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
-    quant_config.check_exclude_modules([n for n, _ in linears] + _vocab_names(model))
+    if check_patterns:  # False: checked by the caller against the whole model (a pipeline stage holds a part)
+        quant_config.check_exclude_modules([n for n, _ in linears] + _vocab_names(model))
     targets = [(name, m) for name, m in linears if not quant_config.excludes(name)]
     report.excluded.extend(name for name, _ in linears if quant_config.excludes(name))
     for name, layer in targets:  # validate everything first: no half-quantized model on error

@@ -101,9 +101,26 @@ class LlmArgs:
 
         path = self.model
         if is_engine_dir(path):
-            tp = int(read_engine_config(path).get("tp_size", 1))
-            logger.info("tensor_parallel_size='auto' -> %d: the engine at %s was built for it", tp, path)
+            data = read_engine_config(path)
+            tp = int(data.get("tp_size", 1))
+            # the built pipeline / expert split comes with it (the engine loads only with its own mapping)
+            self.pipeline_parallel_size = int(data.get("pp_size", 1))
+            if tp * self.pipeline_parallel_size > 1:
+                self.moe_expert_parallel_size = int(data.get("moe_ep_size", 1))
+            logger.info("tensor_parallel_size='auto' -> %d (pp %d): the engine at %s was built for it", tp,
+                        self.pipeline_parallel_size, path)
             return tp
+        from rtllm.executor.launcher import launched_rank
+
+        launch = launched_rank()
+        if launch is not None:  # ranks started by torchrun: the launch decides (every rank must agree)
+            pp = self.pipeline_parallel_size
+            if launch.world_size % pp:
+                raise ConfigError(f"tensor_parallel_size='auto' under a launcher: WORLD_SIZE={launch.world_size} is "
+                                  f"not a multiple of pipeline_parallel_size={pp}")
+            logger.info("tensor_parallel_size='auto' -> %d: the launcher started WORLD_SIZE=%d processes (pp %d)",
+                        launch.world_size // pp, launch.world_size, pp)
+            return launch.world_size // pp
         if not self.device.startswith("cuda"):
             logger.warning("tensor_parallel_size='auto' on the CPU: there are no GPUs to split the model across; "
                            "using 1")

@@ -237,6 +237,8 @@ def _check_quant_config(quant_config: object | None, stored: dict | None, path: 
     keys = ("quant_algo", "group_size", "kv_cache_quant_algo", "exclude_modules") if algo is not None else (
         "exclude_modules",)  # no algorithm: only the opt-out (which applies to a pre-quantized source) is compared
     want = {k: stored.get(k) for k in keys}
+    if algo is not None and getattr(quant_config, "kv_cache_quant_algo", None):
+        want["kv_cache_scales"] = stored.get("kv_cache_scales", "static")  # engines from before the field: static
     got = {k: getattr(quant_config, k, None) for k in want}
     want["exclude_modules"] = want["exclude_modules"] or None  # [] and None both exclude nothing
     got["exclude_modules"] = got["exclude_modules"] or None

@@ -213,7 +213,11 @@ def load_model(
         logger.info("%s: %s", model_path, quantize_vocab_layers(model, quant_config).vocab_summary())
     weight_bytes = _weight_bytes(model)
     if quant_config is not None and quant_config.enabled:
-        weight_bytes = quantize_model(model, quant_config, tokenizer_source, calib_tokenize)
+        staged = split and mapping.pp_size > 1
+        if staged:
+            quant_config = _whole_model_excludes(model_cls, config, quant_config)
+        weight_bytes = quantize_model(model, quant_config, tokenizer_source, calib_tokenize,
+                                      check_patterns=not staged)
     if quant_config is not None and quant_config.kv_cache_quant_algo == FP8:
         set_kv_cache_scales(model, quant_config, tokenizer_source, calib_tokenize, split)
     secs = time.perf_counter() - t0
@@ -280,12 +284,34 @@ def set_kv_cache_scales(model: torch.nn.Module, quant_config: QuantConfig, token
                 len(scales), time.perf_counter() - t0, min(ks), max(ks), min(vs), max(vs))
 
 
+def _whole_model_excludes(model_cls: type, config: ModelConfig, quant_config: QuantConfig) -> QuantConfig:
+    """A pipeline stage holds part of the model: check exclude_modules against the whole model's
+    quantizable modules (built on the meta device, no memory), and, for tied embeddings (the
+    embedding on the first stage, its copy as LM head on the last), let a pattern naming either keep
+    both dense, as on one rank."""
+    from rtllm.layers.embedding import LMHead, VocabEmbedding
+    from rtllm.layers.linear import Linear
+
+    if not quant_config.exclude_modules:
+        return quant_config
+    whole = build_model(model_cls, dataclasses.replace(config, mapping=Mapping()), torch.float32,
+                        torch.device("meta"), 16)
+    names = [n for n, m in whole.named_modules() if isinstance(m, (Linear, VocabEmbedding, LMHead))]
+    quant_config.check_exclude_modules(names)
+    vocab = [n for n, m in whole.named_modules() if isinstance(m, (VocabEmbedding, LMHead))]
+    if config.tie_word_embeddings and any(quant_config.excludes(n) for n in vocab):
+        extra = [n for n in vocab if not quant_config.excludes(n)]
+        quant_config = dataclasses.replace(quant_config, exclude_modules=[*quant_config.exclude_modules, *extra])
+    return quant_config
+
+
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module, quant_config: QuantConfig, tokenizer_source: object = None,
-                   calib_tokenize: Callable[[str], list[int]] | None = None) -> int:
+                   calib_tokenize: Callable[[str], list[int]] | None = None, check_patterns: bool = True) -> int:
     """Quantize a loaded (dense) model's linear layers in place, calibrating first for W4A16_AWQ;
     returns the new weight bytes. ``load_model`` calls it; tools that compare formats call it on
-    copies of one loaded model."""
+    copies of one loaded model. ``check_patterns`` False: exclude_modules was checked against the
+    whole model already (a pipeline stage)."""
     dense_bytes = _weight_bytes(model)
     t0 = time.perf_counter()
     if quant_config.quant_algo == W4A16_AWQ:
@@ -293,7 +319,7 @@ def quantize_model(model: torch.nn.Module, quant_config: QuantConfig, tokenizer_
 
         encode = calib_tokenize or calibration_encoder(tokenizer_source)
         apply_awq(model, quant_config, calibration_sequences(encode, quant_config))
-    report = quantize_linear_layers(model, quant_config)
+    report = quantize_linear_layers(model, quant_config, check_patterns=check_patterns)
     weight_bytes = _weight_bytes(model)
     groups: dict[int, int] = {}
     for g in report.quantized.values():
@@ -305,6 +331,6 @@ def quantize_model(model: torch.nn.Module, quant_config: QuantConfig, tokenizer_
         logger.warning("NVFP4: weights are dequantized to 16 bits before every GEMM (Hopper has no FP4 tensor "
                        "cores; there is no FP4 GEMM path here): it saves memory, not time")
     if report.skipped:
-        logger.warning("%s: %d linear layers left dense, e.g. %s", quant_config.quant_algo, len(report.skipped),
-                       dict(list(report.skipped.items())[:3]))
+        logger.warning("%s: %d layers left dense (linear, embedding or LM head), e.g. %s", quant_config.quant_algo,
+                       len(report.skipped), dict(list(report.skipped.items())[:3]))
     return weight_bytes

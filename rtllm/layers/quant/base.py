@@ -18,14 +18,14 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class QuantizedLinear(nn.Module):
-    reduces_output = False  # set by copy_attributes on the replacement of a row-parallel layer
-
     """Base: y = (x * input_scale)[:, input_perm] W^T (+ b), with W held in some packed format by the subclass.
 
     Subclasses implement ``_matmul(x2d) -> y2d`` (x2d [M, K], contiguous) and
     ``dequantized_weight() -> W [N, K]`` (the reference value of W, fp32), W's input channels in
     ``input_perm`` order when one is set (GPTQ act-order checkpoints, whose groups are contiguous only
     after that permutation: the layer gathers its input instead of the kernel gathering scales)."""
+
+    reduces_output = False  # set by copy_attributes on the replacement of a row-parallel layer
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
                  input_scale: torch.Tensor | None = None, input_perm: torch.Tensor | None = None) -> None:
