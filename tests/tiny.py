@@ -103,6 +103,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def tied_and_untied(tmp_path_factory, arch: str = "llama") -> dict[str, str]:
+    """Two tiny checkpoints of ``arch``, {"untied": path, "tied": path (tie_word_embeddings)}, for tests
+    of the embedding / LM head pair."""
+    paths = {}
+    for name, kw in (("untied", {}), ("tied", dict(tie_word_embeddings=True))):
+        paths[name] = str(tmp_path_factory.mktemp(name))
+        make_checkpoint(paths[name], arch, **kw)
+    return paths
+
+
 def ramp_prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()

@@ -20,18 +20,14 @@ from rtllm.layers.quant import Int8Embedding, W8A16Linear
 from rtllm.models.engine_dir import CONFIG_NAME, WEIGHTS_NAME
 from rtllm.models.loader import load_model
 from rtllm.quantization.config import QuantConfig
-from tests.tiny import engine_last_logits, make_checkpoint, make_engine, ramp_prompts
+from tests.tiny import engine_last_logits, make_checkpoint, make_engine, ramp_prompts, tied_and_untied
 
 LIMITS = dict(max_batch_size=8, max_num_tokens=256, max_input_len=128, max_seq_len=512)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    untied = str(tmp_path_factory.mktemp("untied"))
-    make_checkpoint(untied, "llama")
-    tied = str(tmp_path_factory.mktemp("tied"))
-    make_checkpoint(tied, "llama", tie_word_embeddings=True)
-    return {"untied": untied, "tied": tied}
+    return tied_and_untied(tmp_path_factory)
 
 
 def _same_model(ref, eng) -> None:

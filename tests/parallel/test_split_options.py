@@ -13,17 +13,12 @@ from rtllm.llmapi.llm_args import LlmArgs
 from rtllm.models.loader import load_model
 from rtllm.parallel.mapping import Mapping
 from rtllm.quantization import QuantConfig
-from tests.tiny import make_checkpoint
+from tests.tiny import tied_and_untied
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    out = {}
-    for name, kw in (("untied", {}), ("tied", dict(tie_word_embeddings=True))):
-        path = str(tmp_path_factory.mktemp(name))
-        make_checkpoint(path, "llama", **kw)
-        out[name] = path
-    return out
+    return tied_and_untied(tmp_path_factory)
 
 
 def _stage(path, rank, qc):

@@ -23,7 +23,7 @@ from rtllm.layers.quant.vocab import int8_lm_head, quantize_rows
 from rtllm.layers.quantized_linear import estimate_weight_bytes
 from rtllm.quantization.config import QuantConfig
 from rtllm.quantization.int8 import dequantize_w8, quantize_w8_per_channel
-from tests.tiny import VOCAB, engine_last_logits, make_checkpoint, make_engine
+from tests.tiny import VOCAB, engine_last_logits, make_checkpoint, make_engine, tied_and_untied
 
 DENSE_VOCAB = ["embed_tokens", "lm_head"]
 
@@ -108,11 +108,7 @@ def test_lm_head_3d_input_and_tied_parameters():
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    untied = str(tmp_path_factory.mktemp("untied"))
-    make_checkpoint(untied, "llama")
-    tied = str(tmp_path_factory.mktemp("tied"))
-    make_checkpoint(tied, "llama", tie_word_embeddings=True)
-    return {"untied": untied, "tied": tied}
+    return tied_and_untied(tmp_path_factory)
 
 
 def _load(path, qc=None):
