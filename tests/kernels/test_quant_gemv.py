@@ -8,22 +8,9 @@ import torch
 from rtllm.kernels import quant_gemm as qg
 from rtllm.kernels import triton_quant_gemv as gv
 from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
+from tests.kernels.test_quant_gemm import _gen, _w4  # the seeded generator and the random W4 layout
 
 BF16 = torch.bfloat16
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _w4(K: int, N: int, g: int, seed: int):
-    gen = _gen(seed)
-    codes = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    qweight = (codes.view(K // 8, 8, N) << shifts.view(1, 8, 1)).sum(1, dtype=torch.int32)
-    scales = (torch.rand(K // g, N, generator=gen) * 0.02 + 1e-3).to(BF16)
-    zeros = (torch.randn(K // g, N, generator=gen) * 0.01).to(BF16)
-    return qweight, scales, zeros
 
 
 def _check(y: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
@@ -45,7 +32,7 @@ W4_CONFIGS = [(32, 32, 1, True), (64, 32, 3, False), (32, 16, 5, True)]
 @pytest.mark.parametrize("cfg", W4_CONFIGS, ids=lambda c: "n{}k{}s{}{}".format(*c[:3], "p" if c[3] else ""))
 def test_w4_gemv_matches_exact(g, M, cfg):
     K, N = 256 if g == 32 else 512, 72  # N not a multiple of BLOCK_N: masked tail
-    qweight, scales, zeros = _w4(K, N, g, seed=g + M)
+    _, qweight, scales, zeros = _w4(K, N, g, seed=g + M)
     wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
     config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, cfg[3])
     for dtype in (torch.float32, BF16):
@@ -55,7 +42,7 @@ def test_w4_gemv_matches_exact(g, M, cfg):
 
 def test_w4_gemv_group_smaller_than_block_and_strided_x():
     K, N, g = 64, 40, 8
-    qweight, scales, zeros = _w4(K, N, g, seed=1)
+    _, qweight, scales, zeros = _w4(K, N, g, seed=1)
     wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
     x = torch.randn(3, 2 * K, generator=_gen(2))[:, ::2]  # non-contiguous rows
     _check(w4_gemv(x, qweight, scales, zeros, GemvConfig(32, 64, 2, 4)), x.double() @ wt, torch.float32)
@@ -64,7 +51,7 @@ def test_w4_gemv_group_smaller_than_block_and_strided_x():
 def test_w4_gemv_matches_reference_within_rounding():
     """Against quant_gemm's reference (which rounds W to bf16 first): within a bf16 rounding of the row."""
     K, N, g = 256, 48, 128
-    qweight, scales, zeros = _w4(K, N, g, seed=3)
+    _, qweight, scales, zeros = _w4(K, N, g, seed=3)
     x = torch.randn(2, K, generator=_gen(3)).to(BF16)
     y = w4_gemv(x, qweight, scales, zeros, GemvConfig(16, 32, 2, 4))
     ref = qg.w4a16_gemm_reference(x, qweight, scales, zeros)
@@ -101,7 +88,7 @@ def test_w8_gemv_matches_exact(fp8, M, cfg):
 
 def test_split_k_workspace_is_reset_between_launches():
     """The counters the last program resets serve the next launch (other shapes, other configs)."""
-    qweight, scales, zeros = _w4(256, 72, 32, seed=5)
+    _, qweight, scales, zeros = _w4(256, 72, 32, seed=5)
     wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
     q, s = _w8(40, 256, False, seed=6)
     for i in range(3):
@@ -115,7 +102,7 @@ def test_split_k_workspace_is_reset_between_launches():
 def test_split_k_without_workspace_sums_in_torch(monkeypatch):
     """Too large for the workspace (or a graph capture before it exists): partials summed by torch."""
     monkeypatch.setattr(gv, "_workspace", lambda *a: None)
-    qweight, scales, zeros = _w4(256, 40, 64, seed=8)
+    _, qweight, scales, zeros = _w4(256, 40, 64, seed=8)
     x = torch.randn(3, 256, generator=_gen(8))
     exact = x.double() @ qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
     _check(w4_gemv(x, qweight, scales, zeros, GemvConfig(16, 32, 4, 4)), exact, torch.float32)
