@@ -13,6 +13,9 @@ import traceback
 
 import torch.multiprocessing as mp
 
+# the engine limits the split tests run with: prompts over 64 tokens are chunked
+ENGINE = dict(max_num_tokens=64, max_batch_size=8, kv_tokens=2048, tokens_per_block=8)
+
 
 def _rank_main(rank, tp, pp, ep, path, engine_kwargs, prompts, arrivals, params, port, results) -> None:
     import torch

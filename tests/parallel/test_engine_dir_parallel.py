@@ -17,20 +17,12 @@ from rtllm.errors import ConfigError
 from rtllm.models.loader import load_model
 from rtllm.parallel.mapping import Mapping
 from rtllm.quantization import QuantConfig
-from tests.parallel.harness import run_split
-from tests.tiny import make_checkpoint, ramp_prompts
+from tests.parallel.harness import ENGINE, run_split
+from tests.tiny import ramp_prompts
 
-ENGINE = dict(max_num_tokens=64, max_batch_size=8, kv_tokens=2048, tokens_per_block=8)
 PROMPTS = ramp_prompts(4, seed=11, lo=5, hi=40)
 ARRIVALS = [0, 0, 1, 3]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama"))
-    make_checkpoint(path, "llama")
-    return path
 
 
 def _build(ckpt, out, quant, **kw):

@@ -15,10 +15,10 @@ import pytest
 
 from rtllm import LLM, KvCacheConfig, SamplingParams
 from rtllm.errors import EngineDeadError
+from tests.parallel.harness import ENGINE
 from tests.parallel.pipeline_harness import run_script, run_split_script
 from tests.tiny import make_checkpoint, make_engine, ramp_prompts
 
-ENGINE = dict(max_num_tokens=64, max_batch_size=8, kv_tokens=2048, tokens_per_block=8)  # chunks prompts > 64
 PROMPTS = ramp_prompts(12, seed=7, lo=3, hi=90)
 ARRIVALS = [0, 0, 0, 1, 2, 2, 5, 9, 9, 12, 14, 20]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

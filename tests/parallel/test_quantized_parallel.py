@@ -15,19 +15,11 @@ from rtllm.layers.quant.base import QuantizedLinear
 from rtllm.models.loader import load_model
 from rtllm.parallel.mapping import Mapping
 from rtllm.quantization import QuantConfig
-from tests.parallel.harness import run_split
-from tests.tiny import make_checkpoint, make_engine, ramp_prompts, run_engine
+from tests.parallel.harness import ENGINE, run_split
+from tests.tiny import make_engine, ramp_prompts, run_engine
 
-ENGINE = dict(max_num_tokens=64, max_batch_size=8, kv_tokens=2048, tokens_per_block=8)
 PROMPTS = ramp_prompts(4, seed=7, lo=5, hi=40)
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama"))
-    make_checkpoint(path, "llama")
-    return path
 
 
 @pytest.mark.parametrize("algo", ["W8A16", "W4A16", "FP8"])

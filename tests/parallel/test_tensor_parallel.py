@@ -19,10 +19,9 @@ from rtllm.layers.linear import Linear, MergedLinear, QKVLinear
 from rtllm.models.loader import load_model
 from rtllm.parallel import weights
 from rtllm.parallel.mapping import Mapping
-from tests.parallel.harness import run_split
+from tests.parallel.harness import ENGINE, run_split
 from tests.tiny import make_checkpoint, make_engine, ramp_prompts, run_engine
 
-ENGINE = dict(max_num_tokens=64, max_batch_size=8, kv_tokens=2048, tokens_per_block=8)  # chunks prompts > 64
 PROMPTS = ramp_prompts(6, seed=3, lo=3, hi=90)
 ARRIVALS = [0, 0, 1, 2, 5, 9]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -15,7 +15,7 @@ from rtllm import SamplingParams
 from rtllm.errors import ConfigError
 from rtllm.executor.launcher import launched_rank
 from rtllm.parallel.comm import free_port
-from tests.tiny import make_checkpoint, make_engine, ramp_prompts, run_engine
+from tests.tiny import make_engine, ramp_prompts, run_engine
 
 PROMPTS = ramp_prompts(4, seed=13, lo=5, hi=40)
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -36,13 +36,6 @@ SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":  # rank 0 spawns its engine worker (multiprocessing's spawn re-imports this file)
         main()
 """)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama"))
-    make_checkpoint(path, "llama")
-    return path
 
 
 def _torchrun(tmp_path, nproc, *args, timeout=180):
