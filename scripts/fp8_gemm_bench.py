@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from rtllm.bench.bounds import cuda_graphed, time_cuda
 from rtllm.kernels.quant_gemm import fp8_gemm, quantize_fp8_per_token
 from rtllm.kernels.triton_fp8_quant import quantize_fp8_per_token_triton
 
@@ -23,28 +24,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 
 def graph_time(fn, iters: int = 50) -> float:
-    """us per call of ``fn`` replayed ``iters`` times inside one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / iters)
-    return best
+    """us per call of ``fn`` replayed ``iters`` times inside one CUDA graph (median of 5 replays)."""
+    return time_cuda(cuda_graphed(fn, iters), iters=5) * 1e6 / iters
 
 
 def bench_row(name: str, w: torch.Tensor, wq: torch.Tensor, wscale: torch.Tensor, m: int) -> str:

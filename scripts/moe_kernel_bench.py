@@ -29,6 +29,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from rtllm.bench.bounds import cuda_graphed as graphed
 from rtllm.bench.bounds import time_cuda
 from rtllm.kernels import moe, triton_moe
 
@@ -39,20 +40,6 @@ failures: list[str] = []
 
 def median_ms(fn, iters: int = 50) -> float:
     return time_cuda(fn, iters) * 1e3
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def copy_bandwidth() -> float:

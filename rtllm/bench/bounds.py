@@ -37,6 +37,23 @@ def time_cuda(fn, iters: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def cuda_graphed(fn, calls: int = 1):
+    """``fn`` called ``calls`` times, captured in one CUDA graph (after a warm-up on a side stream, as
+    capture requires); returns the graph's replay, to time with ``time_cuda`` (divide by ``calls``):
+    launch overhead then counts as it does in the engine's decode graphs."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return g.replay
+
+
 def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware | None:
     if device.type != "cuda":
         return None
