@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rtllm.errors import ConfigError
+from rtllm.kernels.rope import RopeTables
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -44,3 +45,8 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] rotated at ``positions`` as the attention layer rotates (and caches) its keys,
+        in x's dtype (the torch reference of rtllm.kernels.rope)."""
+        return RopeTables(positions, self.cos_sin_cache).rotate(x)

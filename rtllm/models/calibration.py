@@ -174,19 +174,14 @@ FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn: a layer's amax maps onto it
 def calibrate_kv_scales(model: nn.Module, sequences: Sequence[Sequence[int]]) -> dict[str, tuple[float, float]]:
     """Set every attention layer's FP8 KV-cache scales from one prefill pass over ``sequences``:
     ``k_scale = amax(|RoPE(k)|) / 448`` (the keys as the cache stores them, rotated at their
-    positions: the rotation mixes the two halves of each head, neox-style as rtllm.layers.rope)
+    positions by the layer's own RotaryEmbedding)
     and ``v_scale = amax(|v|) / 448``. The pass itself runs with the model's own cache dtype.
     Returns {layer name: (k_scale, v_scale)}; a layer that saw only zeros keeps 1.0."""
     amax: dict[str, list[float]] = {}
 
     def observe(name: str, mod: nn.Module, args: tuple) -> None:
         positions, _q, k, v = args[:4]
-        kk = k.float().reshape(k.shape[0], -1, mod.head_dim)
-        half = mod.rotary.rotary_dim // 2
-        cos_sin = mod.rotary.cos_sin_cache[positions.long()]
-        cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:2 * half]
-        k1, k2 = kk[..., :half], kk[..., half:2 * half]
-        rotated = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin, kk[..., 2 * half:]), dim=-1)
+        rotated = mod.rotary.rotate(positions.long(), k.reshape(k.shape[0], -1, mod.head_dim))
         seen = amax.setdefault(name, [0.0, 0.0])
         seen[0] = max(seen[0], float(rotated.abs().max()))
         seen[1] = max(seen[1], float(v.float().abs().max()))
