@@ -10,7 +10,7 @@ Semantics shared by the reference and the Triton kernels (``x.dtype`` is the sto
 row is the fp32 sum of a token's k slots, rounded once.
 
 The Triton path (CUDA) sorts the T * k (token, slot) pairs by expert (``moe_align_block_size``;
-rtllm.kernels.triton_moe.moe_align_block_size_triton gives the same outputs in two launches) and
+rtllm.kernels.triton_moe_routing.moe_align_block_size_triton gives the same outputs in two launches) and
 runs each GEMM as ONE launch over all experts; this module holds the torch references, the
 alignment's reference and the dispatch.
 """
