@@ -11,7 +11,7 @@ launches that rotate over enough weight copies (>= 128 MiB) that L2 never holds 
 bandwidth = weight bytes read (codes + scales + zeros) / time, as a share of a device-to-device
 copy measured in the same run. The best GEMV configuration is checked against the fp32 reference
 (relative error printed) and written to DIR/gemv_tuned.json, which RTLLM_QUANT_GEMV_CONFIG=that
-file makes the engine use (the table in triton_quant_gemv.TUNED holds the committed results).
+file makes the engine use (the table in triton_quant_gemv_config.TUNED holds the committed results).
 All configurations are compiled first by --jobs processes in parallel.
 """
 

@@ -7,6 +7,7 @@ import torch
 
 from rtllm.kernels import quant_gemm as qg
 from rtllm.kernels import triton_quant_gemv as gv
+from rtllm.kernels import triton_quant_gemv_config as gc
 from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
 from tests.kernels.test_quant_gemm import _gen, _w4  # the seeded generator and the random W4 layout
 
@@ -116,9 +117,9 @@ def test_tuned_table_from_file(tmp_path, monkeypatch):
     path.write_text('[{"kind": "w8", "M": 1, "N": 8, "K": 8, "block_n": 64, "block_k": 128, "split": 2, '
                     '"num_warps": 8, "prefetch": false}]')
     monkeypatch.setenv("RTLLM_QUANT_GEMV_CONFIG", str(path))
-    monkeypatch.setattr(gv, "_env_loaded", False)
-    monkeypatch.setattr(gv, "TUNED", {})
-    assert gv.gemv_config("w8", 1, 8, 8, 132) == GemvConfig(64, 128, 2, 8, False)
-    assert gv.gemv_config("w8", 3, 8, 8, 132) == GemvConfig(64, 128, 2, 8, False)  # M > 1 falls back to M = 1's
-    dflt = gv.gemv_config("w4g128", 1, 4096, 4096, 132)
+    monkeypatch.setattr(gc, "_env_loaded", False)
+    monkeypatch.setattr(gc, "TUNED", {})
+    assert gc.gemv_config("w8", 1, 8, 8, 132) == GemvConfig(64, 128, 2, 8, False)
+    assert gc.gemv_config("w8", 3, 8, 8, 132) == GemvConfig(64, 128, 2, 8, False)  # M > 1 falls back to M = 1's
+    dflt = gc.gemv_config("w4g128", 1, 4096, 4096, 132)
     assert dflt.block_k <= 128 and dflt.split >= 1

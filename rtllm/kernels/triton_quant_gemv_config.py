@@ -1,0 +1,84 @@
+"""Launch configurations of the decode GEMV kernels (rtllm.kernels.triton_quant_gemv): the tile /
+split choice per (format, M, N, K), from the H100 tuning table, a JSON file named by
+RTLLM_QUANT_GEMV_CONFIG (scripts/quant_kernel_tune.py writes one), or a default rule for other
+shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import triton
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    split: int  # requested splits of K (rounded to whole groups / tiles)
+    num_warps: int
+    prefetch: bool = True
+
+    def key(self) -> str:
+        return f"n{self.block_n}k{self.block_k}s{self.split}w{self.num_warps}{'p' if self.prefetch else ''}"
+
+
+# Tuned on an H100 (scripts/quant_kernel_tune.py --m 1, 2026-11-25; Llama-3.1-8B shapes and the INT8
+# LM head): (kind, M, N, K) -> config, kind "w4g<group>", "w8" (int8) or "fp8" (e4m3 bytes). M > 1
+# without an entry uses M = 1's. Times: graph replays, weights rotated past L2.
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
+    ("w4g128", 1, 6144, 4096): GemvConfig(512, 64, 32, 4, False),  # 12.1 us
+    ("w4g128", 1, 4096, 4096): GemvConfig(512, 64, 32, 4, False),  # 10.4 us
+    ("w4g128", 1, 28672, 4096): GemvConfig(1024, 32, 16, 4, False),  # 31.0 us
+    ("w4g128", 1, 4096, 14336): GemvConfig(512, 64, 28, 4, False),  # 22.9 us
+    ("w8", 1, 6144, 4096): GemvConfig(16, 512, 1, 4, True),  # 11.6 us
+    ("w8", 1, 4096, 4096): GemvConfig(16, 512, 1, 4, True),  # 9.3 us
+    ("w8", 1, 28672, 4096): GemvConfig(32, 256, 1, 4, False),  # 44.2 us
+    ("w8", 1, 4096, 14336): GemvConfig(32, 256, 4, 4, False),  # 25.1 us
+    ("w8", 1, 128256, 4096): GemvConfig(32, 256, 1, 4, False),  # 178.0 us
+    ("fp8", 1, 6144, 4096): GemvConfig(16, 512, 1, 4, True),  # 12.9 us
+    ("fp8", 1, 4096, 4096): GemvConfig(32, 256, 4, 4, False),  # 9.9 us
+    ("fp8", 1, 28672, 4096): GemvConfig(32, 256, 1, 4, False),  # 42.6 us
+    ("fp8", 1, 4096, 14336): GemvConfig(32, 256, 4, 4, False),  # 24.6 us
+}
+
+_ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune script writes one)
+_env_loaded = False
+
+
+def _load_env_table() -> None:
+    global _env_loaded
+    _env_loaded = True
+    path = os.environ.get(_ENV_TABLE)
+    if not path:
+        return
+    with open(path) as f:
+        for row in json.load(f):
+            TUNED[(row["kind"], row["M"], row["N"], row["K"])] = GemvConfig(
+                row["block_n"], row["block_k"], row["split"], row["num_warps"], row.get("prefetch", True))
+
+
+def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:
+    """For shapes not in the tuned table, what the tuning chose at the 8B shapes: W4 512 columns
+    (1024 from 16K outputs) per 4-warp program and a split of K giving 2-3 programs per SM; W8 / FP8
+    16 rows x 512 bytes (32 x 256 for wide layers), split only when the rows give under a wave."""
+    if kind in ("w8", "fp8"):
+        bn, bk = (16, 512) if N <= 8192 else (32, 256)
+        n_tiles = triton.cdiv(N, bn)
+        split = 1 if n_tiles >= sms else max(1, min(4, (2 * sms) // n_tiles, K // (4 * bk)))
+        return GemvConfig(bn, bk, split, 4, bn == 16)
+    group = int(kind[3:])
+    bn, bk = (1024, 32) if N >= 16384 else (512, 64)
+    n_tiles = triton.cdiv(N, bn)
+    split = max(1, min(K // group, 32, triton.cdiv(5 * sms, 2 * n_tiles)))
+    return GemvConfig(bn, min(bk, group), split, 4, False)
+
+
+def gemv_config(kind: str, M: int, N: int, K: int, device_sms: int) -> GemvConfig:
+    if not _env_loaded:
+        _load_env_table()
+    cfg = TUNED.get((kind, M, N, K))
+    if cfg is None and M > 1:
+        cfg = TUNED.get((kind, 1, N, K))
+    return cfg or _default_config(kind, M, N, K, device_sms)
