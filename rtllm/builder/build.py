@@ -37,7 +37,6 @@ from rtllm.models.engine_dir import (
     CONFIG_NAME,
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
-    WEIGHTS_NAME,
     engine_tensors,
     is_engine_dir,
     kv_cache_scales,
@@ -142,7 +141,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         load_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         tensors, specs = engine_tensors(loaded.model)
-        name = WEIGHTS_NAME if world == 1 else rank_weights_name(rank)
+        name = rank_weights_name(rank)
         weights_path = os.path.join(output_dir, name)
         tmp = weights_path + ".tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 ENGINE_FORMAT = "rtllm-engine"
 ENGINE_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "rank0.safetensors"
+WEIGHTS_NAME = "rank0.safetensors"  # rank_weights_name(0): the one file of a single-rank engine
 BUILD_LOG_NAME = "build_log.json"
 _REQUIRED_KEYS = ("pretrained_config", "build_config", "dtype", "device", "quantized_layers", "weights")
 
@@ -186,12 +186,9 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
     if mapping is not None and mapping.world_size > 1:
         mapping.validate_for(config)
         config.mapping = mapping
-        entry = data["ranks"][rank]
-        weights_info, specs = entry["weights"], entry["quantized_layers"]
-        weights_path = os.path.join(path, rank_weights_name(rank))
-    else:
-        weights_info, specs = data["weights"], data["quantized_layers"]
-        weights_path = os.path.join(path, WEIGHTS_NAME)
+    entry = data["ranks"][rank] if "ranks" in data else data  # the top-level entries are rank 0's
+    weights_info, specs = entry["weights"], entry["quantized_layers"]
+    weights_path = os.path.join(path, rank_weights_name(rank))
     built_dtype = parse_dtype(data["dtype"])
     if dtype != "auto" and parse_dtype(dtype) != built_dtype:
         raise ConfigError(f"dtype={dtype!r}: the engine at {path!r} was built with dtype "
