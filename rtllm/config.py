@@ -104,8 +104,9 @@ class EngineConfig:
 @dataclass
 class CudaGraphConfig:
     """CUDA graphs for decode steps (TensorRT-LLM's name). Captured for a ladder of batch sizes up
-    to max_batch_size; a decode batch is padded to the next captured size. None in LlmArgs turns
-    graphs off."""
+    to max_batch_size, or for exactly ``batch_sizes`` when given (max_batch_size then becomes their
+    largest, as in TensorRT-LLM); a decode batch is padded to the next captured size. Sizes above
+    the engine's max_batch_size are not captured. None in LlmArgs turns graphs off."""
 
     max_batch_size: int = 256
     batch_sizes: list[int] | None = None
@@ -118,6 +119,7 @@ class CudaGraphConfig:
         if self.batch_sizes is not None:
             _check(bool(self.batch_sizes) and all(isinstance(b, int) and b > 0 for b in self.batch_sizes),
                    o, "batch_sizes", self.batch_sizes, "must be a non-empty list of positive integers")
+            self.max_batch_size = max(self.batch_sizes)
 
     def capture_sizes(self, limit: int) -> list[int]:
         """The batch sizes to capture, ascending, none above ``limit``."""

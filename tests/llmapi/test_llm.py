@@ -231,3 +231,20 @@ def test_shutdown_and_context_manager(tiny):
     llm.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate("a")
+
+
+def test_cuda_graph_sizes():
+    """The ladder stops at the smaller of the config's and the engine's max batch size; explicit
+    batch_sizes are captured as given (their largest is the config's max_batch_size), and sizes
+    above the engine's limit are left out; a bad size is a ConfigError naming the field."""
+    from rtllm.config import CudaGraphConfig
+    from rtllm.errors import ConfigError
+
+    assert CudaGraphConfig(max_batch_size=40).capture_sizes(512) == [1, 2, 4, 8, 16, 32, 40]
+    assert CudaGraphConfig().capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    explicit = CudaGraphConfig(batch_sizes=[512, 3])
+    assert explicit.max_batch_size == 512
+    assert explicit.capture_sizes(512) == [3, 512]
+    assert explicit.capture_sizes(256) == [3]
+    with pytest.raises(ConfigError, match="batch_sizes"):
+        CudaGraphConfig(batch_sizes=[0])
