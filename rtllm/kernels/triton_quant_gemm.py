@@ -227,11 +227,15 @@ def _w8a16_kernel(
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_qn, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, APPLY_SCALE: tl.constexpr, FP8_BITS: tl.constexpr = False,
+    UPCAST: tl.constexpr, APPLY_SCALE: tl.constexpr, FP8_BITS: tl.constexpr = False, M_MAJOR: tl.constexpr = False,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
+    if M_MAJOR:  # the row tiles of one weight tile run side by side: the tile is read once from memory
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(2)
+    else:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(2)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -260,14 +264,32 @@ def _w8a16_kernel(
     tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# M > 16 (prefill, large decode batches): tensor-core tiles over M too, the byte -> 16-bit
+# conversion in registers, the scale in the epilogue; no split. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+# by rows, from scripts/w8_gemm_bench.py (H100; see docs/PERF.md).
+W8_LARGE_M = ((64, (64, 128, 64, 4, 4)), (128, (128, 128, 64, 8, 4)), (None, (128, 256, 64, 8, 3)))
+
+
+def _w8_large_m_config(M: int, interp: bool) -> tuple[int, int, int, int, int]:
+    if interp:
+        return 32, 32, 32, 4, 1
+    for rows, cfg in W8_LARGE_M:
+        if rows is None or rows >= M:
+            return cfg
+    raise AssertionError  # pragma: no cover - the table ends with None
+
+
 def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
                       block_n: int | None = None, block_k: int | None = None,
-                      split_k: int | None = None) -> torch.Tensor:
+                      split_k: int | None = None, block_m: int | None = None) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 or float8_e4m3fn [N, K], scales [N]
     (e4m3 weights are read as bytes and decoded in the kernel: the weight-only FP8 path).
 
-    Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, 16)); split-K partials are summed in fp32 and
-    scaled once."""
+    M <= 16: grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, 16)); split-K partials are summed in fp32 and
+    scaled once. M > 16: grid (cdiv(M, BLOCK_M), 1, cdiv(N, BLOCK_N)), the M tiles of a weight tile
+    adjacent in launch order (they run together and read it once); the overrides are for tests and
+    tuning. Unlike converting q to x's dtype for a dense GEMM, this never materializes the 16-bit
+    weight (the INT8 LM head at a batch of 512: ~1.7 ms of conversion a step, docs/PERF.md)."""
     M, K = x.shape
     N = qweight.shape[0]
     assert qweight.shape[1] == K and scales.shape == (N,)
@@ -277,7 +299,12 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         qweight = qweight.view(torch.uint8)
     interp = interpreting(x)
     bm, bn, bk, warps, stages = _gemm_config(M, N, K, 128, interp)
-    if not interp and M <= 16 and block_n is None and block_k is None and split_k is None:
+    m_major = M > 16
+    if m_major:
+        bm, bn, bk, warps, stages = _w8_large_m_config(M, interp)
+        split_k = split_k or 1
+        bm = block_m or bm
+    elif not interp and block_n is None and block_k is None and split_k is None:
         # decode: narrow N tiles and long K tiles, no split unless K is long (scripts/quant_kernel_tune.py,
         # H100, M = 1: qkv 6144x4096 20.5 -> 15.3 us, o 4096x4096 17.1 -> 13.5, gate_up 48.8 -> 46.8)
         bn, bk, split_k = (32, 128, 1) if K <= 8192 else (64, 128, 4)
@@ -288,12 +315,13 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     split = triton.cdiv(K, k_per_split)
     out = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     if M > 0:
-        grid = (n_tiles, split, triton.cdiv(M, bm))
+        m_tiles = triton.cdiv(M, bm)
+        grid = (m_tiles, split, n_tiles) if m_major else (n_tiles, split, m_tiles)
         _w8a16_kernel[grid](
             x, qweight, scales, out, M, N, K, k_per_split,
             x.stride(0), qweight.stride(0), out.stride(0), out.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=interp or x.dtype == torch.float32,
-            APPLY_SCALE=split == 1, FP8_BITS=fp8, num_warps=warps, num_stages=stages,
+            APPLY_SCALE=split == 1, FP8_BITS=fp8, M_MAJOR=m_major, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     if split == 1:
         return out[0]

@@ -84,7 +84,7 @@ def test_dequantize_w4_triton_matches_reference():
     _assert_16bit_store(dequantize_w4_triton(qweight, scales, zeros, BF16), exact)
 
 
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 7, 16, 17, 70])  # > 16: the M-major tensor-core path (tiles of 32 rows here)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_w8a16_triton_matches_reference(M, split_k):
     K, N = 160, 72
@@ -195,10 +195,11 @@ def test_nvfp4_triton_matches_reference(shape):
     _assert_16bit_store(dequantize_nvfp4_triton(packed, bs, gs, BF16), exact)
 
 
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 40])
 def test_fp8_weight_only_triton_decodes_every_code(M):
-    """The small-M FP8 path: e4m3 bytes decoded in the kernel (all 256 codes but NaN appear as
-    weights) equal the exact decode, x unquantized; one rounding to bf16."""
+    """The weight-only FP8 kernel (small M, and the M-major path past 16 rows): e4m3 bytes decoded in
+    the kernel (all 256 codes but NaN appear as weights) equal the exact decode, x unquantized; one
+    rounding to bf16."""
     g = _gen(11)
     N, K = 48, 256
     codes = torch.arange(256, dtype=torch.uint8)
