@@ -115,13 +115,14 @@ def bench_decode(device, dtype, batches, contexts, sweep: bool) -> None:
         k_cache, v_cache, tables = paged_cache(seq_lens, dtype, device, gen)
         sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         q = torch.randn((B, HQ, D), dtype=dtype, device=device)
+        k, v = (torch.randn((B, HKV, D), dtype=dtype, device=device) for _ in range(2))  # the step's own token
         sms = triton_attention.sm_count(q)
         splits, _ = triton_attention.decode_num_splits(B, HKV, max_len, 64, sms)
-        args = (q, k_cache, v_cache, tables, sl, D**-0.5, max_len)
+        args = (q, k, v, k_cache, v_cache, tables, sl, D**-0.5, max_len)
         out = triton_attention.paged_decode_attention_triton(*args)
         sub = min(B, 16)  # the reference materializes K/V per sequence: check a subset
         expected = attention.paged_decode_attention_torch(
-            q[:sub], k_cache, v_cache, tables[:sub], sl[:sub], D**-0.5, max_len
+            q[:sub], k[:sub], v[:sub], k_cache, v_cache, tables[:sub], sl[:sub], D**-0.5, max_len
         )
         verdict = check(f"decode {name.split()}", out[:sub], expected, 2e-2, 2e-2)
         t = bench(partial(triton_attention.paged_decode_attention_triton, *args), device)
@@ -158,9 +159,10 @@ def bench_prefill(device, dtype, total: int) -> None:
         seq_lens = [c + n for c, n in zip(ctx, qlens)]
         k_cache, v_cache, tables = paged_cache(seq_lens, dtype, device, gen)
         q = torch.randn((sum(qlens), HQ, D), dtype=dtype, device=device)
+        k, v = (torch.randn((sum(qlens), HKV, D), dtype=dtype, device=device) for _ in range(2))  # the chunks' own
         qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-        args = (q, k_cache, v_cache, tables, qsl, sl, D**-0.5)
+        args = (q, k, v, k_cache, v_cache, tables, qsl, sl, D**-0.5)
         tri = partial(triton_attention.paged_prefill_attention_triton, *args, max(qlens), max(seq_lens))
         verdict = check(f"prefill {name}", tri(), attention.paged_prefill_attention_torch(*args), 2e-2, 2e-2)
         t = bench(tri, device)

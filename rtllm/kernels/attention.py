@@ -6,6 +6,14 @@ p % block_size. Queries come flat: q[T, num_heads, head_dim] with query_start_lo
 delimiting sequences; seq_lens[B] counts every KV token of a sequence after this step
 (cached prefix + new tokens), so query j of sequence b sits at position
 seq_lens[b] - q_len_b + j and attends causally to positions <= that.
+
+Where the keys and values come from: the step's own tokens (positions seq_lens[b] - q_len_b ..
+seq_lens[b] - 1, a prefill chunk or a decode's one token) are read from the fresh, rotated k and v
+[T, Hkv, D] of this step (the model dtype), the earlier positions (the cached prefix) from the cache.
+The step's K/V are written to the cache as well (rope_and_cache, before attention) for later steps.
+With a cache in the model dtype both sources hold the same values; with an FP8 cache only the prefix is
+dequantized, so a prompt prefilled in one step attends exactly as with a full-precision cache, and each
+later step (a decode, the next chunk) sees every earlier token as e4m3 value * scale.
 """
 
 from __future__ import annotations
@@ -86,6 +94,8 @@ class PagedGather:
 
 def paged_decode_attention_torch(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -96,13 +106,15 @@ def paged_decode_attention_torch(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One query token per sequence. q: [B, Hq, D] -> [B, Hq, D]. Vectorized over the batch.
+    """One query token per sequence. q: [B, Hq, D], the step's own k, v: [B, Hkv, D] -> [B, Hq, D].
+    Vectorized over the batch.
 
-    Positions >= seq_lens[b] are gathered (up to max_seq_len) but zeroed before the masked
-    softmax, so whatever unwritten cache slots hold (NaN in a torch.empty pool) cannot leak in.
-    A row with seq_len 0 (padding) returns zeros. ``gather`` (from PagedGather) skips recomputing
-    the slot indices and masks in every layer. An FP8 cache is read as its values times
-    ``k_scale`` / ``v_scale`` (:func:`dequantize_kv`).
+    Position seq_lens[b] - 1 (the token being decoded) is the fresh k[b], v[b]; positions before it
+    come from the cache (see the module docstring). Positions >= seq_lens[b] are gathered (up to
+    max_seq_len) but zeroed before the masked softmax, so whatever unwritten cache slots hold (NaN in
+    a torch.empty pool) cannot leak in. A row with seq_len 0 (padding) returns zeros. ``gather``
+    (from PagedGather) skips recomputing the slot indices and masks in every layer. An FP8 cache is
+    read as its values times ``k_scale`` / ``v_scale`` (:func:`dequantize_kv`).
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -110,10 +122,14 @@ def paged_decode_attention_torch(
         gather = PagedGather(block_tables, seq_lens, max_seq_len, block_size)
     L = gather.max_len
     G = Hq // Hkv
+    k_new, v_new = k, v
     k = _select_rows(k_cache.view(-1, Hkv, D), gather.slots).view(B, L, Hkv, D)
     v = _select_rows(v_cache.view(-1, Hkv, D), gather.slots).view(B, L, Hkv, D)
     if k.dtype == FP8_KV_DTYPE:
         k, v = dequantize_kv(k, k_scale, q.dtype), dequantize_kv(v, v_scale, q.dtype)
+    if L > 0:  # a padding row's (seq_len 0) position 0 is overwritten but masked
+        rows, last = torch.arange(B, device=q.device), (seq_lens.long() - 1).clamp_min(0)
+        k[rows, last], v[rows, last] = k_new.to(k.dtype), v_new.to(v.dtype)
     v = torch.where(gather.valid[:, :, None, None], v, 0)  # p is 0 there, but 0 * NaN is NaN
     # GQA without expanding K/V: the G query heads of a KV head form the rows of one small matmul.
     # (Faster on CPU than SDPA's GQA + mask path; scores and softmax in fp32.)
@@ -129,6 +145,8 @@ def paged_decode_attention_torch(
 
 def paged_prefill_attention_torch(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -138,8 +156,9 @@ def paged_prefill_attention_torch(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Ragged queries with a cached prefix, causal. q: [T, Hq, D] -> [T, Hq, D]. Loops over sequences.
-    An FP8 cache is read as its values times ``k_scale`` / ``v_scale``."""
+    """Ragged queries with a cached prefix, causal. q: [T, Hq, D], the chunks' own k, v: [T, Hkv, D]
+    -> [T, Hq, D]. Loops over sequences. Each chunk attends to its own tokens through k, v and to its
+    prefix through the cache, read (FP8) as its values times ``k_scale`` / ``v_scale``."""
     T, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -152,17 +171,20 @@ def paged_prefill_attention_torch(
         q_len = e - s
         if q_len == 0:
             continue
-        slots = gather_slots(block_tables[b : b + 1], kv_len, block_size)[0]
-        k = dequantize_kv(_select_rows(kc, slots), k_scale, q.dtype).transpose(0, 1)  # [Hkv, L, D]
-        v = dequantize_kv(_select_rows(vc, slots), v_scale, q.dtype).transpose(0, 1)
-        qb = q[s:e].transpose(0, 1)  # [Hq, q_len, D]
         ctx = kv_len - q_len
+        kb, vb = k[s:e].to(q.dtype), v[s:e].to(q.dtype)
+        if ctx > 0:
+            slots = gather_slots(block_tables[b : b + 1], ctx, block_size)[0]
+            kb = torch.cat((dequantize_kv(_select_rows(kc, slots), k_scale, q.dtype), kb))
+            vb = torch.cat((dequantize_kv(_select_rows(vc, slots), v_scale, q.dtype), vb))
+        kb, vb = kb.transpose(0, 1), vb.transpose(0, 1)  # [Hkv, L, D]
+        qb = q[s:e].transpose(0, 1)  # [Hq, q_len, D]
         if ctx == 0:
-            o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         else:
             qpos = torch.arange(ctx, kv_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
         out[s:e] = o.transpose(0, 1)
     return out
 
@@ -175,23 +197,28 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale
     return reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather=None,
+# Plugin kernels keep the cache-only signature (dispatch.KERNEL_SIGNATURES): they get no fresh k, v and
+# no KV scales, so they serve caches in the model dtype only, where the step's K/V in the cache equal
+# the fresh ones; an FP8 cache stays on rtllm's kernels.
+
+
+def paged_decode_attention(q, k, v, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather=None,
                            k_scale=1.0, v_scale=1.0):
-    fp8 = k_cache.dtype == FP8_KV_DTYPE  # plugin kernels take no KV scales: an FP8 cache stays on rtllm's
+    fp8 = k_cache.dtype == FP8_KV_DTYPE
     if not fp8 and (fn := custom_kernel("paged_decode_attention", q)) is not None:
         return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
         return triton_attention.paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale=k_scale, v_scale=v_scale
+            q, k, v, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale=k_scale, v_scale=v_scale
         )
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, gather,
-                                        k_scale, v_scale)
+    return paged_decode_attention_torch(q, k, v, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
+                                        gather, k_scale, v_scale)
 
 
 def paged_prefill_attention(
-    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
+    q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
     k_scale=1.0, v_scale=1.0,
 ):
     fp8 = k_cache.dtype == FP8_KV_DTYPE
@@ -201,10 +228,10 @@ def paged_prefill_attention(
         from rtllm.kernels import triton_attention
 
         return triton_attention.paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
+            q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
             k_scale=k_scale, v_scale=v_scale,
         )
-    return paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+    return paged_prefill_attention_torch(q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                          k_scale, v_scale)
 
 

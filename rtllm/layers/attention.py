@@ -41,7 +41,8 @@ class Attention(nn.Module):
         cache = self.rotary.cos_sin_cache
         # the torch path (CPU) shares per-step tables across layers; the Triton path needs none
         tables = None if q.is_cuda else meta.derived("rope", lambda: RopeTables(positions, cache))
-        q, _ = attn_kernels.rope_and_cache(
+        # the step's own K/V reach attention fresh (rotated, model dtype); the cache serves earlier steps
+        q, k = attn_kernels.rope_and_cache(
             positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables, self.k_scale, self.v_scale
         )
         nd = meta.num_decodes
@@ -50,11 +51,11 @@ class Attention(nn.Module):
             gather = None if q.is_cuda else meta.derived("decode_gather", lambda: attn_kernels.PagedGather(
                 meta.block_tables, meta.seq_lens, meta.max_decode_seq_len, bs))
             out = attn_kernels.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale, meta.max_decode_seq_len,
-                gather, self.k_scale, self.v_scale)
+                q, k, v, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                meta.max_decode_seq_len, gather, self.k_scale, self.v_scale)
         elif nd == 0:
             out = attn_kernels.paged_prefill_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                q, k, v, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                 self.scale, meta.max_query_len, meta.max_seq_len, self.k_scale, self.v_scale,
             )
         else:
@@ -63,10 +64,11 @@ class Attention(nn.Module):
             gather = None if q.is_cuda else meta.derived("decode_gather", lambda: attn_kernels.PagedGather(
                 meta.block_tables[:nd], meta.seq_lens[:nd], meta.max_decode_seq_len, bs))
             out[:nd] = attn_kernels.paged_decode_attention(
-                q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
-                meta.max_decode_seq_len, gather, self.k_scale, self.v_scale)
+                q[:nd], k[:nd], v[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                self.scale, meta.max_decode_seq_len, gather, self.k_scale, self.v_scale)
             out[nd:] = attn_kernels.paged_prefill_attention(
-                q[nd:], self.k_cache, self.v_cache, meta.block_tables[nd:], meta.prefill_query_start_loc,
-                meta.seq_lens[nd:], self.scale, meta.max_query_len, meta.max_seq_len, self.k_scale, self.v_scale,
+                q[nd:], k[nd:], v[nd:], self.k_cache, self.v_cache, meta.block_tables[nd:],
+                meta.prefill_query_start_loc, meta.seq_lens[nd:], self.scale, meta.max_query_len, meta.max_seq_len,
+                self.k_scale, self.v_scale,
             )
         return out.reshape(T, self.num_heads * self.head_dim)

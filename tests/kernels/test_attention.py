@@ -8,6 +8,9 @@ shows), then compares:
 - the torch references against a naive fp64 softmax(QK^T) with an explicit causal mask on the
   unpaged K/V (proving the references), and
 - each Triton kernel against its torch reference.
+
+The attention kernels take the step's own K/V fresh (``Paged.new_kv``) and read only the prefix
+from the cache; a test poisons the new tokens' cache slots to show they are not read.
 """
 
 from __future__ import annotations
@@ -68,6 +71,23 @@ class Paged:
         self.seq_lens_t = torch.tensor(self.seq_lens, dtype=torch.int32)
         self.scale = d**-0.5
 
+    def new_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new tokens' K and V, flat [T, Hkv, D] like q (what rope_and_cache hands the kernels)."""
+        k = torch.cat([k[s - n :] for k, s, n in zip(self.k, self.seq_lens, self.q_lens)])
+        v = torch.cat([v[s - n :] for v, s, n in zip(self.v, self.seq_lens, self.q_lens)])
+        return k, v
+
+    def poison_new_slots(self) -> None:
+        """NaN into the cache slots of the new tokens: a kernel that reads them there shows it."""
+        for b, (s, n) in enumerate(zip(self.seq_lens, self.q_lens)):
+            slots = self.slots(b, s - n, s)
+            for c in (self.k_cache, self.v_cache):
+                flat = c.view(-1, self.hkv, self.d)
+                if c.dtype == torch.float8_e4m3fn:  # e4m3 NaN as bytes (no fp8 CPU fill)
+                    flat.view(torch.uint8)[slots] = 0x7F
+                else:
+                    flat[slots] = NAN
+
     def slots(self, b: int, lo: int, hi: int) -> torch.Tensor:
         pos = torch.arange(lo, hi)
         blocks = self.block_tables[b, pos // self.block_size].long()
@@ -113,8 +133,9 @@ REF_CASES = [
 @pytest.mark.parametrize("case", REF_CASES)
 def test_prefill_reference_matches_dense_oracle(case) -> None:
     p = Paged(*case, dtype=torch.float32)
+    p.poison_new_slots()
     out = ref.paged_prefill_attention_torch(
-        p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale
+        p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale
     )
     torch.testing.assert_close(out.double(), p.dense(), atol=1e-5, rtol=1e-5)
 
@@ -124,8 +145,9 @@ def test_decode_reference_matches_dense_oracle(case) -> None:
     ctx, _, hq, hkv, d, bs = case
     p = Paged(ctx, [1] * len(ctx), hq, hkv, d, bs, torch.float32)
     max_len = max(p.seq_lens) + 5  # > every length: rows gather NaN slots that must be masked
+    p.poison_new_slots()
     out = ref.paged_decode_attention_torch(
-        p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len
+        p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len
     )
     torch.testing.assert_close(out.double(), p.dense(), atol=1e-5, rtol=1e-5)
 
@@ -133,7 +155,7 @@ def test_decode_reference_matches_dense_oracle(case) -> None:
 def test_decode_reference_padding_row_is_zero() -> None:
     p = Paged([4, 0], [1, 1], 4, 2, 16, 8, torch.float32)
     seq_lens = torch.tensor([5, 0], dtype=torch.int32)
-    out = ref.paged_decode_attention_torch(p.q, p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 5)
+    out = ref.paged_decode_attention_torch(p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 5)
     assert out[1].abs().max() == 0 and not out.isnan().any()
 
 
@@ -146,7 +168,7 @@ HEADS = [(4, 4, 64), (8, 2, 64), (8, 1, 128), (16, 2, 128)]  # GQA ratios 1, 4, 
 
 def run_prefill(p: Paged, q: torch.Tensor | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     q = p.q if q is None else q
-    args = (q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale)
+    args = (q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale)
     out = tri.paged_prefill_attention_triton(*args, max(p.q_lens), max(p.seq_lens), **kw)
     return out, ref.paged_prefill_attention_torch(*args)
 
@@ -169,6 +191,21 @@ def test_prefill_chunked_with_cached_prefix(heads, dtype) -> None:
     close(out, expected, dtype)
     if dtype == torch.float32:  # and the reference is the oracle here too
         torch.testing.assert_close(expected.double(), p.dense(), atol=1e-5, rtol=1e-5)
+
+
+def test_new_tokens_read_fresh_not_from_the_cache() -> None:
+    """A chunk's own K/V and a decode's own token come from k, v: their cache slots hold NaN here."""
+    p = Paged([0, 5, BS + 3], [BS + 2, 9, 20], 8, 2, 64, BS, torch.float16, seed=12)
+    p.poison_new_slots()
+    out, expected = run_prefill(p)
+    close(out, expected, torch.float16)
+    torch.testing.assert_close(out.double(), p.dense(), atol=4e-3, rtol=4e-3)
+    pd = Paged([0, BS - 1, 3 * BS], [1, 1, 1], 8, 2, 64, BS, torch.float16, seed=13)
+    pd.poison_new_slots()
+    args = (pd.q, *pd.new_kv(), pd.k_cache, pd.v_cache, pd.block_tables, pd.seq_lens_t, pd.scale, 3 * BS + 1)
+    for splits in (None, 1, 3):  # the own token in the first, the only, the last split
+        out = tri.paged_decode_attention_triton(*args, num_splits=splits, block_n=16)
+        torch.testing.assert_close(out.double(), pd.dense(), atol=4e-3, rtol=4e-3)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +232,7 @@ def test_odd_and_large_head_dims(d) -> None:
     out, expected = run_prefill(p)
     close(out, expected, torch.float16)
     pd = Paged([0, 17, 40], [1, 1, 1], 4, 2, d, BS, torch.float16, seed=10)
-    args = (pd.q, pd.k_cache, pd.v_cache, pd.block_tables, pd.seq_lens_t, pd.scale, 41)
+    args = (pd.q, *pd.new_kv(), pd.k_cache, pd.v_cache, pd.block_tables, pd.seq_lens_t, pd.scale, 41)
     out = tri.paged_decode_attention_triton(*args, num_splits=2)
     close(out, ref.paged_decode_attention_torch(*args), torch.float16)
 
@@ -225,12 +262,9 @@ def test_decode(heads, dtype) -> None:
     max_len = max(p.seq_lens)
     splits, _ = tri.decode_num_splits(len(DECODE_LENS), heads[1], max_len, 64)
     assert splits > 1
-    out = tri.paged_decode_attention_triton(
-        p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len
-    )
-    expected = ref.paged_decode_attention_torch(
-        p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len
-    )
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
+    out = tri.paged_decode_attention_triton(*args)
+    expected = ref.paged_decode_attention_torch(*args)
     close(out, expected, dtype)
 
 
@@ -241,7 +275,7 @@ def test_decode_split_counts(num_splits, block_n) -> None:
     p = Paged([0, 20, 66, 99], [1] * 4, 8, 2, 64, BS, torch.float32, seed=4)
     seq_lens = p.seq_lens_t.clone()
     seq_lens[0] = 0
-    args = (p.q, p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 120)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 120)
     out = tri.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n)
     expected = ref.paged_decode_attention_torch(*args)
     close(out, expected, torch.float32)
@@ -253,7 +287,7 @@ def test_decode_block_size_32_strided_q() -> None:
     qbuf = torch.randn(4, 48, 128).to(torch.bfloat16)
     q = qbuf[:, 8:40]
     q.copy_(p.q)
-    args = (q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 71)
+    args = (q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 71)
     close(tri.paged_decode_attention_triton(*args), ref.paged_decode_attention_torch(*args), torch.bfloat16)
 
 
@@ -382,12 +416,12 @@ def test_engine_like_steps_match_dense_oracle() -> None:
         k = torch.stack([k_all[b][p] for b, p in rows])
         v = torch.stack([v_all[b][p] for b, p in rows])
         slots = torch.tensor([slot(b, p) for b, p in rows])
-        qr, _ = tri.rope_and_cache_triton(positions, q, k, v, cs, k_cache, v_cache, slots)
+        qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, k_cache, v_cache, slots)
         qlens = [hi - lo for lo, hi in spans]
         qsl = torch.tensor([0, qlens[0], qlens[0] + qlens[1]], dtype=torch.int32)
         sl = torch.tensor([hi for _, hi in spans], dtype=torch.int32)
         out = tri.paged_prefill_attention_triton(
-            qr, k_cache, v_cache, tables, qsl, sl, d**-0.5, max(qlens), 64
+            qr, kr, v, k_cache, v_cache, tables, qsl, sl, d**-0.5, max(qlens), 64
         )
         expected = torch.cat([oracle(b, lo, hi) for b, (lo, hi) in enumerate(spans)])
         torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)
@@ -399,8 +433,8 @@ def test_engine_like_steps_match_dense_oracle() -> None:
         k = torch.stack([k_all[b][p] for b, p in enumerate(pos)])
         v = torch.stack([v_all[b][p] for b, p in enumerate(pos)])
         slots = torch.tensor([slot(b, p) for b, p in enumerate(pos)])
-        qr, _ = tri.rope_and_cache_triton(positions, q, k, v, cs, k_cache, v_cache, slots)
+        qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, k_cache, v_cache, slots)
         sl = torch.tensor([p + 1 for p in pos], dtype=torch.int32)
-        out = tri.paged_decode_attention_triton(qr, k_cache, v_cache, tables, sl, d**-0.5, max(pos) + 1)
+        out = tri.paged_decode_attention_triton(qr, kr, v, k_cache, v_cache, tables, sl, d**-0.5, max(pos) + 1)
         expected = torch.cat([oracle(b, p, p + 1) for b, p in enumerate(pos)])
         torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)

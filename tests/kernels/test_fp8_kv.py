@@ -1,6 +1,7 @@
 """FP8 (e4m3fn) KV cache: the writes round exactly like torch, the Triton attention kernels read
-the cache like the torch references, and the references match a dense fp64 oracle on the
-dequantized K/V (fp8 value * scale)."""
+the cache like the torch references, and the references match a dense fp64 oracle whose K/V are
+the dequantized cache (fp8 value * scale) for the cached prefix and the fresh K/V for the step's own
+tokens (a prefill chunk's, a decode's one token), which the kernels never read back from the cache."""
 
 from __future__ import annotations
 
@@ -16,14 +17,20 @@ SCALES = [(1.0, 1.0), (0.05, 0.02)]  # the static default and calibrated-like sc
 
 
 def fp8_paged(ctx, q_lens, hq, hkv, d, bs, dtype, k_scale, v_scale, seed=0) -> Paged:
-    """A Paged batch whose cache is FP8 (written by the reference with the scales); its dense K/V
-    (the oracle's) become what the cache holds: e4m3 value * scale."""
+    """A Paged batch whose cache is FP8 (written by the reference with the scales) and whose new
+    tokens' slots hold e4m3 NaN. Its dense K/V (the oracle's) become what attention should see: the
+    cached prefix as e4m3 value * scale, the new tokens as they are."""
     p = Paged(ctx, q_lens, hq, hkv, d, bs, dtype, seed=seed)
     p.k_cache = torch.full(p.k_cache.shape, NAN, dtype=FP8)
     p.v_cache = torch.full(p.v_cache.shape, NAN, dtype=FP8)
     ref.reshape_and_cache_torch(torch.cat(p.k), torch.cat(p.v), p.k_cache, p.v_cache, p.all_slots, k_scale, v_scale)
-    p.k = [ref.quantize_kv(k, k_scale).double() * k_scale for k in p.k]
-    p.v = [ref.quantize_kv(v, v_scale).double() * v_scale for v in p.v]
+    p.poison_new_slots()
+
+    def seen(x, scale, c):
+        return torch.cat((ref.dequantize_kv(ref.quantize_kv(x[:c], scale), scale, x.dtype), x[c:]))
+
+    p.k = [seen(k, k_scale, c) for k, c in zip(p.k, ctx)]
+    p.v = [seen(v, v_scale, c) for v, c in zip(p.v, ctx)]
     p.k_scale, p.v_scale = k_scale, v_scale
     return p
 
@@ -90,7 +97,7 @@ def test_rope_and_cache_fp8(dtype, rot) -> None:
 
 
 def run_prefill(p: Paged, **kw):
-    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens_t, p.scale)
     out = tri.paged_prefill_attention_triton(*args, max(p.q_lens), max(p.seq_lens), k_scale=p.k_scale,
                                              v_scale=p.v_scale, **kw)
     return out, ref.paged_prefill_attention_torch(*args, p.k_scale, p.v_scale)
@@ -122,7 +129,7 @@ def test_decode_fp8(heads, dtype, k_scale, v_scale) -> None:
     lens = [1, BS - 1, BS, BS + 1, 4 * BS + 3, 2]
     p = fp8_paged([n - 1 for n in lens], [1] * len(lens), *heads, BS, dtype, k_scale, v_scale)
     max_len = max(p.seq_lens)
-    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
     expected = ref.paged_decode_attention_torch(*args, None, k_scale, v_scale)
     for splits in (None, 1):  # the heuristic (several splits here) and the direct write
         out = tri.paged_decode_attention_triton(*args, num_splits=splits, k_scale=k_scale, v_scale=v_scale)
@@ -134,6 +141,6 @@ def test_decode_fp8(heads, dtype, k_scale, v_scale) -> None:
 def test_fp8_dispatch_matches_reference() -> None:
     """The dispatch functions pass the scales to the references (the CPU path of the engine)."""
     p = fp8_paged([3, 20], [1, 1], 4, 2, 32, 8, torch.float32, 0.1, 0.2, seed=3)
-    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 21)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 21)
     out = ref.paged_decode_attention(*args, k_scale=0.1, v_scale=0.2)
     torch.testing.assert_close(out.double(), p.dense(), atol=1e-5, rtol=1e-5)

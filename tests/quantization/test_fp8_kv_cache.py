@@ -52,10 +52,32 @@ def test_bf16_pool_capacity_doubles(ckpt) -> None:
     assert fp8._num_kv_blocks() - 1 == 2 * (base._num_kv_blocks() - 1)
 
 
+def chunked_last_logits(engine, prompt: list[int], first: int) -> torch.Tensor:
+    """Logits at the last prompt position when the prompt is prefilled in two steps: ``first`` tokens,
+    then the rest, which reads the first step's K/V from the cache."""
+    from rtllm.runtime.request import Request
+    from rtllm.runtime.scheduler import ScheduledBatch
+
+    req = Request("probe", prompt, SamplingParams(max_tokens=1), frozenset(), 1)
+    assert engine.kv.allocate_slots(req, len(prompt))
+    try:
+        engine.runner.execute(ScheduledBatch([req], [first]))
+        req.num_computed_tokens = first
+        out = engine.runner.execute(ScheduledBatch([req], [len(prompt) - first]))
+    finally:
+        engine.kv.free(req)
+    return out.sample_logits[0]
+
+
 def test_logits_close_to_the_full_precision_cache(ckpt) -> None:
+    """A prompt prefilled in one step attends to its own fresh K/V only: the logits equal the full-precision
+    cache's exactly. Prefilled in two steps, the second reads the first's K/V quantized."""
     base, fp8 = engine(ckpt, False), engine(ckpt, True)
     for prompt in ramp_prompts(4, seed=3, lo=5, hi=40):
-        a, b = engine_last_logits(base, prompt), engine_last_logits(fp8, prompt)
+        assert torch.equal(engine_last_logits(fp8, prompt), engine_last_logits(base, prompt))
+        first = len(prompt) // 2
+        a, b = chunked_last_logits(base, prompt, first), chunked_last_logits(fp8, prompt, first)
+        torch.testing.assert_close(a, engine_last_logits(base, prompt), atol=1e-5, rtol=1e-5)  # fp32: chunking moot
         # e4m3 keeps 3 mantissa bits (relative error <= 1/16 per K/V element); the tiny model's logits move
         # by a few hundredths
         torch.testing.assert_close(b, a, atol=0.15, rtol=0.05)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
+#: Triton dtype of each torch dtype a dot may run in (passed as a constexpr)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # --------------------------------------------------------------------------------------------
 # helpers

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.triton_attention.common import LOG2E, dot_config, sm_count
+from rtllm.kernels.triton_attention.common import LOG2E, TL_DTYPES, dot_config, sm_count
+from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 
 # --------------------------------------------------------------------------------------------
 # decode: flash-decoding over a paged cache
@@ -18,6 +19,8 @@ from rtllm.kernels.triton_attention.common import LOG2E, dot_config, sm_count
 @triton.jit(do_not_specialize=["split_tokens", "num_splits", "stride_btb"])
 def _decode_split_kernel(
     q_ptr,
+    kn_ptr,
+    vn_ptr,
     k_ptr,
     v_ptr,
     bt_ptr,
@@ -27,12 +30,19 @@ def _decode_split_kernel(
     l_ptr,
     acc_ptr,
     qk_scale,
+    qk_scale_cache,
     v_scale,
     split_tokens,
     num_splits,
     stride_qb,
     stride_qh,
     stride_qd,
+    stride_knb,
+    stride_knh,
+    stride_knd,
+    stride_vnb,
+    stride_vnh,
+    stride_vnd,
     stride_kb,
     stride_kt,
     stride_kh,
@@ -52,21 +62,24 @@ def _decode_split_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KV_FP8: tl.constexpr = False,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
-    [split * split_tokens, min(+split_tokens, seq_len)). Writes (max, sum, unnormalized out) in
-    the log2 domain, or the final output when there is one split. KV_FP8: K/V tiles are e4m3, converted
-    (exactly) to q's dtype for the dots; k_scale is folded into qk_scale, v_scale multiplies the output."""
+    [split * split_tokens, min(+split_tokens, seq_len)): in the split that holds it, the token being
+    decoded from kn / vn (fp32 FMA), then the cached ones before seq_len - 1 in dots of dtype DOT.
+    Writes (max, sum, unnormalized out) in the log2 domain, or the final output when there is one split.
+    KV_FP8: cached K/V tiles are e4m3, converted (exactly) to DOT (fp16 for a 16-bit q); k_scale is folded
+    into qk_scale_cache, v_scale multiplies the cached part of the sum once."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + b)
     start = s * split_tokens
-    end = tl.minimum(start + split_tokens, seq_len)
+    last = seq_len - 1  # the token being decoded: fresh in kn / vn, not read from the cache
+    end = tl.minimum(start + split_tokens, last)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -80,14 +93,22 @@ def _decode_split_kernel(
         mask=mask_q,
         other=0.0,
     )
-    if UPCAST:
-        q = q.to(tl.float32)
-    elif not KV_FP8:
-        q = q.to(k_ptr.dtype.element_ty)
+    if KV_FP8 and tl.float16 == DOT:  # bf16 q -> fp16: saturate (|q| > 65504 would be inf)
+        qc = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(DOT)
+    else:
+        qc = q.to(DOT)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # the token being decoded (fresh kn / vn, fp32 FMA) starts the online softmax of the split that holds
+    # it; its value is stored divided by v_scale, which the cached part's sum is multiplied by at the end
+    own = (last >= start) & (last < start + split_tokens)
+    kn = tl.load(kn_ptr + b * stride_knb + (hk * stride_knh + offs_d * stride_knd), mask=mask_d & own, other=0.0)
+    vn = tl.load(vn_ptr + b * stride_vnb + (hk * stride_vnh + offs_d * stride_vnd), mask=mask_d & own, other=0.0)
+    qk_own = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale
+    m_i = tl.where(own, qk_own, float("-inf"))
+    l_i = tl.where(own, tl.full([BLOCK_G], 1.0, tl.float32), 0.0)
+    if KV_FP8:
+        vn = vn.to(tl.float32) / v_scale
+    acc = tl.where(own, tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + vn.to(tl.float32)[None, :], 0.0)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     k_head = k_ptr + hk * stride_kh + offs_d[None, :] * stride_kd
     v_head = v_ptr + hk * stride_vh + offs_d[None, :] * stride_vd
@@ -97,27 +118,19 @@ def _decode_split_kernel(
         blk = tl.load(bt_row + pos // PAGE, mask=mask_n, other=0).to(tl.int64)
         row = pos % PAGE
         mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        elif KV_FP8:
-            k = k.to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0).to(DOT)
+        qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        elif KV_FP8:
-            v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0).to(DOT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
         m_i = m_new
-
     if KV_FP8:
         acc = acc * v_scale
+
     if ONE_SPLIT:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -208,6 +221,8 @@ def decode_num_splits(
 
 def paged_decode_attention_triton(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -219,8 +234,16 @@ def paged_decode_attention_triton(
     block_n: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    cache_dot: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] (q's dtype).
+    """One query token per sequence: q [B, Hq, D], with the step's own k, v [B, Hkv, D] -> [B, Hq, D]
+    (q's dtype).
+
+    Sequence b's query sits at position seq_lens[b] - 1. It attends to itself through k[b], v[b] (the
+    rotated K/V rope_and_cache wrote to the cache this step, in q's dtype: the cached copy is not read)
+    and to positions [0, seq_lens[b] - 1) through the cache, as a prefill chunk does to its own tokens
+    and its prefix (see :func:`paged_prefill_attention_triton`); so a token's attention does not
+    depend on whether it ran as a decode or as a one-token chunk.
 
     Flash-decoding: kernel 1 has grid (B, Hkv, num_splits); each program loads the G = Hq/Hkv
     query heads of one KV head once (padded to >= 16 rows for tensor cores) and streams its
@@ -229,18 +252,21 @@ def paged_decode_attention_triton(
     with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
     seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``
     and ``block_n`` override the heuristics (tests, tuning). A float8_e4m3fn cache is read as its
-    values times ``k_scale`` / ``v_scale`` (dots in q's dtype).
+    values times ``k_scale`` / ``v_scale``, its tiles converted to fp16 for the dots
+    (:func:`~rtllm.kernels.triton_attention.prefill.cache_dot_dtype`; ``cache_dot`` overrides it:
+    benchmarks).
     """
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
+    assert k.shape == (B, Hkv, D) and v.shape == k.shape
     G = Hq // Hkv
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     block_d = triton.next_power_of_2(D)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    dot_dtype = q.dtype if fp8 else k_cache.dtype  # an FP8 cache is converted to q's dtype for the dots
+    dot_dtype = cache_dot or cache_dot_dtype(q.dtype, k_cache.dtype)
     esize = torch.tensor([], dtype=dot_dtype).element_size()
     if block_n is None:  # sm_90a: no spills at these sizes (16-bit: <= 117 regs; fp32 FMA: <= 92)
         if esize >= 4:
@@ -264,11 +290,12 @@ def paged_decode_attention_triton(
     num_warps = 4 if block_g * block_d <= 64 * 128 else 8
     stages = 3 if (esize <= 2 and block_d <= 128) else 2
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
-        scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        q, k, v, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
+        scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,
+        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
-        ONE_SPLIT=one, UPCAST=upcast, DOT_PREC=prec, KV_FP8=fp8,
+        ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
         num_warps=num_warps, num_stages=stages,
     )  # fmt: skip
     if not one:
