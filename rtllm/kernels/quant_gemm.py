@@ -22,6 +22,11 @@ Layouts (N = out_features, K = in_features):
   ``global_scale``: ``W[n, k] = e2m1(code) * block_scales[n, k//16] * global_scale``.
 
 Dispatch: Triton on CUDA tensors (``triton_enabled``); the references here elsewhere.
+
+``*_silu_and_mul`` (the gated MLP's fused [gate | up] projection, N = 2I): ``silu_and_mul`` of the
+GEMM's output, [M, I]. Where the decode GEMV runs, the activation runs in its epilogue (one launch,
+the same bits as the two kernels: rtllm.kernels.triton_quant_gemv), unless a plugin replaces
+``silu_and_mul`` or RTLLM_GEMV_SILU=0; elsewhere the GEMM and then ``silu_and_mul``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import os
 
 import torch
 
-from rtllm.kernels.dispatch import triton_enabled
+from rtllm.kernels.activation import silu_and_mul
+from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
 # At most this many rows run the fused dequantize-GEMM Triton kernels; larger batches dequantize
 # the weight once and run a dense 16-bit GEMM (compute-bound there, where cuBLAS wins).
@@ -46,11 +52,19 @@ SMALL_M = 16
 _GEMV_ON = os.environ.get("RTLLM_QUANT_GEMV", "1") != "0"
 W4_GEMV_MAX_M = 2 if _GEMV_ON else 0
 W8_GEMV_MAX_M = 2 if _GEMV_ON else 0
+# SiLU-and-mul in the GEMV's epilogue for a gate|up projection; RTLLM_GEMV_SILU=0: a separate launch
+GEMV_SILU = os.environ.get("RTLLM_GEMV_SILU", "1") != "0"
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes by 3-bit code (sign in bit 3)
 NVFP4_BLOCK = 16
+
+
+def _gemv_silu(x: torch.Tensor, max_m: int) -> bool:
+    """Whether SiLU-and-mul runs in the epilogue of x's gate|up GEMM: the GEMV runs it (CUDA, at most
+    max_m rows) and no plugin replaces silu_and_mul (whose function must then see gate|up)."""
+    return GEMV_SILU and triton_enabled(x) and 0 < x.shape[0] <= max_m and custom_kernel("silu_and_mul", x) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +127,16 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return w4a16_gemm_reference(x, qweight, scales, zeros)
 
 
+def w4a16_gemm_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(w4a16_gemm(x, ...)) for a [gate | up] weight: one launch at M <= W4_GEMV_MAX_M."""
+    if _gemv_silu(x, W4_GEMV_MAX_M):
+        from rtllm.kernels.triton_quant_gemv import w4_gemv
+
+        return w4_gemv(x, qweight, scales, zeros, silu_and_mul=True)
+    return silu_and_mul(w4a16_gemm(x, qweight, scales, zeros))
+
+
 # --------------------------------------------------------------------------------------------
 # W8: int8 per-channel weight-only
 
@@ -149,6 +173,15 @@ def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
             y = torch.mm(xb, qweight.t().to(torch.bfloat16)).float().mul_(scales)
         return y.to(x.dtype)
     return w8a16_gemm_reference(x, qweight, scales)
+
+
+def w8a16_gemm_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(w8a16_gemm(x, ...)) for a [gate | up] weight: one launch at M <= W8_GEMV_MAX_M."""
+    if _gemv_silu(x, W8_GEMV_MAX_M):
+        from rtllm.kernels.triton_quant_gemv import w8_gemv
+
+        return w8_gemv(x, qweight, scales, silu_and_mul=True)
+    return silu_and_mul(w8a16_gemm(x, qweight, scales))
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +249,16 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
                              out_dtype=torch.bfloat16)
         return y.to(x.dtype)
     return fp8_gemm_reference(x, weight, scales)
+
+
+def fp8_gemm_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(fp8_gemm(x, ...)) for a [gate | up] weight: one launch at M <= W8_GEMV_MAX_M (the
+    weight-only GEMV fp8_gemm runs there)."""
+    if _gemv_silu(x, W8_GEMV_MAX_M):
+        from rtllm.kernels.triton_quant_gemv import w8_gemv
+
+        return w8_gemv(x, weight, scales, silu_and_mul=True)
+    return silu_and_mul(fp8_gemm(x, weight, scales))
 
 
 # --------------------------------------------------------------------------------------------

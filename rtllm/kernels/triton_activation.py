@@ -2,6 +2,8 @@
 
 x: [..., 2I] laid out as [gate | up] -> silu(gate) * up: [..., I], x's dtype. Math in fp32;
 silu(gate) is rounded to x's dtype before the multiply, as the torch reference rounds it.
+``silu_mul`` is that arithmetic alone, for kernels that produce gate and up themselves (the decode
+GEMV's fused epilogue, rtllm.kernels.triton_quant_gemv): the same instructions give the same bits.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ import triton.language as tl
 
 
 @triton.jit
+def silu_mul(g, u, DTYPE: tl.constexpr):
+    """silu(g) * u in fp32, g and u fp32 holding DTYPE values; silu(g) is rounded to DTYPE first (the
+    caller rounds the product to DTYPE)."""
+    act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
+    return act * u
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, stride_y, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
+    y = silu_mul(g, u, x_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:

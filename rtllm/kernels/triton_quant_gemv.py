@@ -34,6 +34,15 @@ partials in split order (deterministic), writes the output in x's dtype and rese
 zero for the next launch. The workspace is allocated once per device, outside CUDA-graph capture
 (a captured graph keeps pointing at it); a launch that would need it during a capture before it
 exists, or more of it than there is, falls back to partials summed by torch.
+
+SiLU-and-mul in the epilogue (``silu_and_mul=True``, the gated MLP's fused gate|up projection, N = 2I
+outputs [gate | up]): a program's BLOCK_N weight columns / rows are BLOCK_N / 2 gate features
+n..n+BLOCK_N/2 and the same up features I+n.., so it holds both operands of its outputs and writes
+``silu(gate) * up`` [M, I] instead of gate|up [M, 2I] (with split-K: the last program, from the
+summed partials). Loads, programs and splits are those of the unfused launch with the same
+configuration; the epilogue rounds gate and up to x's dtype and then computes as
+rtllm.kernels.triton_activation does (its ``silu_mul``), so the output equals the unfused GEMV +
+SiLU-and-mul kernel bit for bit. It saves the activation kernel's launch and the [M, 2I] round trip.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.triton_activation import silu_and_mul_triton, silu_mul
 from rtllm.kernels.triton_attention.common import interpreting, sm_count
 from rtllm.kernels.triton_quant_gemv_config import TUNED, GemvConfig, gemv_config
 
@@ -58,21 +68,48 @@ MAX_GEMV_M = 4  # the GEMV kernels unroll one accumulator per activation row, up
 
 
 # --------------------------------------------------------------------------------------------
-# split-K epilogue
+# the program's columns, and the epilogue (SiLU-and-mul, split-K)
 
 
 @triton.jit
-def _finish(acc, m, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M: tl.constexpr, PARTIAL: tl.constexpr):
+def _columns(pid_n, N, HALF, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """(weight columns, their mask, output columns, their mask) of N tile pid_n. GATED (N = 2 HALF):
+    BLOCK_N / 2 gate columns and the same up columns (+ HALF), in two contiguous runs; the outputs
+    are the gate columns' indices."""
+    i = tl.arange(0, BLOCK_N)
+    if GATED:
+        H: tl.constexpr = BLOCK_N // 2
+        col = pid_n * H + i % H
+        offs_o = pid_n * H + tl.arange(0, H)
+        return col + (i // H) * HALF, col < HALF, offs_o, offs_o < HALF
+    offs = pid_n * BLOCK_N + i
+    return offs, offs < N, offs, offs < N
+
+
+@triton.jit
+def _store_row(acc, m, out_ptr, offs_o, mask_o, stride_om, GATED: tl.constexpr):
+    """Row m of the output from its fp32 sums over the tile's columns; GATED: silu(gate) * up, gate
+    and up rounded to the output dtype first (the values the unfused GEMV would store)."""
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    if GATED:
+        g, u = tl.split(tl.permute(tl.reshape(acc, (2, acc.shape[0] // 2)), (1, 0)))
+        acc = silu_mul(g.to(DT).to(tl.float32), u.to(DT).to(tl.float32), DT)
+    tl.store(out_ptr + m * stride_om + offs_o, acc.to(DT), mask=mask_o)
+
+
+@triton.jit
+def _finish(acc, m, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om,
+            M: tl.constexpr, PARTIAL: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
     """Row m's result, or with PARTIAL its fp32 partial (ws [splits, M, N], split pid_k)."""
     if PARTIAL:
         tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
     else:
-        tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        _store_row(acc, m, out_ptr, offs_o, mask_o, stride_om, GATED)
 
 
 @triton.jit
-def _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om, n_splits,
-                   M: tl.constexpr, REDUCE: tl.constexpr):  # fmt: skip
+def _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits,
+                   M: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
     """After every row's partial is stored: the last program of this N tile sums the partials."""
     if REDUCE:
         tl.debug_barrier()  # all of this program's partial stores happen before the release below
@@ -82,7 +119,7 @@ def _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om
                 tot = tl.zeros(offs_n.shape, dtype=tl.float32)
                 for s in range(n_splits):
                     tot += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + m * stride_om + offs_n, tot.to(out_ptr.dtype.element_ty), mask=mask_n)
+                _store_row(tot, m, out_ptr, offs_o, mask_o, stride_om, GATED)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -122,10 +159,10 @@ def _w4_group_sum(acc, t, xs, s, z):
 @triton.jit(do_not_specialize=["T_PER_SPLIT", "n_splits"])
 def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-    N, NUM_T, T_PER_SPLIT, n_splits, MAGIC, SH16,
+    N, HALF, NUM_T, T_PER_SPLIT, n_splits, MAGIC, SH16,
     stride_xm, stride_qk, stride_sg, stride_om,
     GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PARTIAL: tl.constexpr, REDUCE: tl.constexpr,
+    PREFETCH: tl.constexpr, PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), n_splits). Program (n tile, split) reduces K tiles
     [split * T_PER_SPLIT, ...) (of BLOCK_K; a split holds whole groups) for M (1..4) rows. With
@@ -134,8 +171,7 @@ def _w4_gemv_kernel(
     pid_k = tl.program_id(1)
     R: tl.constexpr = BLOCK_K // 8  # packed words per column per tile
     TPG: tl.constexpr = GROUP // BLOCK_K  # tiles per group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
     rows = tl.arange(0, R)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -189,14 +225,15 @@ def _w4_gemv_kernel(
                 acc3 = _w4_group_sum(acc3, t3, xs3, s, z)
                 t3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
                 xs3 = tl.zeros((R,), dtype=tl.float32)
-    _finish(acc0, 0, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    _finish(acc0, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
     if M > 1:
-        _finish(acc1, 1, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+        _finish(acc1, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
     if M > 2:
-        _finish(acc2, 2, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+        _finish(acc2, 2, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
     if M > 3:
-        _finish(acc3, 3, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
-    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om, n_splits, M, REDUCE)
+        _finish(acc3, 3, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
+    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits, M,
+                   REDUCE, GATED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,17 +267,16 @@ def _w8_row(t, w, xk, k_hi, EVEN_K: tl.constexpr):
 @triton.jit(do_not_specialize=["n_splits"])
 def _w8_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr,
-    N, K, K_PER_SPLIT, n_splits, MAGIC,
+    N, HALF, K, K_PER_SPLIT, n_splits, MAGIC,
     stride_xm, stride_qn, stride_om,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    PARTIAL: tl.constexpr, REDUCE: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    PARTIAL: tl.constexpr, REDUCE: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), n_splits); qw [N, K] bytes (int8, or e4m3 read as uint8). K range
     [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of BLOCK_K."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
     cols = tl.arange(0, BLOCK_K)
     t0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     t1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -266,14 +302,19 @@ def _w8_gemv_kernel(
         if M > 3:
             t3 = _w8_row(t3, w, xk + 3 * stride_xm, k_hi - k0, EVEN_K)
     sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _finish(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+    _finish(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+            PARTIAL, GATED)
     if M > 1:
-        _finish(tl.sum(t1, axis=1) * sc, 1, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+        _finish(tl.sum(t1, axis=1) * sc, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+                PARTIAL, GATED)
     if M > 2:
-        _finish(tl.sum(t2, axis=1) * sc, 2, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
+        _finish(tl.sum(t2, axis=1) * sc, 2, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+                PARTIAL, GATED)
     if M > 3:
-        _finish(tl.sum(t3, axis=1) * sc, 3, out_ptr, ws_ptr, offs_n, mask_n, pid_k, N, stride_om, M, PARTIAL)
-    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, N, stride_om, n_splits, M, REDUCE)
+        _finish(tl.sum(t3, axis=1) * sc, 3, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+                PARTIAL, GATED)
+    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits, M,
+                   REDUCE, GATED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +352,9 @@ def _launch_shape(N: int, k_units: int, cfg: GemvConfig) -> tuple[int, int, int]
 # entry points
 
 
-def _plan(x: torch.Tensor, M: int, N: int, n_tiles: int, splits: int):
-    """(out, ws, counters, PARTIAL, REDUCE) for a launch of ``splits`` K splits."""
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+def _plan(x: torch.Tensor, M: int, N: int, n_tiles: int, splits: int, gated: bool):
+    """(out, ws, counters, PARTIAL, REDUCE) for a launch of ``splits`` K splits (gated: out [M, N/2])."""
+    out = torch.empty((M, N // 2 if gated else N), dtype=x.dtype, device=x.device)
     if splits == 1:
         return out, out, out, False, False
     ws = _workspace(x.device, splits * M * N, n_tiles)
@@ -323,10 +364,22 @@ def _plan(x: torch.Tensor, M: int, N: int, n_tiles: int, splits: int):
     return out, ws[0], ws[1], True, True
 
 
+def _result(out: torch.Tensor, partial: bool, reduce: bool, dtype: torch.dtype, gated: bool) -> torch.Tensor:
+    if partial and not reduce:  # the kernel stored split partials [splits, M, N]: torch finishes
+        y = out.sum(0).to(dtype)
+        return silu_and_mul_triton(y) if gated else y
+    return out
+
+
+def _check_gated(N: int, cfg: GemvConfig) -> None:
+    assert N % 2 == 0 and cfg.block_n >= 2, (N, cfg)
+
+
 def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            config: GemvConfig | None = None) -> torch.Tensor:
+            config: GemvConfig | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T for the W4 layout (qweight int32 [K/8, N], scales / zeros
-    [K/g, N]), 1 <= M <= 4; y in x's dtype. Group g: a power of two >= 8 dividing K."""
+    [K/g, N]), 1 <= M <= 4; y in x's dtype. Group g: a power of two >= 8 dividing K.
+    ``silu_and_mul``: W's outputs are [gate | up] and y [M, N/2] is SiLU-and-mul of them, fused."""
     M, K = x.shape
     N = qweight.shape[1]
     assert 1 <= M <= MAX_GEMV_M, M
@@ -337,23 +390,25 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or (GemvConfig(32, 32, 2, 4) if interpreting(x)
                      else gemv_config(f"w4g{group}", M, N, K, sm_count(x)))
+    if silu_and_mul:
+        _check_gated(N, cfg)
     bk = min(cfg.block_k, group)
     tpg = group // bk
     n_tiles, g_per, splits = _launch_shape(N, num_g, cfg)
-    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits)
+    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
     _w4_gemv_kernel[(n_tiles, splits)](
-        x, qweight, scales, zeros, out, ws, cnt, N, num_g * tpg, g_per * tpg, splits, _W4_MAGIC, 16,
-        x.stride(0), qweight.stride(0), scales.stride(0), N,
+        x, qweight, scales, zeros, out, ws, cnt, N, N // 2 if silu_and_mul else 0, num_g * tpg, g_per * tpg,
+        splits, _W4_MAGIC, 16, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial,
-        REDUCE=reduce, num_warps=cfg.num_warps,
+        REDUCE=reduce, GATED=silu_and_mul, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return out.sum(0).to(x.dtype) if partial and not reduce else out
+    return _result(out, partial, reduce, x.dtype, silu_and_mul)
 
 
 def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-            config: GemvConfig | None = None) -> torch.Tensor:
+            config: GemvConfig | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 or float8_e4m3fn [N, K] and scales
-    [N], 1 <= M <= 4; y in x's dtype."""
+    [N], 1 <= M <= 4; y in x's dtype. ``silu_and_mul``: as w4_gemv's."""
     M, K = x.shape
     N = qweight.shape[0]
     assert 1 <= M <= MAX_GEMV_M, M
@@ -363,14 +418,16 @@ def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or (GemvConfig(16, 32, 2, 4) if interpreting(x)
                      else gemv_config("fp8" if fp8 else "w8", M, N, K, sm_count(x)))
+    if silu_and_mul:
+        _check_gated(N, cfg)
     bk = cfg.block_k
     n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
-    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits)
+    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
     _w8_gemv_kernel[(n_tiles, splits)](
-        x, q, scales, out, ws, cnt, N, K, t_per * bk, splits, _W8_MAGIC,
-        x.stride(0), q.stride(0), N,
+        x, q, scales, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits, _W8_MAGIC,
+        x.stride(0), q.stride(0), out.stride(0),
         M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce, FP8=fp8,
-        EVEN_K=K % bk == 0,
+        EVEN_K=K % bk == 0, GATED=silu_and_mul,
         num_warps=cfg.num_warps,
     )  # fmt: skip
-    return out.sum(0).to(x.dtype) if partial and not reduce else out
+    return _result(out, partial, reduce, x.dtype, silu_and_mul)

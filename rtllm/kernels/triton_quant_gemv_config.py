@@ -1,7 +1,11 @@
 """Launch configurations of the decode GEMV kernels (rtllm.kernels.triton_quant_gemv): the tile /
 split choice per (format, M, N, K), from the H100 tuning table, a JSON file named by
 RTLLM_QUANT_GEMV_CONFIG (scripts/quant_kernel_tune.py writes one), or a default rule for other
-shapes."""
+shapes.
+
+A gate|up launch with SiLU-and-mul in its epilogue uses the gate|up projection's own entry (N = 2I):
+its tile of block_n columns is block_n / 2 gate and block_n / 2 up columns, so the configuration
+gives the programs, loads and splits of the unfused launch (and its tuned time, plus the epilogue)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from rtllm.layers.activation import SiluAndMul
+from rtllm.layers.activation import SiluAndMul, gated_up
 from rtllm.layers.attention import Attention
 from rtllm.layers.attention_metadata import AttentionMetadata
 from rtllm.layers.linear import default_weight_loader
@@ -59,7 +59,7 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(gated_up(self.gate_up_proj, self.act, x))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,13 +1,17 @@
 """The decode GEMV kernels (rtllm.kernels.triton_quant_gemv), interpreted on CPU, against the exact
 product of the decoded weights (fp64): W4 group-wise and W8 (int8 and e4m3 bytes), M = 1..4, ragged
-N and K, split-K through the self-reducing workspace and through the torch fallback."""
+N and K, split-K through the self-reducing workspace and through the torch fallback. SiLU-and-mul in
+the epilogue against the unfused GEMV + activation kernel (bit for bit) and the fp64 oracle, and its
+dispatch (rtllm.kernels.quant_gemm.*_silu_and_mul)."""
 
 import pytest
 import torch
 
+from rtllm.kernels import dispatch
 from rtllm.kernels import quant_gemm as qg
 from rtllm.kernels import triton_quant_gemv as gv
 from rtllm.kernels import triton_quant_gemv_config as gc
+from rtllm.kernels.triton_activation import silu_and_mul_triton
 from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
 from tests.kernels.test_quant_gemm import _gen, _w4  # the seeded generator and the random W4 layout
 
@@ -123,3 +127,118 @@ def test_tuned_table_from_file(tmp_path, monkeypatch):
     assert gc.gemv_config("w8", 3, 8, 8, 132) == GemvConfig(64, 128, 2, 8, False)  # M > 1 falls back to M = 1's
     dflt = gc.gemv_config("w4g128", 1, 4096, 4096, 132)
     assert dflt.block_k <= 128 and dflt.split >= 1
+
+
+# -- SiLU-and-mul in the epilogue ---------------------------------------------------------------
+
+
+def _check_gated(fused: torch.Tensor, unfused_gate_up: torch.Tensor, exact_gate_up: torch.Tensor) -> None:
+    """The fused output is the activation kernel over the unfused GEMV's output, bit for bit (the same
+    roundings, the same split order); and near silu(gate) * up of the exact product, which catches
+    gate and up columns paired wrongly even where both paths agree: four roundings to bf16 (gate, up,
+    silu, product) that the interpreter truncates (2^-7 relative each), 2^-5 of the row's largest."""
+    unfused = silu_and_mul_triton(unfused_gate_up)
+    assert fused.dtype == unfused.dtype and fused.shape == unfused.shape
+    assert torch.equal(fused, unfused)
+    g, u = exact_gate_up.chunk(2, dim=-1)
+    exact = g * torch.sigmoid(g) * u
+    tol = 2**-5 * exact.abs().amax(-1, keepdim=True) + 1e-6
+    assert ((fused.double() - exact).abs() <= tol).all()
+
+
+GATED_W4_CONFIGS = [(32, 32, 1, True), (64, 32, 3, False)]  # one split; splits reduced in the kernel
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("cfg", GATED_W4_CONFIGS, ids=lambda c: "n{}k{}s{}{}".format(*c[:3], "p" if c[3] else ""))
+def test_w4_gemv_silu_and_mul_equals_unfused(g, M, cfg):
+    inter, K = 36, 256  # I not a multiple of BLOCK_N / 2: the last tile's gate and up halves are masked
+    _, qweight, scales, zeros = _w4(K, 2 * inter, g, seed=g + M)
+    wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
+    config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, cfg[3])
+    x = torch.randn(M, K, generator=_gen(M + 3)).to(BF16)
+    y = w4_gemv(x, qweight, scales, zeros, config, silu_and_mul=True)
+    _check_gated(y, w4_gemv(x, qweight, scales, zeros, config), x.double() @ wt)
+
+
+GATED_W8_CONFIGS = [(16, 32, 1, True), (32, 64, 3, False)]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("cfg", GATED_W8_CONFIGS, ids=lambda c: "n{}k{}s{}{}".format(*c[:3], "p" if c[3] else ""))
+def test_w8_gemv_silu_and_mul_equals_unfused(fp8, M, cfg):
+    inter, K = 20, 200  # neither I nor K a multiple of the block
+    q, s = _w8(2 * inter, K, fp8, seed=M + 10 * fp8)
+    wq = qg.fp8_to_float(q).double() if fp8 else q.double()
+    config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, cfg[3])
+    x = torch.randn(M, K, generator=_gen(M)).to(BF16)
+    y = w8_gemv(x, q, s, config, silu_and_mul=True)
+    _check_gated(y, w8_gemv(x, q, s, config), (x.double() @ wq.t()) * s.double())
+
+
+def test_gemv_silu_and_mul_fp32_and_torch_summed_splits(monkeypatch):
+    """fp32 activations (no rounding between the GEMV and the activation), and split partials summed by
+    torch when the workspace cannot serve the launch (the activation kernel then runs after the sum)."""
+    _, qweight, scales, zeros = _w4(128, 48, 32, seed=11)
+    q, s = _w8(48, 96, True, seed=12)
+    x = torch.randn(2, 128, generator=_gen(13))
+    cfg4, cfg8 = GemvConfig(32, 32, 4, 4), GemvConfig(16, 32, 3, 4)
+    for torch_sum in (False, True):
+        if torch_sum:
+            monkeypatch.setattr(gv, "_workspace", lambda *a: None)
+        _check_gated(w4_gemv(x, qweight, scales, zeros, cfg4, silu_and_mul=True),
+                     w4_gemv(x, qweight, scales, zeros, cfg4),
+                     x.double() @ qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double())
+        _check_gated(w8_gemv(x[:, :96], q, s, cfg8, silu_and_mul=True), w8_gemv(x[:, :96], q, s, cfg8),
+                     (x[:, :96].double() @ qg.fp8_to_float(q).double().t()) * s.double())
+
+
+@pytest.fixture
+def gemv_on_cpu(monkeypatch):
+    """quant_gemm dispatches to the Triton kernels (interpreted) as on CUDA; the activation too."""
+    from rtllm.kernels import activation
+
+    monkeypatch.setattr(qg, "triton_enabled", lambda t: True)
+    monkeypatch.setattr(activation, "triton_enabled", lambda t: True)
+    launches = []
+    for name in ("w4_gemv", "w8_gemv"):
+        real = getattr(gv, name)
+        monkeypatch.setattr(gv, name, lambda *a, _real=real, **kw: launches.append(kw.get("silu_and_mul", False))
+                            or _real(*a, **kw))
+    return launches
+
+
+@pytest.mark.parametrize("fmt", ["w4", "int8", "fp8"])
+def test_silu_and_mul_dispatch(gemv_on_cpu, monkeypatch, fmt):
+    """M <= 2: one fused launch, equal to the GEMM then silu_and_mul; M = 3: the GEMM (tensor-core
+    kernel) then the activation; a plugin's silu_and_mul is honoured (it sees gate|up: no fusion)."""
+    launches = gemv_on_cpu
+    K, N = 128, 64
+    if fmt == "w4":
+        w = _w4(K, N, 32, seed=21)[1:]
+        gemm, fused = qg.w4a16_gemm, qg.w4a16_gemm_silu_and_mul
+    else:
+        w = _w8(N, K, fmt == "fp8", seed=22)
+        gemm, fused = (qg.fp8_gemm, qg.fp8_gemm_silu_and_mul) if fmt == "fp8" else (qg.w8a16_gemm,
+                                                                                    qg.w8a16_gemm_silu_and_mul)
+    for M in (1, 2, 3):
+        x = torch.randn(M, K, generator=_gen(M)).to(BF16)
+        launches.clear()
+        y = fused(x, *w)
+        assert launches == ([True] if M <= 2 else [])
+        assert torch.equal(y, silu_and_mul_triton(gemm(x, *w)))
+    seen = []
+    dispatch.register_kernel("silu_and_mul", lambda t: seen.append(t.shape) or silu_and_mul_triton(t))
+    try:
+        launches.clear()
+        x = torch.randn(1, K, generator=_gen(5)).to(BF16)
+        assert torch.equal(fused(x, *w), silu_and_mul_triton(gemm(x, *w)))
+        assert launches[0] is False and seen[0] == (1, N)
+    finally:
+        dispatch.unregister_kernel("silu_and_mul")
+    monkeypatch.setattr(qg, "GEMV_SILU", False)  # RTLLM_GEMV_SILU=0
+    launches.clear()
+    fused(x, *w)
+    assert launches == [False]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rtllm.kernels import activation as act_kernels
 from rtllm.parallel import comm
 
 # set on a dense Linear by AWQ calibration when 1/s cannot be folded into the previous op: the
@@ -23,7 +24,10 @@ class QuantizedLinear(nn.Module):
     Subclasses implement ``_matmul(x2d) -> y2d`` (x2d [M, K], contiguous) and
     ``dequantized_weight() -> W [N, K]`` (the reference value of W, fp32), W's input channels in
     ``input_perm`` order when one is set (GPTQ act-order checkpoints, whose groups are contiguous only
-    after that permutation: the layer gathers its input instead of the kernel gathering scales)."""
+    after that permutation: the layer gathers its input instead of the kernel gathering scales).
+
+    A gated MLP's [gate | up] projection calls ``silu_and_mul(x)`` instead of ``forward``: formats
+    whose GEMM can apply the activation itself override ``_matmul_silu_and_mul``."""
 
     reduces_output = False  # set by copy_attributes on the replacement of a row-parallel layer
 
@@ -60,21 +64,37 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+    def _matmul_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul of ``_matmul(x)`` taken in x's dtype (the unfused path)."""
+        return act_kernels.silu_and_mul(self._matmul(x).to(x.dtype))
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] as the GEMM's [M, K] operand: AWQ's input scale and the act-order permutation applied."""
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x2 = x2 * self.input_scale.to(x2.dtype)
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
-        y = self._matmul(x2 if x2.is_contiguous() else x2.contiguous())
+        return x2 if x2.is_contiguous() else x2.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(self._input(x))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.reduces_output:
             y = comm.tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*lead, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up [..., N/2] of this [gate | up] projection's output, i.e. SiLU-and-mul of
+        ``self(x)``: computed by the GEMM's kernel where the format has one for this input (the decode
+        GEMVs), else by the activation kernel after it. A tensor-parallel rank's gate|up holds
+        [gate_r | up_r] (rtllm.layers.parallel_linear), so the halves pair up on every rank."""
+        if self.bias is not None or self.reduces_output:  # the activation needs the finished output
+            return act_kernels.silu_and_mul(self(x))
+        return self._matmul_silu_and_mul(self._input(x)).view(*x.shape[:-1], self.out_features // 2)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -45,3 +45,6 @@ class FP8Linear(QuantizedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return quant_gemm.fp8_gemm(x, self.weight, self.weight_scale)
+
+    def _matmul_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_gemm.fp8_gemm_silu_and_mul(x, self.weight, self.weight_scale)

@@ -147,10 +147,13 @@ class W4A16Linear(QuantizedLinear):
             raise NotImplementedError("the CPU packed layout is not known for this shape")
         return quant_gemm.dequantize_w4_t(self.qweight, self.scales, self.zeros, torch.float32).t()
 
+    def _kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Backend ``triton``: x as the kernels take it (a CPU tensor other than 16-bit: bf16)."""
+        return x if x.dtype in (torch.bfloat16, torch.float16) or x.is_cuda else x.to(KERNEL_DTYPE)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend != "cpu":
-            xa = x if x.dtype in (torch.bfloat16, torch.float16) or x.is_cuda else x.to(KERNEL_DTYPE)
-            return quant_gemm.w4a16_gemm(xa, self.qweight, self.scales, self.zeros)
+            return quant_gemm.w4a16_gemm(self._kernel_input(x), self.qweight, self.scales, self.zeros)
         K, N = self.in_features, self.out_features
         xa = x.to(KERNEL_DTYPE).contiguous()
         if xa.shape[0] >= DEQUANT_MIN_TOKENS and self.fast_dequant:
@@ -159,6 +162,11 @@ class W4A16Linear(QuantizedLinear):
                                          _scratch(K * N // 2, torch.uint8))
             return torch.mm(xa, wt)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xa, self.packed, self.group_size, self.scales_and_zeros)
+
+    def _matmul_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "cpu" or self._kernel_input(x) is not x:  # the activation in x's dtype: unfused
+            return super()._matmul_silu_and_mul(x)
+        return quant_gemm.w4a16_gemm_silu_and_mul(x, self.qweight, self.scales, self.zeros)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, group_size={self.group_size}, backend={self.backend}"

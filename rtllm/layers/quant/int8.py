@@ -39,3 +39,6 @@ class W8A16Linear(QuantizedLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return quant_gemm.w8a16_gemm(x, self.qweight, self.scales)
+
+    def _matmul_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_gemm.w8a16_gemm_silu_and_mul(x, self.qweight, self.scales)
