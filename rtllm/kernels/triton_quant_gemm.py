@@ -265,9 +265,10 @@ def _w8a16_kernel(
 
 
 # M > 16 (prefill, large decode batches): tensor-core tiles over M too, the byte -> 16-bit
-# conversion in registers, the scale in the epilogue; no split. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-# by rows, from scripts/w8_gemm_bench.py (H100; see docs/PERF.md).
-W8_LARGE_M = ((64, (64, 128, 64, 4, 4)), (128, (128, 128, 64, 8, 4)), (None, (128, 256, 64, 8, 3)))
+# conversion in registers, the scale in the epilogue; split-K only where the tiles alone would leave
+# SMs idle. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by rows, the best of scripts/w8_gemm_bench.py's
+# candidates on an H100 at the Llama-3.1-8B shapes (M 64 / 512 / 2048; docs/PERF.md).
+W8_LARGE_M = ((64, (64, 128, 64, 4, 4)), (None, (128, 128, 64, 4, 4)))
 
 
 def _w8_large_m_config(M: int, interp: bool) -> tuple[int, int, int, int, int]:
@@ -302,8 +303,10 @@ def w8a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     m_major = M > 16
     if m_major:
         bm, bn, bk, warps, stages = _w8_large_m_config(M, interp)
-        split_k = split_k or 1
         bm = block_m or bm
+        if split_k is None:  # e.g. down_proj (N 4096, K 14336) at 64 rows: 32 tiles for 132 SMs
+            split_k = _split_k(triton.cdiv(N, block_n or bn) * triton.cdiv(M, bm), triton.cdiv(K, block_k or bk),
+                               sm_count(x))
     elif not interp and block_n is None and block_k is None and split_k is None:
         # decode: narrow N tiles and long K tiles, no split unless K is long (scripts/quant_kernel_tune.py,
         # H100, M = 1: qkv 6144x4096 20.5 -> 15.3 us, o 4096x4096 17.1 -> 13.5, gate_up 48.8 -> 46.8)
