@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rtllm.kernels.dispatch import triton_enabled
+from rtllm.kernels import gemm
+from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
 # --------------------------------------------------------------------------------------------
 # routing
@@ -42,6 +43,28 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
 
         return triton_moe.fused_topk_triton(router_logits, top_k, renormalize)
     return fused_topk_torch(router_logits, top_k, renormalize)
+
+
+def route_torch(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits ``x @ router_weight^T`` in x's dtype, then fused_topk_torch."""
+    return fused_topk_torch(F.linear(x, router_weight), top_k, renormalize)
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_weights fp32 [T, k], topk_ids int32 [T, k]) of tokens x [T, H] under the router weight
+    [E, H]: fused_topk(x @ router_weight^T) with the logits in x's dtype. On CUDA with few tokens (batch
+    decode) the GEMM and the routing run as one launch (triton_moe_routing.router_topk_triton); else the
+    GEMM (a plugin's "linear" kernel if one is registered, which also keeps the unfused path) and
+    fused_topk."""
+    if triton_enabled(x) and custom_kernel("linear", x) is None:
+        from rtllm.kernels import triton_moe_routing
+
+        routed = triton_moe_routing.router_topk_triton(x, router_weight, top_k, renormalize)
+        if routed is not None:
+            return routed
+    return fused_topk(gemm.linear(x, router_weight), top_k, renormalize)
 
 
 # --------------------------------------------------------------------------------------------
