@@ -82,8 +82,9 @@ def _columns(pid_n, N, HALF, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
         col = pid_n * H + i % H
         offs_o = pid_n * H + tl.arange(0, H)
         return col + (i // H) * HALF, col < HALF, offs_o, offs_o < HALF
-    offs = pid_n * BLOCK_N + i
-    return offs, offs < N, offs, offs < N
+    else:  # an explicit else: a compiled constexpr if checks a trailing return against the branch's
+        offs = pid_n * BLOCK_N + i
+        return offs, offs < N, offs, offs < N
 
 
 @triton.jit
