@@ -14,11 +14,13 @@ distance to the bf16 cache's is printed (the quantization error). Times: CUDA-gr
 calls, median of 5 (launch overhead as in the engine's graphs); decode also as bandwidth (cache
 bytes read / time).
 
-Usage (repo root, after ``source scripts/gpu_env.sh``): python3 scripts/fp8_kv_attention_bench.py
+Usage (repo root, after ``source scripts/gpu_env.sh``): python3 scripts/fp8_kv_attention_bench.py [--sweep]
+(--sweep: also time the FP8-cache decode kernel over BLOCK_N / warps / stages at the decode batch)
 """
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import torch
@@ -120,6 +122,30 @@ def decode_case(label: str, lens: list[int]) -> bool:
     return ok
 
 
+def decode_sweep(lens: list[int]) -> None:
+    """The FP8-cache decode kernel's launch parameters at this batch: (BLOCK_N, warps, stages) -> us,
+    beside the bf16 cache at its defaults (each output checked against the torch reference)."""
+    p = Batch([n - 1 for n in lens], [1] * len(lens), seed=1)
+    cached = sum(n - 1 for n in lens) * HKV * D * 2
+    args = (p.q, p.k, p.v, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, p.scale, max(lens))
+    base = graph_us(partial(tri.paged_decode_attention_triton, *args))
+    print(f"== decode sweep, FP8 cache, {len(lens)} sequences (bf16 cache at its defaults: {base:.1f} us)")
+    args8 = (p.q, p.k, p.v, p.k8, p.v8, p.block_tables, p.seq_lens, p.scale, max(lens))
+    expected = ref.paged_decode_attention_torch(*args8)
+    for bn in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (1, 2, 3, 4):
+                fn = partial(tri.paged_decode_attention_triton, *args8, block_n=bn, num_warps=warps, num_stages=stages)
+                try:
+                    ok = torch.allclose(fn().float(), expected.float(), atol=3e-2, rtol=3e-2)
+                    t = graph_us(fn)
+                except Exception as e:  # noqa: BLE001 - out of shared memory / registers
+                    print(f"  block_n {bn:3d} warps {warps} stages {stages}: failed ({type(e).__name__})")
+                    continue
+                print(f"  block_n {bn:3d} warps {warps} stages {stages}: {t:7.1f} us  {cached / (t * 1e-6) / 1e12:.2f} "
+                      f"TB/s of cache  {t / base:.2f}x bf16{'' if ok else '  MISMATCH'}")
+
+
 def prefill_flops(ctx: list[int], new: list[int]) -> float:
     """QK^T and PV multiply-adds x 2 over the causal (query, key) pairs."""
     pairs = sum(n * c + n * (n + 1) / 2 for c, n in zip(ctx, new))
@@ -142,7 +168,10 @@ def main() -> None:
     ok = prefill_case("prefill (ISL 128)", [0] * 64, [128] * 64)
     ok &= prefill_case("chunked prefill", [2048], [2048])
     g = torch.Generator().manual_seed(2)
-    ok &= decode_case("decode (c512)", torch.randint(128, 256, (512,), generator=g).tolist())
+    lens = torch.randint(128, 256, (512,), generator=g).tolist()
+    ok &= decode_case("decode (c512)", lens)
+    if "--sweep" in sys.argv:
+        decode_sweep(lens)
     print("all outputs agree with the torch reference" if ok else "SOME OUTPUTS DISAGREE")
 
 

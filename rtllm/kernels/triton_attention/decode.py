@@ -235,6 +235,8 @@ def paged_decode_attention_triton(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     cache_dot: torch.dtype | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D], with the step's own k, v [B, Hkv, D] -> [B, Hq, D]
     (q's dtype).
@@ -250,9 +252,9 @@ def paged_decode_attention_triton(
     split of the sequence's KV in BLOCK_N-token tiles (gathered through the block table, any
     block_size), keeping an online softmax in fp32. Kernel 2 (grid (B, Hq)) merges the splits;
     with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
-    seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``
-    and ``block_n`` override the heuristics (tests, tuning). A float8_e4m3fn cache is read as its
-    values times ``k_scale`` / ``v_scale``, its tiles converted to fp16 for the dots
+    seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``,
+    ``block_n``, ``num_warps`` and ``num_stages`` override the heuristics (tests, tuning). A
+    float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles converted to fp16 for the dots
     (:func:`~rtllm.kernels.triton_attention.prefill.cache_dot_dtype`; ``cache_dot`` overrides it:
     benchmarks).
     """
@@ -287,8 +289,8 @@ def paged_decode_attention_triton(
         m = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
         lsum = torch.empty_like(m)
         acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    num_warps = 4 if block_g * block_d <= 64 * 128 else 8
-    stages = 3 if (esize <= 2 and block_d <= 128) else 2
+    num_warps = num_warps or (4 if block_g * block_d <= 64 * 128 else 8)
+    stages = num_stages or (3 if (esize <= 2 and block_d <= 128) else 2)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k, v, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,
