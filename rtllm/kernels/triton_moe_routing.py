@@ -92,9 +92,12 @@ def fused_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
 # --------------------------------------------------------------------------------------------
 # router GEMM + routing in one launch (few tokens)
 
-# above this many tokens the cuBLAS GEMM + fused_topk_triton: every program of the fused launch reads all of x
-# (H100, Qwen3-MoE router: fused 5.5 / 5.9 us at 1 / 4 tokens against 8.1 / 7.9 unfused; 13.3 against 9.4 at 16)
+# Past these the cuBLAS GEMM + fused_topk_triton: every expert's program reads all its rows of x, E * T * H
+# elements in all. H100, per layer: Qwen3-MoE router (E 128, H 2048) fused 5.3 / 6.2 / 8.5 us at 1 / 4 / 8
+# tokens against 7.9 / 8.0 / 7.7 unfused (x read 0.5 / 2 / 4 MiB); Mixtral (E 8, H 4096) 4.1 / 3.9 / 4.5
+# against 7.8 / 7.5 / 7.5 (at most 0.5 MiB).
 ROUTER_FUSED_MAX_TOKENS = 8
+ROUTER_FUSED_MAX_X_BYTES = 2 << 20
 _ROUTER_MIN_CHUNK = 512  # elements of H per program at least (a split smaller than this costs more than it hides)
 _router_counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
@@ -151,6 +154,11 @@ def _router_counter(device: torch.device) -> torch.Tensor | None:
     return cnt
 
 
+def router_fusable(T: int, E: int, H: int, element_size: int) -> bool:
+    """Whether router_topk_triton takes T tokens (else its caller runs the GEMM and fused_topk_triton)."""
+    return T <= ROUTER_FUSED_MAX_TOKENS and E * T * H * element_size <= ROUTER_FUSED_MAX_X_BYTES
+
+
 def router_split(E: int, H: int) -> int:
     """Programs per expert: enough programs to spread the router weight's read over ~128 SMs
     (Qwen3-MoE, 128 experts: 1; Mixtral, 8 experts of H 4096: 8 of 512 columns)."""
@@ -162,9 +170,9 @@ def router_split(E: int, H: int) -> int:
 
 def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """fused_topk_triton(x @ weight^T, top_k, renormalize) in one launch, for T <= ROUTER_FUSED_MAX_TOKENS
-    rows of x [T, H] and the router weight [E, H]; None (the caller runs the unfused path) for more rows
-    or during a CUDA-graph capture before the device's counter exists.
+    """fused_topk_triton(x @ weight^T, top_k, renormalize) in one launch, for the few rows of x [T, H]
+    that router_fusable takes, and the router weight [E, H]; None (the caller runs the unfused path) for
+    more rows or during a CUDA-graph capture before the device's counter exists.
 
     The logits are fp32 sums rounded to x's dtype, as the unfused GEMM stores them; only the order of
     the fp32 additions differs from cuBLAS's (a bf16 logit can come out one ulp apart when its fp32
@@ -173,7 +181,7 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     T, H = x.shape
     E = weight.shape[0]
     assert weight.shape == (E, H) and 0 < top_k <= E, (tuple(weight.shape), H, top_k)
-    if T > ROUTER_FUSED_MAX_TOKENS:
+    if not router_fusable(T, E, H, x.element_size()):
         return None
     cnt = _router_counter(x.device)
     if cnt is None:
