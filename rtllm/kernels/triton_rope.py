@@ -10,8 +10,9 @@ Semantics are those of :func:`rtllm.kernels.rope.apply_rope_torch`:
   channels ``rotary_dim..D-1`` pass through unchanged;
 - math in fp32, results rounded to the input dtype; new tensors are returned (inputs untouched).
 
-One program handles one token: all its q heads and k heads (and, fused, its v heads), so cos/sin
-are read once per token.
+Programs (t, j): token t's q heads in blocks of a few heads (Q_ELEMS_PER_PROGRAM elements), then one
+program for its k heads (and, fused, its v heads): a decode step's single token spreads over several
+SMs instead of one program's chain of loads over all its heads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.triton_fp8 import e4m3_bits
+
+
+@triton.jit
+def _norm_scale(x, rstd, nw_ptr, offs, mask, x_ptr, o_ptr):
+    """RMSNorm of channels ``offs`` of the rows x [H, n] (fp32) with their rstd [H], in fp32."""
+    w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xn = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return (xn * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -38,7 +47,9 @@ def _rope_heads(
     sin,
     c_ok,
     c_inv_scale,
-    NUM_HEADS: tl.constexpr,
+    nw_ptr,
+    eps,
+    num_heads,
     HEAD_DIM: tl.constexpr,
     ROT_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -47,16 +58,28 @@ def _rope_heads(
     HAS_PASS: tl.constexpr,
     TO_CACHE: tl.constexpr,
     FP8: tl.constexpr = False,
+    NORM: tl.constexpr = False,
+    BLOCK_D: tl.constexpr = 1,
 ):
     """Rotate the heads of one token: x [H, D] -> o [H, D]; with TO_CACHE also -> c where c_ok
-    (FP8: c holds e4m3 bytes of o * c_inv_scale)."""
+    (FP8: c holds e4m3 bytes of o * c_inv_scale). NORM: each head RMS-normalized first, with weight
+    nw [D], rounded as rtllm.kernels.triton_norm rounds (normed value to x's dtype, times the weight
+    to o's dtype, which is the normed tensor's promoted dtype), and that value rotated."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_h = offs_h < NUM_HEADS
+    mask_h = offs_h < num_heads
     mask = mask_h[:, None] & (offs_r < ROT_HALF)[None, :]
     x1_ptrs = x_ptr + offs_h[:, None] * stride_xh + offs_r[None, :] * stride_xd
     x1 = tl.load(x1_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x1_ptrs + ROT_HALF * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        # the statistics over the whole head row, summed as the RMSNorm kernel sums its row
+        offs_d = tl.arange(0, BLOCK_D)
+        xr = tl.load(x_ptr + offs_h[:, None] * stride_xh + offs_d[None, :] * stride_xd,
+                     mask=mask_h[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / HEAD_DIM + eps)
+        x1 = _norm_scale(x1, rstd, nw_ptr, offs_r, offs_r < ROT_HALF, x_ptr, o_ptr)
+        x2 = _norm_scale(x2, rstd, nw_ptr, ROT_HALF + offs_r, offs_r < ROT_HALF, x_ptr, o_ptr)
     # Round to the input dtype first (as the reference does), then to the cache dtype.
     o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(o_ptr.dtype.element_ty)
     o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(o_ptr.dtype.element_ty)
@@ -76,8 +99,10 @@ def _rope_heads(
         mask_p = mask_h[:, None] & (offs_p < HEAD_DIM)[None, :]
         xp = tl.load(
             x_ptr + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd, mask=mask_p, other=0.0
-        )
-        xp = xp.to(tl.float32).to(o_ptr.dtype.element_ty)
+        ).to(tl.float32)
+        if NORM:
+            xp = _norm_scale(xp, rstd, nw_ptr, offs_p, offs_p < HEAD_DIM, x_ptr, o_ptr)
+        xp = xp.to(o_ptr.dtype.element_ty)
         tl.store(o_ptr + offs_h[:, None] * stride_oh + offs_p[None, :] * stride_od, xp, mask=mask_p)
         if TO_CACHE:
             c_ptrs = c_ptr + offs_h[:, None] * stride_ch + offs_p[None, :] * stride_cd
@@ -125,6 +150,9 @@ def _rope_kernel(
     stride_vcd,
     k_inv_scale,
     v_inv_scale,
+    qw_ptr,
+    kw_ptr,
+    eps,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -138,20 +166,27 @@ def _rope_kernel(
     CACHE: tl.constexpr,
     PAGE: tl.constexpr,
     FP8: tl.constexpr,
+    NORM: tl.constexpr,
+    Q_BLOCKS: tl.constexpr,
 ):
+    """Program (t, j): token t's q heads [j * BLOCK_HQ, (j + 1) * BLOCK_HQ) for j < Q_BLOCKS, its k heads
+    (and v, cached) for j == Q_BLOCKS."""
     t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < ROT_HALF
     cos = tl.load(cs_ptr + pos * stride_cs + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + ROT_HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)
 
-    _rope_heads(
-        q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qo_ptr, stride_qh, stride_qd,
-        stride_qoh, stride_qod, 0, 0, cos, sin, False, 1.0,
-        HQ, HEAD_DIM, ROT_HALF, BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, False,
-    )  # fmt: skip
-    if CACHE:
+    if j < Q_BLOCKS:
+        h0 = j * BLOCK_HQ
+        _rope_heads(
+            q_ptr + t * stride_qt + h0 * stride_qh, qo_ptr + t * stride_qot + h0 * stride_qoh, qo_ptr, stride_qh,
+            stride_qd, stride_qoh, stride_qod, 0, 0, cos, sin, False, 1.0, qw_ptr, eps,
+            HQ - h0, HEAD_DIM, ROT_HALF, BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, False, False, NORM, BLOCK_D,
+        )  # fmt: skip
+    elif CACHE:
         # A negative slot marks a padding token: it is rotated but not cached.
         slot = tl.load(slot_ptr + t).to(tl.int64)
         ok = slot >= 0
@@ -159,8 +194,8 @@ def _rope_kernel(
         kc_tok = kc_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
         _rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kc_tok, stride_kh, stride_kd,
-            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok, k_inv_scale,
-            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, True, FP8,
+            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok, k_inv_scale, kw_ptr, eps,
+            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, True, FP8, NORM, BLOCK_D,
         )  # fmt: skip
         offs_h = tl.arange(0, BLOCK_HKV)
         offs_d = tl.arange(0, BLOCK_D)
@@ -179,8 +214,8 @@ def _rope_kernel(
     else:
         _rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, ko_ptr, stride_kh, stride_kd,
-            stride_koh, stride_kod, 0, 0, cos, sin, False, 1.0,
-            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, False,
+            stride_koh, stride_kod, 0, 0, cos, sin, False, 1.0, kw_ptr, eps,
+            HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, False, False, NORM, BLOCK_D,
         )  # fmt: skip
 
 
@@ -188,6 +223,9 @@ def _inv(scale: float) -> float:
     """1 / scale as the references compute it (fp32 scale, fp32 inverse)."""
     s = float(torch.tensor(float(scale), dtype=torch.float32))
     return float(torch.tensor(1.0 / s, dtype=torch.float32))
+
+
+Q_ELEMS_PER_PROGRAM = 1024  # q elements (heads x head_dim, padded) a program rotates
 
 
 def _num_warps(elems: int) -> int:
@@ -205,6 +243,8 @@ def rope_launch(
     slot_mapping: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    q_heads_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared launcher of :func:`apply_rope_triton` and ``rope_and_cache_triton``.
 
@@ -212,6 +252,11 @@ def rope_launch(
     ``slot_mapping[t]`` (cache layout [num_blocks, block_size, Hkv, D]; slot < 0 is skipped).
     A float8_e4m3fn cache gets e4m3(clamp(x / scale, +-448)) (the bytes of
     :func:`rtllm.kernels.attention.quantize_kv`).
+
+    ``qk_norm`` = (q_weight [D], k_weight [D], eps): every head of q and k is first RMS-normalized
+    (Qwen3's q_norm / k_norm), bit for bit as rtllm.kernels.triton_norm.rms_norm_triton on the
+    [T, H, D] tensor would, and the normed heads (in promote_types(x.dtype, weight.dtype), as the
+    norm returns them) are rotated and cached; v is not normed.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -219,8 +264,15 @@ def rope_launch(
     rot = cos_sin_cache.shape[-1]
     assert rot % 2 == 0 and rot <= D, "rotary_dim must be even and <= head_dim"
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if qk_norm is not None:
+        qw, kw, eps = qk_norm
+        assert qw.shape == kw.shape == (D,) and qw.stride(0) == kw.stride(0) == 1
+        q_dtype, k_dtype = torch.promote_types(q.dtype, qw.dtype), torch.promote_types(k.dtype, kw.dtype)
+    else:
+        qw, kw, eps = q, k, 0.0  # unused placeholders
+        q_dtype, k_dtype = q.dtype, k.dtype
+    q_out = torch.empty(q.shape, dtype=q_dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k_dtype, device=k.device)
     if T == 0:
         return q_out, k_out
     cache = k_cache is not None
@@ -238,19 +290,23 @@ def rope_launch(
     rot_half = rot // 2
     block_r = triton.next_power_of_2(max(rot_half, 1))
     block_p = triton.next_power_of_2(max(D - rot, 1))
-    block_hq = triton.next_power_of_2(Hq)
+    block_d = triton.next_power_of_2(D)
+    if q_heads_per_program is None:  # a token's q heads over a few programs (decode: a single token)
+        q_heads_per_program = max(1, Q_ELEMS_PER_PROGRAM // block_d)
+    block_hq = min(triton.next_power_of_2(Hq), triton.next_power_of_2(q_heads_per_program))
     block_hkv = triton.next_power_of_2(Hkv)
-    _rope_kernel[(T,)](
+    q_blocks = triton.cdiv(Hq, block_hq)
+    _rope_kernel[(T, q_blocks + 1)](
         positions, cs, q, k, q_out, k_out, vv, kc, vc, sm,
         cs.stride(0),
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *vv.stride()[-3:],
         *(kc.stride() if cache else (0, 0, 0, 0)),
         *(vc.stride() if cache else (0, 0, 0, 0)),
-        _inv(k_scale), _inv(v_scale),
+        _inv(k_scale), _inv(v_scale), qw, kw, eps,
         HQ=Hq, HKV=Hkv, HEAD_DIM=D, ROT_HALF=rot_half,
         BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_R=block_r, BLOCK_P=block_p,
-        BLOCK_D=triton.next_power_of_2(D), HAS_PASS=rot < D, CACHE=cache, PAGE=page, FP8=fp8,
-        num_warps=_num_warps(block_hq * triton.next_power_of_2(D)),
+        BLOCK_D=block_d, HAS_PASS=rot < D, CACHE=cache, PAGE=page, FP8=fp8,
+        NORM=qk_norm is not None, Q_BLOCKS=q_blocks, num_warps=_num_warps(max(block_hq, block_hkv) * block_d),
     )  # fmt: skip
     return q_out, k_out
 
@@ -261,6 +317,7 @@ def apply_rope_triton(
     """RoPE on q [T, Hq, D] and k [T, Hkv, D] at ``positions`` [T]; returns new (q_rot, k_rot).
 
     ``cos_sin_cache`` is [max_position, rotary_dim] = cat(cos, sin); rotary_dim may be smaller
-    than D (partial rotary: the trailing channels pass through). Grid: one program per token.
+    than D (partial rotary: the trailing channels pass through).
+    Grid: per token, blocks of q heads and one program for k.
     """
     return rope_launch(positions, q, k, cos_sin_cache)

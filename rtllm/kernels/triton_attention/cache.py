@@ -112,10 +112,12 @@ def rope_and_cache_triton(
     slot_mapping: torch.Tensor,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass: rotate q [T, Hq, D] and k [T, Hkv, D] (neox RoPE, see :mod:`triton_rope`),
     write rotated k and v [T, Hkv, D] into slots ``slot_mapping`` of the paged caches, and
-    return new (q_rot, k_rot). Grid: one program per token. A float8_e4m3fn cache stores
-    e4m3(clamp(x / scale, +-448)) with k_scale / v_scale."""
+    return new (q_rot, k_rot). Grid: per token, blocks of q heads and one program for k, v. A
+    float8_e4m3fn cache stores e4m3(clamp(x / scale, +-448)) with k_scale / v_scale. ``qk_norm`` =
+    (q_weight, k_weight, eps): each head of q and k RMS-normalized first (Qwen3), in the same launch."""
     assert v.shape == k.shape and k_cache.shape[2:] == k.shape[1:] and v_cache.shape == k_cache.shape
-    return rope_launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return rope_launch(positions, q, k, cos_sin_cache, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, qk_norm)
