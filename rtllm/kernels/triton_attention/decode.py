@@ -271,7 +271,11 @@ def paged_decode_attention_triton(
     dot_dtype = cache_dot or cache_dot_dtype(q.dtype, k_cache.dtype)
     esize = torch.tensor([], dtype=dot_dtype).element_size()
     if block_n is None:  # sm_90a: no spills at these sizes (16-bit: <= 117 regs; fp32 FMA: <= 92)
-        if esize >= 4:
+        if fp8 and esize == 2 and block_d <= 128:
+            # e4m3 tiles: 32 tokens (H100, 512 sequences of ~190 tokens, scripts/fp8_kv_attention_bench.py
+            # --sweep: 124 us a layer vs 158 at 64, and vs 149 for a bf16 cache; 64 with 2 stages: 128)
+            block_n = 32
+        elif esize >= 4:
             block_n = 32 if block_d <= 128 else 16
         else:
             block_n = 64 if block_d <= 128 else 32
