@@ -54,7 +54,7 @@ def run_engine(quant: str, kv: str, args) -> None:
     llm = LLM(args.model, dtype="bfloat16", device="cuda", executor_type="inprocess", quant_config=qc,
               cuda_graph_config=CudaGraphConfig(batch_sizes=[args.decode_batch]),
               max_batch_size=args.decode_batch, max_num_tokens=args.prefill_tokens,
-              max_seq_len=max(args.context, args.prefill_isl) + 64)
+              max_seq_len=max(args.context, args.prefill_isl) + 64 + args.generate)
     print(f"\n=== weights {quant}, KV cache {kv}: engine ready in {time.perf_counter() - t0:.1f} s")
     try:
         runner = llm.executor.engine.runner
@@ -104,11 +104,56 @@ def run_engine(quant: str, kv: str, args) -> None:
                 torch.cuda.synchronize()
             kernel_table(prof, 3, os.path.join(args.out, f"prefill_{label}.txt"),
                          f"prefill {n} x {args.prefill_isl} ({label})")
+            if args.generate:
+                generation_gaps(llm, rng, vocab, args)
     finally:
         llm.shutdown()
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def generation_gaps(llm, rng, vocab: int, args) -> None:
+    """One request generating --generate tokens through the engine (batch 1), under the profiler:
+    TPOT, the GPU's busy time per step (kernels, merged where they overlap) and its idle time, and
+    the kernels that run outside the decode graph (those the graph-only table does not have)."""
+    from torch.autograd import DeviceType
+
+    from rtllm import SamplingParams
+
+    n = args.generate
+    params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
+    prompt = [rng.randrange(100, min(vocab, 30000)) for _ in range(args.context)]
+    llm.generate(prompt, params, use_tqdm=False)  # warm
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        out = llm.generate(prompt, params, use_tqdm=False)
+        torch.cuda.synchronize()
+    tpot = out.metrics.time_per_output_token * 1e3
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, idle, cur_s, cur_e = 0.0, [], None, None
+    for st, en, _ in spans:
+        if cur_e is None or st > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+                idle.append(st - cur_e)
+            cur_s, cur_e = st, en
+        else:
+            cur_e = max(cur_e, en)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    idle.sort(reverse=True)
+    print(f"generation of {n} tokens at batch 1: TPOT {tpot:.3f} ms; GPU busy {busy / n / 1e3:.3f} ms a step, "
+          f"idle {(wall - busy) / n / 1e3:.3f} ms a step over {wall / 1e3:.1f} ms (largest gaps, us: "
+          f"{', '.join(f'{g:.0f}' for g in idle[:8])})")
+    counts: dict[str, list[float]] = {}
+    for st, en, name in spans:
+        counts.setdefault(name, []).append(en - st)
+    per_step = sorted(((sum(v) / n, len(v) / n, k) for k, v in counts.items()), reverse=True)
+    print("   kernels per step, us (count per step):")
+    for us, c, k in per_step[:25]:
+        print(f"   {us:9.1f} x{c:<5.1f} {k[:90]}")
 
 
 def main() -> None:
@@ -120,6 +165,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--prefill-tokens", type=int, default=8192)
     ap.add_argument("--prefill-isl", type=int, default=128)
+    ap.add_argument("--generate", type=int, default=0,
+                    help="also profile one request generating this many tokens (batch 1): GPU idle per step")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/step-profile"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
