@@ -17,7 +17,7 @@ import torch
 
 from rtllm.bench.bounds import time_cuda
 from rtllm.kernels.sampling import sample_tokens_torch
-from rtllm.kernels.triton_sampling import sample_tokens_triton
+from rtllm.kernels.triton_sampling import argmax_triton, sample_tokens_triton
 from rtllm.runtime.sampler import Sampler, SamplingRow
 from rtllm.sampling_params import SamplingParams
 
@@ -75,6 +75,15 @@ def main() -> None:
             print(f"{mix:28s} {b:4d} {mismatch:9d} {tt:10.3f} {tr:9.3f} {tr / tt:7.1f}x {ts:18.3f}")
             results.append(dict(mix=mix, batch=b, vocab=args.vocab, mismatched_rows=mismatch, triton_ms=tt,
                                 torch_ms=tr, sampler_step_ms=ts))
+    print(f"\n{'greedy argmax (fp32 logits)':28s} {'B':>4s} {'mismatch':>9s} {'split ms':>10s} {'torch ms':>9s}")
+    for b in sorted({1, 8, 64, *[int(x) for x in args.batches.split(",")]}):
+        logits = torch.randn(b, args.vocab, device=dev) * 3
+        mismatch = int((argmax_triton(logits) != logits.argmax(dim=-1)).sum())
+        tt = _time(partial(argmax_triton, logits))
+        tr = _time(partial(torch.argmax, logits, dim=-1))
+        print(f"{'':28s} {b:4d} {mismatch:9d} {tt:10.4f} {tr:9.4f}")
+        results.append(dict(mix="greedy argmax", batch=b, vocab=args.vocab, mismatched_rows=mismatch,
+                            triton_ms=tt, torch_ms=tr))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -121,3 +121,17 @@ def sample_tokens(
 
         return triton_sampling.sample_tokens_triton(logits, temperature, top_k, top_p, min_p, q)
     return sample_tokens_torch(logits, temperature, top_k, top_p, min_p, q, max_top_k=max_top_k)
+
+
+# Rows at most this many use the split argmax on CUDA; from there one block per row fills the SMs.
+ARGMAX_SPLIT_MAX_ROWS = 64
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy tokens: ``logits.argmax(dim=-1)`` ([B] int64, the first index of each row's maximum).
+    On CUDA, small batches of long rows run the split Triton argmax (a decode step's greedy path)."""
+    if triton_enabled(logits) and logits.is_cuda and logits.shape[0] <= ARGMAX_SPLIT_MAX_ROWS:
+        from rtllm.kernels import triton_sampling
+
+        return triton_sampling.argmax_triton(logits)
+    return logits.argmax(dim=-1)

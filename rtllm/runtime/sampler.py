@@ -244,11 +244,11 @@ class Sampler:
         if any(r.logits_processors for r in rows):
             logits, errors = apply_logits_processors(logits, rows)
         if not _needs_processing(rows):
-            tokens = logits.argmax(dim=-1)  # fast path: all greedy, nothing to apply
+            tokens = sampling.argmax(logits)  # fast path: all greedy, nothing to apply
         else:
             x = _penalized(logits, rows)
             if all(r.params.greedy for r in rows):
-                tokens = x.argmax(dim=-1)
+                tokens = sampling.argmax(x)
             else:
                 p = _RowParams.build(rows, x.shape[1], x.device)
                 q = self._noise(x, rows)

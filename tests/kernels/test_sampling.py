@@ -172,3 +172,23 @@ def test_sampler_through_the_kernel(monkeypatch):
     assert got.tolist() == ref.tolist()
     alone = Sampler().sample(logits[2:3], sampler_rows(specs[2:3])).token_ids
     assert alone.tolist() == ref[2:3].tolist()
+
+
+def test_split_argmax_matches_torch():
+    """The greedy path's split argmax: the first index of each row's maximum, as torch's argmax, with the
+    maximum repeated within and across 2048-wide chunks, at the ragged last chunk, NaN (torch counts it
+    as the maximum) and an all -inf row; bf16 and fp32 rows."""
+    from rtllm.kernels.triton_sampling import ARGMAX_CHUNK, argmax_triton
+
+    V = 2 * ARGMAX_CHUNK + 37
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, V, generator=g)
+    x[1, [5, ARGMAX_CHUNK + 3, 2 * ARGMAX_CHUNK + 1]] = 9.0  # ties across chunks: the first wins
+    x[2, [ARGMAX_CHUNK - 1, ARGMAX_CHUNK]] = 9.0  # a tie on a chunk boundary
+    x[3, V - 1] = 9.0  # the last element (ragged chunk)
+    x[4, 100] = float("nan")
+    x[5] = float("-inf")
+    x[6, 2 * ARGMAX_CHUNK + 5] = float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        assert torch.equal(argmax_triton(xd), xd.argmax(dim=-1)), dtype
