@@ -214,13 +214,45 @@ def fp8_to_float(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
     return bits.view(torch.float16).to(dtype).mul_(256.0)
 
 
-def fp8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The emulation (CPU path): quantize x per token to e4m3, multiply the e4m3 values in fp32
-    (their products are exact there), apply both scales to the fp32 sum and round once to bf16,
-    as ``torch._scaled_mm(out_dtype=bfloat16)`` does; returned in x's dtype."""
-    xq, sx = quantize_fp8_per_token(x)
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_per_token: on CUDA the Triton kernel (one launch, the same bits; the reference's
+    seven took longer than the FP8 GEMM after them), elsewhere the reference."""
+    if x.is_cuda:
+        from rtllm.kernels.triton_fp8_quant import quantize_fp8_per_token_triton
+
+        return quantize_fp8_per_token_triton(x)
+    return quantize_fp8_per_token(x)
+
+
+def fp8_scaled_mm_reference(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor,
+                            scales: torch.Tensor) -> torch.Tensor:
+    """The emulation of ``torch._scaled_mm`` with row-wise scales (CPU path): the e4m3 values
+    multiplied in fp32 (their products are exact there), both scales applied to the fp32 sum,
+    rounded once to bf16."""
     acc = fp8_to_float(xq) @ fp8_to_float(weight).t()
-    return (acc * sx * scales.float()).to(torch.bfloat16).to(x.dtype)
+    return (acc * sx * scales.float()).to(torch.bfloat16)
+
+
+def fp8_scaled_mm(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y [M, N] bf16 = (xq * sx) @ (weight * scales)^T for an activation already quantized per token
+    (xq e4m3 [M, K], sx fp32 [M, 1]): fp8_gemm's GEMM, for an input its producer quantized in its own
+    kernel. CUDA: ``torch._scaled_mm`` (row-wise scales, bf16 output); elsewhere the emulation."""
+    if xq.is_cuda:
+        return torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.view(1, -1).float(),
+                                out_dtype=torch.bfloat16)
+    return fp8_scaled_mm_reference(xq, sx, weight, scales)
+
+
+def fp8_gemm_quantizes_input(x: torch.Tensor) -> bool:
+    """Whether fp8_gemm quantizes x per token (past the weight-only rows; on the CPU always): x's
+    producer may then quantize it instead and hand over (xq, sx) for fp8_scaled_mm."""
+    return not (triton_enabled(x) and x.shape[0] <= SMALL_M)
+
+
+def fp8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The emulation (CPU path): quantize x per token to e4m3 and emulate ``torch._scaled_mm``
+    (``out_dtype=bfloat16``); returned in x's dtype."""
+    return fp8_scaled_mm_reference(*quantize_fp8_per_token(x), weight, scales).to(x.dtype)
 
 
 def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -242,12 +274,7 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> tor
             return w8_gemv(x, weight, scales)
         return w8a16_gemm_triton(x, weight, scales)
     if x.is_cuda:
-        from rtllm.kernels.triton_fp8_quant import quantize_fp8_per_token_triton
-
-        xq, sx = quantize_fp8_per_token_triton(x)  # one kernel (the reference: seven, slower than the GEMM)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=scales.view(1, -1).float(),
-                             out_dtype=torch.bfloat16)
-        return y.to(x.dtype)
+        return fp8_scaled_mm(*quantize_fp8(x), weight, scales).to(x.dtype)
     return fp8_gemm_reference(x, weight, scales)
 
 

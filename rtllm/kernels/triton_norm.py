@@ -7,6 +7,8 @@ normalized value rounded to x's dtype before the weight multiply, and the output
 reshape); weight is [H].
 
 One program normalizes one row held entirely in registers (one read, one write per tensor).
+``rms_norm_row`` is that arithmetic, shared with the kernel that also quantizes the row to FP8
+(rtllm.kernels.triton_fp8_quant): the same instructions give the same bits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,30 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H: tl.constexpr,
+                 BLOCK: tl.constexpr, ADD: tl.constexpr):  # fmt: skip
+    """(weight * normalized row ``row`` in fp32, to be rounded to the output dtype by the caller; the
+    offsets; their mask). With ADD, x + residual is stored to s first and normalized."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        # the sum is rounded to its storage dtype first, and the norm is taken of that value
+        s = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
+        x = s.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if ADD:
+        xn = (x * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return xn * w, offs, mask
 
 
 @triton.jit
@@ -33,28 +59,17 @@ def _rms_norm_kernel(
     ADD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < H
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    if ADD:
-        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        # the sum is rounded to its storage dtype first, and the norm is taken of that value
-        s = (x + r).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
-        x = s.to(tl.float32)
-    var = tl.sum(x * x, axis=0) / H
-    rstd = 1.0 / tl.sqrt(var + eps)
-    if ADD:
-        xn = (x * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
-    else:
-        xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
+    y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def norm_warps(block: int) -> int:
+    return 1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -72,12 +87,9 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     R = x2.shape[0]
     if R > 0:
         block = triton.next_power_of_2(H)
-        warps = (
-            1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 2048 else 8 if block <= 8192 else 16
-        )
         _rms_norm_kernel[(R,)](
             x2, r2, w, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
-            H=H, BLOCK=block, ADD=residual is not None, num_warps=warps,
+            H=H, BLOCK=block, ADD=residual is not None, num_warps=norm_warps(block),
         )  # fmt: skip
     return y.view(x.shape), s.view(x.shape)
 

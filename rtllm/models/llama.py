@@ -17,6 +17,7 @@ from rtllm.layers.attention_metadata import AttentionMetadata
 from rtllm.layers.linear import default_weight_loader
 from rtllm.layers.norm import RMSNorm
 from rtllm.layers.parallel_linear import lm_head, merged_column_linear, qkv_linear, row_linear, vocab_embedding
+from rtllm.layers.quant.fp8 import FP8Activation
 from rtllm.layers.rope import RotaryEmbedding
 from rtllm.models.config import ModelConfig
 from rtllm.models.registry import register_model
@@ -41,11 +42,12 @@ class LlamaAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, rotary)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | FP8Activation,
+                meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         if self.qk_norm:
-            T = x.shape[0]
+            T = qkv.shape[0]
             q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).reshape(T, -1)
             k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).reshape(T, -1)
         return self.o_proj(self.attn(positions, q, k, v, meta))
@@ -58,8 +60,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = row_linear(cfg.intermediate_size, cfg.hidden_size, False, cfg.mapping)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_up(self.gate_up_proj, self.act, x))
+    def forward(self, x: torch.Tensor | FP8Activation) -> torch.Tensor:
+        return self.down_proj(gated_up(self.gate_up_proj, self.act, x, consumer=self.down_proj))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -71,13 +73,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, meta):
+        # each norm is told the linear layer its output feeds: an FP8 one gets it quantized by the norm
+        qkv_proj = self.self_attn.qkv_proj
         if residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            h = self.input_layernorm(x, consumer=qkv_proj)
         else:
-            h, residual = self.input_layernorm(x, residual)
+            h, residual = self.input_layernorm(x, residual, consumer=qkv_proj)
         h = self.self_attn(positions, h, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
+        mlp_in = self.mlp.gate_up_proj if isinstance(self.mlp, LlamaMLP) else None  # (an MoE block: None)
+        h, residual = self.post_attention_layernorm(h, residual, consumer=mlp_in)
         return self.mlp(h), residual
 
 

@@ -78,14 +78,17 @@ class QuantizedLinear(nn.Module):
         return x2 if x2.is_contiguous() else x2.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(self._input(x))
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
+        return self._output(self._matmul(self._input(x)), x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _output(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM's [M, N] output in ``dtype``, all-reduced (row-parallel) and with the bias."""
+        if y.dtype != dtype:
+            y = y.to(dtype)
         if self.reduces_output:
             y = comm.tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up [..., N/2] of this [gate | up] projection's output, i.e. SiLU-and-mul of
