@@ -236,25 +236,36 @@ def paged_prefill_attention(
 
 
 def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None,
-                         k_scale=1.0, v_scale=1.0):
+                         k_scale=1.0, v_scale=1.0, qk_norm=None):
     """Rotate q and k (RoPE), write rotated k and v into the paged cache; return rotated q, k.
-    ``tables`` (rope.RopeTables of this step's positions) skips rebuilding them in every layer."""
+    ``tables`` (rope.RopeTables of this step's positions) skips rebuilding them in every layer.
+    ``qk_norm`` = (q_weight, k_weight, eps): q and k RMS-normalized per head first."""
+    from rtllm.kernels.norm import rms_norm_torch
     from rtllm.kernels.rope import apply_rope_torch
 
+    if qk_norm is not None:
+        q, k = rms_norm_torch(q, qk_norm[0], qk_norm[2]), rms_norm_torch(k, qk_norm[1], qk_norm[2])
     q, k = apply_rope_torch(positions, q, k, cos_sin_cache, tables)
     reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k
 
 
 def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None,
-                   k_scale=1.0, v_scale=1.0):
+                   k_scale=1.0, v_scale=1.0, qk_norm=None):
     """q: [T, Hq, D], k, v: [T, Hkv, D]. Returns (rotated q, rotated k); the cache gets rotated k, v
-    (quantized with k_scale / v_scale when it is FP8)."""
+    (quantized with k_scale / v_scale when it is FP8). ``qk_norm`` = (q_weight [D], k_weight [D], eps):
+    each head of q and k is RMS-normalized first (Qwen3), in the same launch on CUDA; a plugin's
+    "rms_norm" kernel, if registered, normalizes them instead (then two launches more)."""
+    if qk_norm is not None and custom_kernel("rms_norm", q) is not None:
+        from rtllm.kernels.norm import rms_norm
+
+        q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
+        qk_norm = None
     if triton_enabled(q):
         from rtllm.kernels import triton_attention
 
         return triton_attention.rope_and_cache_triton(
-            positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale
+            positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale, qk_norm
         )
     return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables,
-                                k_scale, v_scale)
+                                k_scale, v_scale, qk_norm)

@@ -1,4 +1,4 @@
-"""Paged attention layer: RoPE + KV-cache write + attention over the block tables."""
+"""Paged attention layer: (q/k RMSNorm +) RoPE + KV-cache write + attention over the block tables."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 from rtllm.kernels import attention as attn_kernels
 from rtllm.kernels.rope import RopeTables
 from rtllm.layers.attention_metadata import AttentionMetadata
+from rtllm.layers.norm import RMSNorm
 from rtllm.layers.rope import RotaryEmbedding
 
 
@@ -16,13 +17,19 @@ class Attention(nn.Module):
 
     ``k_cache`` and ``v_cache`` ([num_blocks, block_size, num_kv_heads, head_dim]) are bound
     by the ModelRunner once the pool is allocated.
+
+    ``qk_norm``: the model's per-head (q_norm, k_norm) RMSNorms (Qwen3), applied to q and k before
+    the rotation in the RoPE + cache-write kernel (one launch instead of three). They stay the
+    model's modules (parameters and checkpoint names); this layer only reads their weights.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
+                 qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.rotary = rotary
+        self.qk_norm = qk_norm  # a tuple: not registered as submodules here
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         # FP8 KV cache (float8_e4m3fn pools): cached K = e4m3(k / k_scale), read back as value * k_scale.
@@ -33,7 +40,7 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]."""
+        """q: [T, Hq*D], k, v: [T, Hkv*D] (before the q/k norms, if any) -> [T, Hq*D]."""
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -43,7 +50,8 @@ class Attention(nn.Module):
         tables = None if q.is_cuda else meta.derived("rope", lambda: RopeTables(positions, cache))
         # the step's own K/V reach attention fresh (rotated, model dtype); the cache serves earlier steps
         q, k = attn_kernels.rope_and_cache(
-            positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables, self.k_scale, self.v_scale
+            positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables, self.k_scale,
+            self.v_scale, self._norm_args(),
         )
         nd = meta.num_decodes
         if nd == meta.num_seqs:
@@ -72,3 +80,18 @@ class Attention(nn.Module):
                 self.k_scale, self.v_scale,
             )
         return out.reshape(T, self.num_heads * self.head_dim)
+
+    def _norm_args(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.qk_norm is None:
+            return None
+        q_norm, k_norm = self.qk_norm
+        assert q_norm.eps == k_norm.eps, "q_norm and k_norm share one eps"
+        return q_norm.weight, k_norm.weight, q_norm.eps
+
+    def cached_keys(self, positions: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """k [T, Hkv*D] as forward() caches it before any FP8 quantization: k-normed (if the layer has
+        q/k norms) and rotated; [T, Hkv, D] (the torch reference path, for calibration)."""
+        k = k.reshape(k.shape[0], self.num_kv_heads, self.head_dim)
+        if self.qk_norm is not None:
+            k = self.qk_norm[1](k)
+        return self.rotary.rotate(positions, k)

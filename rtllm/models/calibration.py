@@ -173,15 +173,15 @@ FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn: a layer's amax maps onto it
 @torch.no_grad()
 def calibrate_kv_scales(model: nn.Module, sequences: Sequence[Sequence[int]]) -> dict[str, tuple[float, float]]:
     """Set every attention layer's FP8 KV-cache scales from one prefill pass over ``sequences``:
-    ``k_scale = amax(|RoPE(k)|) / 448`` (the keys as the cache stores them, rotated at their
-    positions by the layer's own RotaryEmbedding)
+    ``k_scale = amax(|RoPE(k)|) / 448`` (the keys as the cache stores them: k-normed where the model
+    has q/k norms, and rotated at their positions by the layer's own RotaryEmbedding)
     and ``v_scale = amax(|v|) / 448``. The pass itself runs with the model's own cache dtype.
     Returns {layer name: (k_scale, v_scale)}; a layer that saw only zeros keeps 1.0."""
     amax: dict[str, list[float]] = {}
 
     def observe(name: str, mod: nn.Module, args: tuple) -> None:
         positions, _q, k, v = args[:4]
-        rotated = mod.rotary.rotate(positions.long(), k.reshape(k.shape[0], -1, mod.head_dim))
+        rotated = mod.cached_keys(positions.long(), k)
         seen = amax.setdefault(name, [0.0, 0.0])
         seen[0] = max(seen[0], float(rotated.abs().max()))
         seen[1] = max(seen[1], float(v.float().abs().max()))

@@ -73,6 +73,20 @@ def test_fused_qk_norm_equals_unfused_bit_for_bit(dtype, w_dtype, D, rot, fp8, p
         assert torch.equal(vc, vc3)
 
 
+def test_torch_reference_is_norm_then_rope() -> None:
+    """rope_and_cache_torch(qk_norm=...) (the CPU engine's path) == the torch RMSNorm of q and k, then RoPE."""
+    T, Hq, Hkv, D, bs, nb = 5, 4, 2, 32, 4, 2
+    q, k, v, qw, kw, positions = inputs(T, Hq, Hkv, D, torch.bfloat16, torch.bfloat16)
+    slots = torch.arange(T)
+    cs = cos_sin(128, D)
+    kc, vc = caches(nb, bs, Hkv, D, torch.bfloat16)
+    kc2, vc2 = caches(nb, bs, Hkv, D, torch.bfloat16)
+    qr, kr = ref.rope_and_cache_torch(positions, q, k, v, cs, kc, vc, slots, qk_norm=(qw, kw, EPS))
+    qn, kn = rms_norm_torch(q, qw, EPS), rms_norm_torch(k, kw, EPS)
+    qe, ke = ref.rope_and_cache_torch(positions, qn, kn, v, cs, kc2, vc2, slots)
+    assert torch.equal(qr, qe) and torch.equal(kr, ke) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
 def test_no_qk_norm_path_unchanged() -> None:
     """Without qk_norm the launch is the plain RoPE + cache write (the inputs pass through unnormed), with
     a token's q heads in one program or one head per program."""

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as hf_llama
+import transformers.models.qwen3.modeling_qwen3 as hf_qwen3
 
 import rtllm.tokenizer  # noqa: F401  (registers the calibration tokenizer, as the LLM API does)
 from rtllm.layers.attention import Attention
@@ -29,17 +30,17 @@ def ckpt(tmp_path_factory):
     return path, hf
 
 
-def _hf_amax(hf, sequences, monkeypatch):
+def _hf_amax(hf, sequences, monkeypatch, hf_module=hf_llama):
     """Per layer: (amax |rotated k|, amax |v|) from transformers, fp32."""
     seen: list[tuple[float, float]] = []
-    orig = hf_llama.apply_rotary_pos_emb
+    orig = hf_module.apply_rotary_pos_emb
 
     def capture(q, k, cos, sin, *a, **kw):
         q_embed, k_embed = orig(q, k, cos, sin, *a, **kw)
         seen.append([float(k_embed.abs().max()), 0.0])
         return q_embed, k_embed
 
-    monkeypatch.setattr(hf_llama, "apply_rotary_pos_emb", capture)
+    monkeypatch.setattr(hf_module, "apply_rotary_pos_emb", capture)
     v_seen: list[float] = []
     hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: v_seen.append(float(o.abs().max())))
              for layer in hf.model.layers]
@@ -70,6 +71,21 @@ def test_scales_are_the_amax_of_rotated_keys_and_values(ckpt, monkeypatch):
         assert m.k_scale == pytest.approx(k_amax / 448, rel=1e-5)
         assert m.v_scale == pytest.approx(v_amax / 448, rel=1e-5)
         assert m.k_scale != 1.0 and m.v_scale != 1.0
+
+
+def test_qwen3_scales_are_the_amax_of_normed_rotated_keys(tmp_path, monkeypatch):
+    """Qwen3 caches its keys k-normed, then rotated (the attention layer applies the norms in its RoPE
+    kernel): the calibration measures them so."""
+    hf = make_checkpoint(str(tmp_path), "qwen3")
+    model = load_model(str(tmp_path), "float32", "cpu").model
+    sequences = ramp_prompts(2, seed=5, lo=20, hi=40)
+    calibrate_kv_scales(model, sequences)
+    want = _hf_amax(hf, sequences, monkeypatch, hf_qwen3)
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(layers) == len(want)
+    for m, (k_amax, v_amax) in zip(layers, want):
+        assert m.k_scale == pytest.approx(k_amax / 448, rel=1e-5)
+        assert m.v_scale == pytest.approx(v_amax / 448, rel=1e-5)
 
 
 def test_load_calibrates_when_asked(ckpt):
