@@ -36,20 +36,17 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = qkv_linear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
                                    qkv_bias, m)
         self.o_proj = row_linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, o_bias, m)
-        if cfg.qk_norm:
+        qk_norm = None
+        if cfg.qk_norm:  # applied by the attention layer, in its RoPE + cache-write kernel
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
-        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, rotary)
+            qk_norm = (self.q_norm, self.k_norm)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, rotary, qk_norm)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor | FP8Activation,
                 meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        if self.qk_norm:
-            T = qkv.shape[0]
-            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).reshape(T, -1)
-            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).reshape(T, -1)
         return self.o_proj(self.attn(positions, q, k, v, meta))
 
 
