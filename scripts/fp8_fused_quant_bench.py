@@ -46,6 +46,13 @@ def row(name: str, m: int, unfused_prod, fused_prod, wq, ws) -> str:
     """Times of (producer + quantization) vs the fused kernel, and of each with the GEMM after it."""
     want_q, got_q = qg.quantize_fp8(unfused_prod()), fused_prod()
     agree = same(want_q, got_q) and torch.equal(qg.fp8_scaled_mm(*want_q, wq, ws), qg.fp8_scaled_mm(*got_q, wq, ws))
+    why = ""
+    if not agree:  # which part differs, and whether the unfused path or the GEMM repeats itself
+        n_q = int((want_q[0].view(torch.uint8) != got_q[0].view(torch.uint8)).sum())
+        again = same(want_q, qg.quantize_fp8(unfused_prod()))
+        mm_again = torch.equal(qg.fp8_scaled_mm(*want_q, wq, ws), qg.fp8_scaled_mm(*want_q, wq, ws))
+        why = (f" (e4m3 bytes differing: {n_q}, scales: {int((want_q[1] != got_q[1]).sum())}, "
+               f"unfused twice equal: {again}, GEMM twice equal: {mm_again})")
     t_prod = graph_time(unfused_prod)
     t_prod_q = graph_time(lambda: qg.quantize_fp8(unfused_prod()))
     t_fused = graph_time(fused_prod)
@@ -53,7 +60,7 @@ def row(name: str, m: int, unfused_prod, fused_prod, wq, ws) -> str:
     t_path_fused = graph_time(lambda: qg.fp8_scaled_mm(*fused_prod(), wq, ws))
     return (f"{name:>15} {m:>5} | {t_prod:6.1f}u {t_prod_q:7.1f}u {t_fused:7.1f}u | {t_path:7.1f}u "
             f"{t_path_fused:7.1f}u {t_path - t_path_fused:6.1f}u {t_path / t_path_fused:5.3f}x | "
-            f"{'bit-equal' if agree else 'DIFFERENT'}")
+            f"{'bit-equal' if agree else 'DIFFERENT'}{why}")
 
 
 def rows_at(m: int, nw: torch.Tensor, weights: dict, dev: torch.device) -> list[str]:
