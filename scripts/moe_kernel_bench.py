@@ -2,7 +2,8 @@
 (8 experts, top 2, H 4096, I 14336) shapes: check and time them.
 
     python scripts/moe_kernel_bench.py                  # both shapes, bf16
-    python scripts/moe_kernel_bench.py --only qwen3 --tune   # also sweep the opt-in GEMV path's tiles
+    python scripts/moe_kernel_bench.py --only qwen3 --decode   # also the decode experts alone, per path
+    python scripts/moe_kernel_bench.py --only qwen3 --tune   # ... and the decode launches' tiles swept
     python scripts/moe_kernel_bench.py --only qwen3 --profile   # per-kernel times of a batch-1 layer
     python scripts/moe_kernel_bench.py --fusions        # only the decode fusions, fused vs unfused (below)
     TRITON_INTERPRET=1 python scripts/moe_kernel_bench.py --smoke   # CPU: tiny shapes, logic only
@@ -14,11 +15,17 @@ timed as a CUDA graph replay (how the engine runs decode), and eagerly (how it r
 "eager" wall time, "host" the time to issue the launches; host >= eager means host-bound). The
 graph runs LAYERS distinct layers' weights one after the other (time / LAYERS per layer), so that
 a layer never finds its experts in L2 from the previous replay (50 MB of L2 against 75 MB of
-experts at batch 1). "gemv" is the opt-in GEMV-shaped decode path (config GEMV=True), same graph.
+experts at batch 1). The default path at decode (T * k <= E / 4) is the GEMV-shaped launches; "gemm"
+is the pair-block GEMMs they replaced there (config GEMV=False), same graph.
 Bandwidth: bytes of the experts the batch hits (each read once) + router + activations, over the
 graph time, against the copy bandwidth measured here; FLOP/s: 2 * T * k * 3 * H * I over the
 graph time. The router runs as the model runs it (rtllm.kernels.moe.route: one launch for GEMM + routing
 at <= ROUTER_FUSED_MAX_TOKENS tokens).
+
+``--decode`` (and ``--tune``) first times the experts alone at 1, 2 and 4 tokens (--decode-tokens),
+routing precomputed per layer: the pair-block GEMMs, the GEMV launches, and those without PDL, as
+us per layer and TB/s over the bytes of the experts hit (what the decode step spends on them);
+``--tune`` adds the GEMV launches' tile sweep (gate/up tiles, then down tiles with the best gate/up).
 
 ``--fusions`` (also run after the tables unless --no-fusions) compares two decode fusions with the
 launches they replace, at T = 1, 4 and 16 tokens, each timed as a graph over LAYERS layers' weights
@@ -51,7 +58,7 @@ from rtllm.bench.bounds import time_cuda
 from rtllm.kernels import moe, triton_attention, triton_moe, triton_moe_routing, triton_norm, triton_rope
 
 SHAPES = {"qwen3": (128, 8, 2048, 768, True), "mixtral": (8, 2, 4096, 14336, True)}  # E, k, H, I, renormalize
-GEMV_DECODE = dict(GEMV=True)  # the opt-in decode path (GEMV-shaped launches, no sum launch), for comparison
+PAIR_GEMM = dict(GEMV=False)  # the pair-block GEMMs + slot sum, the decode path before the GEMV launches
 failures: list[str] = []
 
 
@@ -117,7 +124,10 @@ def make_layers(E, k, H, inter, dtype, n, g):
              torch.randn(E, H, device="cuda", dtype=dtype, generator=g) * 0.02) for _ in range(n)]
 
 
-def run_shape(name: str, tokens: list[int], bw: float, dtype: torch.dtype, n_layers: int) -> list:
+def run_shape(name: str, tokens: list[int], bw: float, dtype: torch.dtype, n_layers: int,
+              decode_tokens: tuple[int, ...] = (), tune: bool = False) -> list:
+    """The table of whole layers (router + experts) per token count; first, for ``decode_tokens``, the
+    decode experts alone per path (decode_experts)."""
     E, k, H, inter, renorm = SHAPES[name]
     g = torch.Generator(device="cuda").manual_seed(0)
     n = max(1, min(n_layers, int(0.5 * torch.cuda.mem_get_info()[0] // (3 * E * H * inter * 2))))
@@ -126,17 +136,19 @@ def run_shape(name: str, tokens: list[int], bw: float, dtype: torch.dtype, n_lay
     expert_bytes = 3 * H * inter * w13.element_size()
     print(f"\n== {name}: E {E}, top-{k}, H {H}, I {inter}, {dtype}; {expert_bytes / 2**20:.1f} MiB per expert; "
           f"graph over {n} layers' weights")
-    print(f"{'T':>6} {'rel err':>8} {'graph us':>9} {'gemv us':>8} {'eager us':>9} {'host us':>8} {'ref ms':>8} "
-          f"{'hit':>4} {'GB/s':>7} {'of copy':>7} {'gemv':>6} {'TFLOP/s':>8}")
+    if decode_tokens:
+        decode_experts(name, layers, bw, dtype, decode_tokens, tune)
+    print(f"{'T':>6} {'rel err':>8} {'graph us':>9} {'gemm us':>8} {'eager us':>9} {'host us':>8} {'ref ms':>8} "
+          f"{'hit':>4} {'GB/s':>7} {'of copy':>7} {'gemm':>6} {'TFLOP/s':>8}")
     rows = []
     for T in tokens:
         x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
         logits = F.linear(x, gate)
         decode = T * k * 4 <= E
-        errs = check(name, T, x, logits, w13, w2, k, renorm, (None, GEMV_DECODE) if decode else (None,))
+        errs = check(name, T, x, logits, w13, w2, k, renorm, (None, PAIR_GEMM) if decode else (None,))
         per = median_ms(graphed(layers_fn(x, layers, k, renorm))) / n
         host, eager = host_and_eager_us(layers_fn(x, layers, k, renorm), n)
-        gemv = median_ms(graphed(layers_fn(x, layers, k, renorm, GEMV_DECODE))) / n if decode else float("nan")
+        gemm = median_ms(graphed(layers_fn(x, layers, k, renorm, PAIR_GEMM))) / n if decode else float("nan")
         w, ids = moe.fused_topk_torch(logits, k, renorm)
         ref = median_ms(partial(moe.fused_experts_torch, x, w13, w2, w, ids), 10) if T <= 2048 else float("nan")
         hit = int(torch.unique(ids).numel())
@@ -144,21 +156,22 @@ def run_shape(name: str, tokens: list[int], bw: float, dtype: torch.dtype, n_lay
                   + T * k * inter * x.element_size() * 2)
         gbs = nbytes / (per / 1e3) / 1e9
         tflops = 2 * T * k * 3 * H * inter / (per / 1e3) / 1e12
-        print(f"{T:>6} {max(errs):>8.1e} {per * 1e3:>9.1f} {gemv * 1e3:>8.1f} {eager:>9.1f} {host:>8.1f} {ref:>8.3f} "
+        print(f"{T:>6} {max(errs):>8.1e} {per * 1e3:>9.1f} {gemm * 1e3:>8.1f} {eager:>9.1f} {host:>8.1f} {ref:>8.3f} "
               f"{hit:>4} {gbs:>7.0f} "
-              f"{gbs * 1e9 / bw:>7.1%} {nbytes / (gemv / 1e3) / bw:>6.1%} {tflops:>8.1f}")
-        rows.append(dict(T=T, us=per * 1e3, gemv_us=gemv * 1e3, eager_us=eager, host_us=host, hit=hit, gbs=gbs,
+              f"{gbs * 1e9 / bw:>7.1%} {nbytes / (gemm / 1e3) / bw:>6.1%} {tflops:>8.1f}")
+        rows.append(dict(T=T, us=per * 1e3, gemm_us=gemm * 1e3, eager_us=eager, host_us=host, hit=hit, gbs=gbs,
                          of_copy=gbs * 1e9 / bw))
     return layers, rows
 
 
 def profile_layer(name, layers, dtype, T: int = 1) -> None:
-    """Per-kernel GPU times of T tokens through the layers (graph replays), default and GEMV decode path."""
+    """Per-kernel GPU times of T tokens through the layers (graph replays): the default path (with and
+    without PDL) and the pair-block GEMMs."""
     from torch.profiler import ProfilerActivity, profile
 
     E, k, H, inter, renorm = SHAPES[name]
     x = torch.randn(T, H, device="cuda", dtype=dtype)
-    for label, cfg in (("default", None), ("gemv", GEMV_DECODE)):
+    for label, cfg in (("default", None), ("default, no PDL", dict(PDL=False)), ("pair-block GEMMs", PAIR_GEMM)):
         replay = graphed(layers_fn(x, layers, k, renorm, cfg))
         replay()
         torch.cuda.synchronize()
@@ -179,44 +192,69 @@ def profile_layer(name, layers, dtype, T: int = 1) -> None:
         print(f"  {total:7.2f} us  kernels in all (the graph's wall time adds the gaps between them)")
 
 
-def tune_decode(name, layers, bw, dtype, out_path=None, tokens=(1,)) -> None:
-    """Sweep the opt-in GEMV path's tiles (graph replay per layer): gate/up tiles with the down tiles at their
-    default, then the down tiles with the best gate/up tiles. ``out_path``: the best tiles at the
-    first T as JSON (for RTLLM_MOE_GEMV_TILES)."""
+def experts_fn(x, layers, routes, config=None):
+    """The experts alone (routing precomputed per layer): the launches the decode step spends on them."""
+    def run():
+        for (w13, w2, _gate), (w, ids) in zip(layers, routes):
+            triton_moe.fused_experts_triton(x, w13, w2, w, ids, config=config)
+    return run
+
+
+def experts_us(x, layers, routes, config, iters: int = 30) -> float:
+    """Graph time per layer (us) of the experts alone, or inf if the configuration fails to compile or run."""
+    try:
+        return median_ms(graphed(experts_fn(x, layers, routes, config)), iters) / len(layers) * 1e3
+    except Exception as e:  # noqa: BLE001  (a tile that does not compile or fit; a launch a graph refuses)
+        print(f"  {config}: {type(e).__name__}: {str(e)[:160]}")
+        return float("inf")
+
+
+DECODE_PATHS = {"pair-block GEMMs + sum (before)": PAIR_GEMM, "gemv (default)": dict(GEMV=True),
+                "gemv, no PDL": dict(GEMV=True, PDL=False)}
+
+
+def decode_experts(name, layers, bw, dtype, tokens=(1, 2, 4), tune=False) -> None:
+    """The decode experts alone, per path (and with ``tune`` the GEMV tiles swept): graph us per layer,
+    and the bandwidth over the bytes of the experts the tokens hit (each read once)."""
     E, k, H, inter, renorm = SHAPES[name]
     expert_bytes = 3 * H * inter * 2
-    print(f"\n-- {name} decode GEMV tile sweep (graph us per layer; best first)")
-    best = None
+    print(f"\n-- {name} decode experts alone (routing precomputed; graph us per layer over {len(layers)} layers)")
+    print(f"{'T':>3} {'path':<34} {'us':>7} {'MB':>6} {'TB/s':>6} {'of copy':>7}  rel err")
+    g = torch.Generator(device="cuda").manual_seed(2)
     for T in tokens:
-        x = torch.randn(T, H, device="cuda", dtype=dtype)
-        hit = int(torch.unique(moe.fused_topk_torch(F.linear(x, layers[0][2]), k, renorm)[1]).numel())
+        x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
+        routes = [moe.fused_topk_torch(F.linear(x, gate), k, renorm) for _w13, _w2, gate in layers]
+        hit = sum(int(torch.unique(ids).numel()) for _w, ids in routes) / len(routes)
+        mb = hit * expert_bytes / 1e6
+        w13, w2, _ = layers[0]
+        ref = moe.fused_experts_torch(x, w13, w2, *routes[0])
 
-        def sweep(cands, x=x, T=T, hit=hit):
-            rows = []
-            for cfg in cands:
-                try:
-                    t = median_ms(graphed(layers_fn(x, layers, k, renorm, cfg)), 20) / len(layers)
-                except Exception as e:  # noqa: BLE001  (a tile that does not compile or fit)
-                    rows.append((float("inf"), cfg, type(e).__name__))
-                    continue
-                rows.append((t, cfg, ""))
-            rows.sort(key=lambda r: r[0])
-            for t, cfg, err in rows[:4] + rows[-1:]:
-                share = hit * expert_bytes / (t / 1e3) / bw
-                print(f"  T={T:<3} {t * 1e3:7.1f} us  {share:6.1%} of copy  {cfg} {err}")
-            return rows[0][1]
+        def row(label, cfg, T=T, x=x, routes=routes, mb=mb, ref=ref, w13=w13, w2=w2):
+            try:
+                err = rel_err(triton_moe.fused_experts_triton(x, w13, w2, *routes[0], config=cfg), ref)
+            except Exception as e:  # noqa: BLE001  (a tile that does not compile or fit)
+                print(f"{T:>3} {label:<34} {type(e).__name__}: {str(e)[:160]}")
+                return float("inf")
+            if err > 2e-2:
+                failures.append(f"{name} T={T} decode experts {cfg} rel err {err:.3g}")
+            us = experts_us(x, layers, routes, cfg)
+            print(f"{T:>3} {label:<34} {us:>7.1f} {mb:>6.1f} {mb / us:>6.2f} {mb * 1e12 / us / bw:>7.1%}  {err:.1e}")
+            return us
 
-        best1 = sweep([dict(GEMV=True, BLOCK_N1=bn, BLOCK_K1=bk, WARPS1=w, ACC2D1=a) for (bn, bk), w, a in
-                       itertools.product(((8, 512), (16, 512), (16, 256), (32, 256)), (4, 8), (False, True))])
-        best2 = sweep([dict(best1, BLOCK_N2=bn, BLOCK_K2=bk, WARPS2=w, ACC2D2=a) for (bn, bk), w, a in
-                       itertools.product(((8, 1024), (16, 1024), (16, 512), (32, 256)), (4, 8), (False, True))])
-        best = best or best2
-    if out_path and best:
-        import json
-
-        with open(out_path, "w") as f:
-            json.dump(best, f)
-        print(f"  best tiles -> {out_path}: {json.dumps(best)}")
+        for label, cfg in DECODE_PATHS.items():
+            row(label, cfg)
+        if not tune:
+            continue
+        base = triton_moe.moe_gemv_config(H, inter, x.device)
+        gate_up = [dict(GEMV=True, BLOCK_N1=bn, BLOCK_K1=bk, WARPS1=w) for (bn, bk), w in
+                   itertools.product(((8, 256), (16, 256), (32, 256), (16, 128), (32, 128), (64, 128), (8, 512)),
+                                     (4, 8))]
+        res = sorted((row(f"up {c['BLOCK_N1']}x{c['BLOCK_K1']} w{c['WARPS1']}", c), i) for i, c in enumerate(gate_up))
+        best1 = gate_up[res[0][1]]
+        down = [dict(best1, BLOCK_N2=bn, BLOCK_K2=bk, WARPS2=w) for (bn, bk), w in
+                itertools.product(((2, 256), (4, 256), (8, 256), (4, 128), (8, 128), (16, 128)), (4, 8))]
+        res = sorted((row(f"down {c['BLOCK_N2']}x{c['BLOCK_K2']} w{c['WARPS2']}", c), i) for i, c in enumerate(down))
+        print(f"  T={T} default {base}; best {down[res[0][1]]} ({res[0][0]:.1f} us)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +407,8 @@ def smoke() -> int:
     w2 = torch.randn(E, H, inter) * 0.1
     for T in (1, 5):
         x = torch.randn(T, H)
-        check("smoke", T, x, torch.randn(T, E), w13, w2, k, True, (None, GEMV_DECODE, dict(PAIR_BLOCKS=False)))
+        check("smoke", T, x, torch.randn(T, E), w13, w2, k, True,
+              (None, PAIR_GEMM, dict(GEMV=False, PAIR_BLOCKS=False)))
     router_fusion(torch.float32, 1, trials=2, tokens=(1, 3), device="cpu")
     qk_norm_fusion(torch.float32, 1, tokens=(1, 3), device="cpu")
     print("smoke:", "FAIL " + "; ".join(failures) if failures else "ok")
@@ -382,7 +421,8 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,2,4,8,32,128,512,2048,8192")
     ap.add_argument("--layers", type=int, default=8, help="distinct layers' weights in each timed graph")
     ap.add_argument("--tune", action="store_true")
-    ap.add_argument("--tune-out", default=None, help="write the best decode tiles (JSON) here")
+    ap.add_argument("--decode", action="store_true", help="the decode experts alone, per path")
+    ap.add_argument("--decode-tokens", default="1,2,4")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--fusions", action="store_true", help="only the decode fusions' comparison")
@@ -395,11 +435,10 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     tokens = [int(t) for t in args.tokens.split(",")]
     for name in [] if args.fusions else [args.only] if args.only else list(SHAPES):
-        layers, _ = run_shape(name, tokens, bw, torch.bfloat16, args.layers)
+        decode_tokens = tuple(int(t) for t in args.decode_tokens.split(",")) if args.decode or args.tune else ()
+        layers, _ = run_shape(name, tokens, bw, torch.bfloat16, args.layers, decode_tokens, args.tune)
         if args.profile:
             profile_layer(name, layers, torch.bfloat16)
-        if args.tune:
-            tune_decode(name, layers, bw, torch.bfloat16, args.tune_out)
         del layers
         torch.cuda.empty_cache()
     if not args.no_fusions:

@@ -181,12 +181,13 @@ def test_fused_experts_block_configs(config) -> None:
 @pytest.mark.parametrize("T,k", [(1, 1), (1, 8), (5, 2), (3, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_experts_pair_blocks(pair_blocks, T, k, dtype) -> None:
-    """A row block per (token, slot) pair without the alignment step (decode), experts repeated too."""
+    """The GEMMs with a row block per (token, slot) pair without the alignment step, and aligned;
+    experts repeated too."""
     E, H, inter = 16, 48, 40
     x = torch.randn(T, H, generator=gen(10)).to(dtype)
     w13, w2 = expert_weights(E, H, inter, dtype)
     topk_w, topk_ids = routing(T, E, k, seed=11, experts=list(range(0, E, 2)))  # tokens share experts
-    out = fused_experts_triton(x, w13, w2, topk_w, topk_ids, config=dict(PAIR_BLOCKS=pair_blocks))
+    out = fused_experts_triton(x, w13, w2, topk_w, topk_ids, config=dict(GEMV=False, PAIR_BLOCKS=pair_blocks))
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out.float(), fused_experts_torch(x, w13, w2, topk_w, topk_ids).float(), atol=atol,
                                rtol=rtol)
@@ -194,13 +195,13 @@ def test_fused_experts_pair_blocks(pair_blocks, T, k, dtype) -> None:
 
 @pytest.mark.parametrize("pair_blocks", [True, False])
 def test_fused_experts_foreign_ids_contribute_nothing(pair_blocks) -> None:
-    """Ids outside [0, E) (experts on another rank) are skipped by both paths."""
+    """Ids outside [0, E) (experts on another rank) are skipped by both GEMM paths."""
     T, E, H, inter = 6, 4, 32, 16
     x = torch.randn(T, H, generator=gen(8))
     w13, w2 = expert_weights(E, H, inter, torch.float32)
     topk_w, topk_ids = routing(T, 2 * E, 2, seed=9)  # ids in [0, 8): half are foreign
     out = fused_experts_triton(x, w13, w2, topk_w, topk_ids, foreign_ids=True,
-                               config=dict(PAIR_BLOCKS=pair_blocks))
+                               config=dict(GEMV=False, PAIR_BLOCKS=pair_blocks))
     ref = fused_experts_torch(x, w13, w2, topk_w, topk_ids)
     local = torch.where(topk_ids < E, topk_w, torch.zeros_like(topk_w))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)

@@ -1,8 +1,9 @@
 """MoE kernel paths (TRITON_INTERPRET=1 on CPU) == the torch references: the Triton alignment (bit
-for bit, foreign ids, several chunks); the opt-in GEMV-shaped decode launches (a program per (pair,
-block of I rows), then a program per (token, block of H rows) adding the k slots); foreign ids (another
-rank's experts) contributing zero on every path without a zero-filled buffer; and the kernels'
-token-count integers left unspecialized (no recompilation per batch size)."""
+for bit, foreign ids, several chunks); the GEMV-shaped decode launches, the default at decode (a
+program per (pair, block of I rows) with the next K tile prefetched, then a program per (token, block
+of H rows) adding the k slots of one [slots, rows, K] tile); foreign ids (another rank's experts)
+contributing zero on every path without a zero-filled buffer; and the kernels' token-count integers
+left unspecialized (no recompilation per batch size)."""
 
 from __future__ import annotations
 
@@ -49,10 +50,26 @@ def test_gemv_equals_reference(T, E, k, H, inter, dtype) -> None:
 
 
 @pytest.mark.parametrize("tiles", [dict(BLOCK_N1=8, BLOCK_K1=16, BLOCK_N2=4, BLOCK_K2=64),
-                                   dict(BLOCK_N1=64, BLOCK_K1=128, BLOCK_N2=32, BLOCK_K2=8, WARPS1=2, WARPS2=8)],
+                                   dict(BLOCK_N1=64, BLOCK_K1=128, BLOCK_N2=32, BLOCK_K2=8, WARPS1=2, WARPS2=8),
+                                   dict(BLOCK_N1=16, BLOCK_K1=8, BLOCK_N2=2, BLOCK_K2=8)],
                          ids=str)
-def test_gemv_tiles(tiles) -> None:
-    check(2, 8, 2, 48, 40, torch.float32, dict(GEMV, **tiles), seed=3)
+@pytest.mark.parametrize("H,inter", [(48, 40), (64, 32)], ids=str)
+def test_gemv_tiles(tiles, H, inter) -> None:
+    """Tiles narrower and wider than the widths, K tiles dividing K (the unmasked EVEN_K loads) or not,
+    one K tile or several (the prefetch past the last tile loads nothing)."""
+    check(2, 8, 2, H, inter, torch.float32, dict(GEMV, **tiles), seed=3)
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_gemv_slots_padded(k) -> None:
+    """top-k off a power of two: the down launch's slot axis is padded to 4 / 8 and the padding adds nothing."""
+    check(3, 16, k, 32, 24, torch.float32, GEMV, seed=k)
+
+
+def test_gemv_deterministic() -> None:
+    """Fixed-order sums (no atomics): the same inputs give the same bits."""
+    x, w13, w2, w, ids, out = check(4, 32, 8, 64, 48, torch.bfloat16, GEMV, seed=9)
+    assert torch.equal(out, fused_experts_triton(x, w13, w2, w, ids, config=GEMV))
 
 
 @pytest.mark.parametrize("config", [GEMV, PAIR_GEMM, ALIGNED], ids=["gemv", "pair_gemm", "aligned"])
@@ -75,13 +92,14 @@ def test_decode_paths_agree_at_qwen3_routing(config, dtype) -> None:
 
 
 def test_default_paths() -> None:
-    """No config: T * k <= E / 4 takes the pair-block GEMMs (no alignment), more pairs the aligned
-    GEMMs; GEMV only when asked for."""
+    """No config: T * k <= E / 4 takes the GEMV launches (no alignment; GEMV=False: the pair-block
+    GEMMs), more pairs the aligned GEMMs."""
     from rtllm.kernels.triton_moe import moe_gemm_config
 
-    assert moe_gemm_config(8, 128, True)["PAIR_BLOCKS"] and moe_gemm_config(32, 128, True)["PAIR_BLOCKS"]
-    assert not moe_gemm_config(40, 128, True)["PAIR_BLOCKS"]
-    assert "GEMV" not in moe_gemm_config(8, 128, True)
+    for interp in (True, False):
+        small, edge, large = (moe_gemm_config(n, 128, interp) for n in (8, 32, 40))
+        assert small["PAIR_BLOCKS"] and small["GEMV"] and edge["PAIR_BLOCKS"] and edge["GEMV"]
+        assert not large["PAIR_BLOCKS"] and not large.get("GEMV", False)
     check(1, 32, 8, 32, 16, torch.float32, None, seed=5)
     check(2, 8, 2, 32, 16, torch.float32, None, seed=6)  # 4 pairs of 8 experts: aligned path
 
