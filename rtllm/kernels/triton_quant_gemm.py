@@ -39,7 +39,7 @@ def _gemm_config(M: int, N: int, K: int, group: int, interpreting: bool) -> tupl
 # W4A16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_os"])  # the row count changes every step: no recompile per class
 def _w4a16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K, K_PER_SPLIT,
@@ -221,7 +221,7 @@ def dequantize_w4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
 # W8A16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_os"])  # the row count changes every step: no recompile per class
 def _w8a16_kernel(
     x_ptr, qw_ptr, s_ptr, out_ptr,
     M, N, K, K_PER_SPLIT,

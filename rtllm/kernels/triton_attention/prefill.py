@@ -61,7 +61,12 @@ def _fresh_tile(k_rows, v_rows, j0, end, stride_kt, stride_vt, mask_d,
     return k, v, j
 
 
-@triton.jit(do_not_specialize=["stride_btb"])  # the block table's width changes every step
+# Per-step values are not specialized on: the block table's width (stride_btb) changes every step, and
+# in a mixed step the prefill rows' block table and seq_lens are slices starting at the number of
+# decodes, so their 16-byte alignment changes too. (Each specialization is a compile, ~1 s, that
+# stalls serving the first time a step meets it: H100 runs at concurrency 512 compiled a prefill
+# variant mid-run, which showed as TTFT / TPOT p90 two to three times p50.)
+@triton.jit(do_not_specialize=["stride_btb"], do_not_specialize_on_alignment=["bt_ptr", "seq_lens_ptr", "qsl_ptr"])
 def _prefill_kernel(
     q_ptr,
     kn_ptr,
