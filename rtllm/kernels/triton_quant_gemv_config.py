@@ -23,19 +23,28 @@ class GemvConfig:
     split: int  # requested splits of K (rounded to whole groups / tiles)
     num_warps: int
     prefetch: bool = True
+    tc: bool = False  # W4: the tensor-core kernel (bf16 / fp16 x; block_k a multiple of 32, block_n >= 64)
+    stages: int = 3  # tc: the software pipeline's depth (K tiles of weights in flight per program)
 
     def key(self) -> str:
-        return f"n{self.block_n}k{self.block_k}s{self.split}w{self.num_warps}{'p' if self.prefetch else ''}"
+        return (f"n{self.block_n}k{self.block_k}s{self.split}w{self.num_warps}{'p' if self.prefetch else ''}"
+                f"{f't{self.stages}' if self.tc else ''}")
 
 
 # Tuned on an H100 (scripts/quant_kernel_tune.py --m 1, 2026-11-25; Llama-3.1-8B shapes and the INT8
 # LM head): (kind, M, N, K) -> config, kind "w4g<group>", "w8" (int8) or "fp8" (e4m3 bytes). M > 1
-# without an entry uses M = 1's. Times: graph replays, weights rotated past L2.
+# without an entry uses M = 1's. Times: graph replays, weights rotated past L2. W4 retuned with the
+# tensor-core kernel in the grid (--kinds w4 --m 1,2, same day): it wins down at M = 1 and every
+# shape but gate_up at M = 2.
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
-    ("w4g128", 1, 6144, 4096): GemvConfig(512, 64, 32, 4, False),  # 12.1 us
-    ("w4g128", 1, 4096, 4096): GemvConfig(512, 64, 32, 4, False),  # 10.4 us
-    ("w4g128", 1, 28672, 4096): GemvConfig(1024, 32, 16, 4, False),  # 31.0 us
-    ("w4g128", 1, 4096, 14336): GemvConfig(512, 64, 28, 4, False),  # 22.9 us
+    ("w4g128", 1, 6144, 4096): GemvConfig(512, 64, 32, 4, False),  # 11.0 us
+    ("w4g128", 1, 4096, 4096): GemvConfig(512, 64, 32, 4, False),  # 9.7 us
+    ("w4g128", 1, 28672, 4096): GemvConfig(1024, 32, 16, 4, True),  # 30.0 us
+    ("w4g128", 1, 4096, 14336): GemvConfig(128, 128, 16, 4, False, tc=True),  # 21.0 us
+    ("w4g128", 2, 6144, 4096): GemvConfig(128, 128, 8, 4, False, tc=True),  # 13.6 us
+    ("w4g128", 2, 4096, 4096): GemvConfig(256, 128, 16, 4, False, tc=True),  # 11.5 us
+    ("w4g128", 2, 28672, 4096): GemvConfig(1024, 32, 8, 4, True),  # 40.2 us
+    ("w4g128", 2, 4096, 14336): GemvConfig(256, 128, 16, 4, False, tc=True),  # 23.4 us
     ("w8", 1, 6144, 4096): GemvConfig(16, 512, 1, 4, True),  # 11.6 us
     ("w8", 1, 4096, 4096): GemvConfig(16, 512, 1, 4, True),  # 9.3 us
     ("w8", 1, 28672, 4096): GemvConfig(32, 256, 1, 4, False),  # 44.2 us
@@ -60,7 +69,8 @@ def _load_env_table() -> None:
     with open(path) as f:
         for row in json.load(f):
             TUNED[(row["kind"], row["M"], row["N"], row["K"])] = GemvConfig(
-                row["block_n"], row["block_k"], row["split"], row["num_warps"], row.get("prefetch", True))
+                row["block_n"], row["block_k"], row["split"], row["num_warps"], row.get("prefetch", True),
+                row.get("tc", False), row.get("stages", 3))
 
 
 def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:

@@ -45,6 +45,73 @@ def test_w4_gemv_matches_exact(g, M, cfg):
         _check(w4_gemv(x, qweight, scales, zeros, config), x.double() @ wt, dtype)
 
 
+# (block_n, block_k, split) of the tensor-core kernel: one m64 MMA of rows with the K tile = the group
+# (32: one operand block); a tile over two groups (block_k clipped to the group) with splits reduced
+# in the kernel; two MMA row blocks with a split that leaves the last one short
+W4_TC_CONFIGS = [(64, 32, 1), (64, 128, 3), (128, 128, 5)]
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("cfg", W4_TC_CONFIGS, ids=lambda c: "n{}k{}s{}t".format(*c))
+def test_w4_tc_gemv_matches_exact(g, M, cfg):
+    """The tensor-core kernel (interpreted: its pure-Triton decode) in bf16 and fp16 x: the permuted K
+    of operand and x, scales on the fp32 group sums, zeros through the sums of x."""
+    K, N = 640, 72  # N: a masked tail; K: 5 groups of 128 (uneven splits), 20 of 32
+    _, qweight, scales, zeros = _w4(K, N, g, seed=g + M)
+    config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, tc=True)
+    assert gv._w4_tensor_cores(torch.empty(1, dtype=BF16), config, min(cfg[1], g))
+    for dtype in (BF16, torch.float16):
+        s, z = scales.to(dtype), zeros.to(dtype)
+        x = torch.randn(M, K, generator=_gen(M + 7)).to(dtype)
+        exact = x.double() @ qg.dequantize_w4_t(qweight, s, z, torch.float32).double()
+        _check(w4_gemv(x, qweight, s, z, config), exact, dtype)
+
+
+def test_w4_tc_config_falls_back_to_cuda_cores():
+    """fp32 x, a group under one operand block (32 K) or fewer than 64 columns: the CUDA-core kernel."""
+    cfg = GemvConfig(64, 128, 2, 4, tc=True)
+    assert not gv._w4_tensor_cores(torch.empty(1), cfg, 128)
+    assert not gv._w4_tensor_cores(torch.empty(1, dtype=BF16), cfg, 16)
+    assert not gv._w4_tensor_cores(torch.empty(1, dtype=BF16), GemvConfig(32, 128, 2, 4, tc=True), 128)
+    K, N, g = 128, 72, 16
+    _, qweight, scales, zeros = _w4(K, N, g, seed=4)
+    wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
+    for dtype in (torch.float32, BF16):
+        x = torch.randn(2, K, generator=_gen(4)).to(dtype)
+        _check(w4_gemv(x, qweight, scales, zeros, cfg), x.double() @ wt, dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_w4_tc_packed_decode_formula(dtype):
+    """The compiled kernel's decode (inline asm, which the interpreter cannot run), in torch on every
+    word byte pair: ((w >> s) & 0x000F000F) | magic is the 16-bit pair (2^7 + q, 2^7 + q') (fp16:
+    2^10), and one packed subtract of 2^7 + 8 (2^10 + 8) gives q - 8 and q' - 8 exactly; nibble s/4
+    in the low half, nibble s/4 + 4 in the high half, as _w4_pair's fallback returns them."""
+    magic, off = (0x4300, 0x4308) if dtype == BF16 else (0x6400, 0x6408)
+    lo, hi = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    w = (lo | hi << 16).reshape(-1).to(torch.int32)  # every byte in bits 0..7 and in bits 16..23
+    w = w << torch.tensor([0, 8], dtype=torch.int32).view(2, 1)  # ... and in bytes 1 and 3
+    for shift in (0, 4, 8, 12):
+        pair = ((w >> shift) & 0x000F000F) | (magic << 16 | magic)
+        halves = pair.view(torch.int16).view(dtype).reshape(*w.shape, 2)  # little-endian: low half first
+        codes = halves - torch.tensor(off, dtype=torch.int16).view(dtype)  # one rounding in dtype
+        assert codes.dtype == dtype
+        for j, half in ((shift // 4, 0), (shift // 4 + 4, 1)):
+            q = (w >> (4 * j)) & 0xF
+            assert torch.equal(codes[..., half].float(), (q - 8).float())
+
+
+def test_w4_tc_operand_k_order():
+    """_w4_tc_k is a permutation of the tile's K, and the nibble it names for operand column c is the
+    one _w4_operand places there: word 4 s + t, nibble (2 h + u) + 4 v for c = 32 s + 16 h + 8 u + 2 t + v."""
+    for bk in (32, 64, 128):
+        c = torch.arange(bk)
+        k = 8 * (4 * (c // 32) + (c // 2) % 4) + 2 * ((c // 16) % 2) + (c // 8) % 2 + 4 * (c % 2)
+        assert sorted(k.tolist()) == list(range(bk))
+        assert ((k // 8) % 4 == (c // 2) % 4).all()  # a quad's thread t reads word t of each 4
+
+
 def test_w4_gemv_group_smaller_than_block_and_strided_x():
     K, N, g = 64, 40, 8
     _, qweight, scales, zeros = _w4(K, N, g, seed=1)
@@ -146,17 +213,19 @@ def _check_gated(fused: torch.Tensor, unfused_gate_up: torch.Tensor, exact_gate_
     assert ((fused.double() - exact).abs() <= tol).all()
 
 
-GATED_W4_CONFIGS = [(32, 32, 1, True), (64, 32, 3, False)]  # one split; splits reduced in the kernel
+GATED_W4_CONFIGS = [(32, 32, 1, True, False), (64, 32, 3, False, False),  # one split; splits reduced in
+                    (64, 32, 1, False, True), (128, 64, 3, False, True)]  # the kernel; CUDA cores, tensor cores
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize("cfg", GATED_W4_CONFIGS, ids=lambda c: "n{}k{}s{}{}".format(*c[:3], "p" if c[3] else ""))
+@pytest.mark.parametrize("cfg", GATED_W4_CONFIGS,
+                         ids=lambda c: "n{}k{}s{}{}{}".format(*c[:3], "p" if c[3] else "", "t" if c[4] else ""))
 def test_w4_gemv_silu_and_mul_equals_unfused(g, M, cfg):
     inter, K = 36, 256  # I not a multiple of BLOCK_N / 2: the last tile's gate and up halves are masked
     _, qweight, scales, zeros = _w4(K, 2 * inter, g, seed=g + M)
     wt = qg.dequantize_w4_t(qweight, scales, zeros, torch.float32).double()
-    config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, cfg[3])
+    config = GemvConfig(cfg[0], cfg[1], cfg[2], 4, cfg[3], cfg[4])
     x = torch.randn(M, K, generator=_gen(M + 3)).to(BF16)
     y = w4_gemv(x, qweight, scales, zeros, config, silu_and_mul=True)
     _check_gated(y, w4_gemv(x, qweight, scales, zeros, config), x.double() @ wt)
