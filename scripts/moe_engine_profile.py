@@ -3,7 +3,8 @@
     python scripts/moe_engine_profile.py --model configs/qwen3-30b-a3b.json --out /tmp/prof
 
 Random weights from a bare config. Prints, for each engine variant (--variants: "default" is the code
-as it is, "gemv" turns on the opt-in GEMV-shaped expert launches where few pairs run, i.e. decode):
+as it is, with the GEMV-shaped expert launches where few pairs run, i.e. decode; "gemm" runs the
+pair-block GEMMs + slot sum there instead, the decode path before them):
 - TTFT of single requests one after another (the first right after start-up: one-time costs show);
 - a prefill of ISL tokens through ModelRunner.execute: host wall time (synchronized) and the time
   until execute returns (the host's launch work), so host-bound and GPU-bound steps tell apart;
@@ -40,8 +41,8 @@ def run_variant(label: str, args) -> None:
     from rtllm.runtime.scheduler import ScheduledBatch
 
     saved = triton_moe.moe_gemm_config
-    if label == "gemv":  # where the pair-block GEMMs would run (few pairs: decode)
-        triton_moe.moe_gemm_config = lambda *a: dict(saved(*a), GEMV=saved(*a)["PAIR_BLOCKS"])
+    if label == "gemm":  # the pair-block GEMMs where the GEMV launches run by default (few pairs: decode)
+        triton_moe.moe_gemm_config = lambda *a: dict(saved(*a), GEMV=False)
     t0 = time.perf_counter()
     cuda = args.device == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -152,7 +153,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-num-tokens", type=int, default=2048)
-    ap.add_argument("--variants", default="default,gemv")
+    ap.add_argument("--variants", default="default,gemm")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/moe-profile"))
     args = ap.parse_args()
