@@ -37,10 +37,10 @@ such pair is one register of the A fragment as Triton lays it out (loaded by ldm
 pipelined shared-memory copy of the words), and x is read in the same order. The decoded weight is
 q - 8, exact in bf16; the scale and zero apply per group to the fp32 MMA sums as on the CUDA cores,
 so the result is the same up to fp32 summation order. sm_90 SASS: ~2.6-2.9 instructions per int4
-weight against ~4.6, and a second row costs little, but each K tile waits on its MMA and on x's
-load (an H100 measured it latency-bound): it wins at M = 2 on every shape but gate_up and at M = 1
-on down only (docs/PERF.md). The interpreter cannot run inline asm or a bf16 dot: it decodes with
-integer ops and multiplies in fp32 (the same products).
+weight against ~4.6, and a second row costs little, but each K tile waits on its MMA (an H100
+measured it latency-bound; x's next tile is loaded by hand a tile ahead, which saved 1 us on down):
+it wins at M = 2 on every shape and at M = 1 on down only. The interpreter cannot run inline asm or
+a bf16 dot: it decodes with integer ops and multiplies in fp32 (the same products).
 
 Split-K without a second kernel: with SPLIT > 1 each program writes its fp32 partial to a
 workspace and bumps a per-N-tile counter (acq_rel); the program that arrives last sums the
@@ -350,10 +350,14 @@ def _w4_tc_kernel(
     zs3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_lo = pid_k * T_PER_SPLIT
     t_hi = tl.minimum(t_lo + T_PER_SPLIT, NUM_T)
+    x_next = tl.load(x_ptr + mc[None, :] * stride_xm + (t_lo * BLOCK_K + kx)[:, None], mask=(mc < M)[None, :],
+                     other=0.0)
     for tile in range(t_lo, t_hi):
         k0 = tile * BLOCK_K
         w = _w4_load(qw_ptr, k0, rows, offs_n, mask_n, stride_qk)
-        xb = tl.load(x_ptr + mc[None, :] * stride_xm + (k0 + kx)[:, None], mask=(mc < M)[None, :], other=0.0)
+        xb = x_next  # by hand: a load that feeds the MMA through shared memory is not pipelined
+        k1 = tl.minimum(tile + 1, t_hi - 1) * BLOCK_K
+        x_next = tl.load(x_ptr + mc[None, :] * stride_xm + (k1 + kx)[:, None], mask=(mc < M)[None, :], other=0.0)
         if ASM:
             t = tl.dot(_w4_operand(w, DT, ASM), xb, t)
         else:  # the interpreter's dot multiplies bf16 bit patterns as integers: fp32 (the same products)
