@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -63,8 +64,18 @@ def _random_weights_config(model: str | None) -> str:
 
 
 def _commit() -> str:
+    """The commit of the rtllm tree that runs: RTLLM_COMMIT when set (an exported tree has no .git), else
+    git's HEAD if this package's directory is the top of its checkout (not an export inside some other
+    repository, whose HEAD would be reported otherwise), else "unknown"."""
+    if os.environ.get("RTLLM_COMMIT"):
+        return os.environ["RTLLM_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+        top = subprocess.check_output(["git", "-C", root, "rev-parse", "--show-toplevel"], text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        if os.path.realpath(top) != os.path.realpath(root):
+            return "unknown"
+        return subprocess.check_output(["git", "-C", root, "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

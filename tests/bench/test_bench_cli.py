@@ -47,3 +47,22 @@ def test_bad_concurrency_and_plot_without_a_sweep(tiny_config, tmp_path):
     assert p.returncode != 0 and "concurrencies must be >= 1" in p.stderr
     p = _bench("throughput", "--model", tiny_config, "--concurrency", "4", "--plot", str(tmp_path / "x.png"))
     assert p.returncode != 0 and "needs a --concurrency list" in (p.stdout + p.stderr)
+
+
+def test_commit_names_this_checkout_or_the_override(monkeypatch):
+    """The JSON's commit: RTLLM_COMMIT for an exported tree, else this checkout's HEAD (an export nested
+    in another repository must not report that repository's HEAD)."""
+    import subprocess
+    from pathlib import Path
+
+    from rtllm.bench.cli import _commit
+
+    monkeypatch.setenv("RTLLM_COMMIT", "abc1234")
+    assert _commit() == "abc1234"
+    monkeypatch.delenv("RTLLM_COMMIT")
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = "unknown"
+    assert _commit() == head
