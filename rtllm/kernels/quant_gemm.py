@@ -38,17 +38,19 @@ import torch
 from rtllm.kernels.activation import silu_and_mul
 from rtllm.kernels.dispatch import custom_kernel, triton_enabled
 
-# At most this many rows run the fused dequantize-GEMM Triton kernels; larger batches dequantize
-# the weight once and run a dense 16-bit GEMM (compute-bound there, where cuBLAS wins).
+# At most this many rows run the fused dequantize-GEMM Triton kernels for W4 (W8 runs its tensor-core
+# kernel at every M past the GEMV); larger W4 batches dequantize the weight once and run a dense
+# 16-bit GEMM (compute-bound there, where cuBLAS wins). FP8 quantizes activations past this many rows.
 SMALL_M = 16
 
-# At most this many rows run the GEMV kernels (rtllm.kernels.triton_quant_gemv: CUDA cores, no
-# M padding); more rows run the tensor-core kernels above, whose time does not grow with M. The
-# GEMV's work does: each row adds an FFMA and an activation load per weight to ~4.3 (W4) / ~5 (W8)
-# instructions at M = 1 (sm_90 SASS: x1.45 at M = 2, x1.9 at M = 3, and spills at M = 4 for W8),
-# so past 2 rows the tensor-core kernels are expected to be as fast (M = 1 is measured, M = 2 is
-# estimated from the instruction counts; docs/PERF.md). RTLLM_QUANT_GEMV=0 turns the GEMV off
-# (the M = 1 W4 GEMV and tensor-core kernels of before, for comparisons).
+# At most this many rows run the GEMV kernels (rtllm.kernels.triton_quant_gemv: no M padding; W4
+# also has a swap-AB tensor-core variant there, chosen per shape by its tuned table); more rows run
+# the tensor-core kernels above, whose time does not grow with M. The CUDA-core GEMV's work does:
+# each row adds an FFMA and an activation load per weight to ~4.3 (W4) / ~5 (W8) instructions at
+# M = 1 (sm_90 SASS: x1.45 at M = 2, x1.9 at M = 3, and spills at M = 4 for W8). M = 1 and 2 are
+# measured (docs/PERF.md); the crossover against the tensor-core kernels at M = 3..16 is not.
+# RTLLM_QUANT_GEMV=0 turns the GEMV off (the M = 1 W4 GEMV and tensor-core kernels of before, for
+# comparisons).
 _GEMV_ON = os.environ.get("RTLLM_QUANT_GEMV", "1") != "0"
 W4_GEMV_MAX_M = 2 if _GEMV_ON else 0
 W8_GEMV_MAX_M = 2 if _GEMV_ON else 0
