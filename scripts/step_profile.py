@@ -20,25 +20,18 @@ import argparse
 import gc
 import os
 import random
-import statistics
 import time
 
 import torch
 from kernel_profile import kernel_table
 from torch.profiler import ProfilerActivity, profile
 
+from rtllm.bench.bounds import time_cuda
+
 
 def timed(fn, n: int) -> float:
     """Median ms of ``n`` calls of ``fn``, by CUDA events."""
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return time_cuda(fn, n) * 1e3
 
 
 def run_engine(quant: str, kv: str, args) -> None:
