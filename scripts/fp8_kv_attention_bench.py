@@ -15,7 +15,8 @@ calls, median of 5 (launch overhead as in the engine's graphs); decode also as b
 bytes read / time).
 
 Usage (repo root, after ``source scripts/gpu_env.sh``): python3 scripts/fp8_kv_attention_bench.py [--sweep]
-(--sweep: also time the FP8-cache decode kernel over BLOCK_N / warps / stages at the decode batch)
+[--decode-only] (--sweep: also time the decode kernel, FP8 and bf16 caches, over prefetch / BLOCK_N / warps /
+stages / register caps at the decode batch; --decode-only: skip the two prefill cases)
 """
 
 from __future__ import annotations
@@ -122,28 +123,47 @@ def decode_case(label: str, lens: list[int]) -> bool:
     return ok
 
 
+# (prefetch, BLOCK_N, warps, stages, register cap, words): prefetch 0 is Triton's pipeliner (stages > 1), 1 / 2
+# the kernel's own register prefetch of that many tiles ahead (stages 1); words: the e4m3 cache read as int32
+# words, decoded by cvt.rn.f16x2.e4m3x2 on their halves
+SWEEP_FP8 = [
+    (0, 32, 4, 3, None, False), (0, 32, 4, 3, None, True), (0, 64, 4, 3, None, True), (0, 64, 8, 3, None, True),
+    (1, 32, 4, 1, None, False), (2, 32, 4, 1, None, False),
+    (1, 16, 4, 1, None, True), (1, 32, 4, 1, None, True), (1, 32, 4, 1, 128, True), (1, 64, 4, 1, None, True),
+    (1, 64, 8, 1, None, True),
+    (2, 16, 4, 1, None, True), (2, 32, 4, 1, None, True), (2, 32, 4, 1, 128, True), (2, 32, 2, 1, None, True),
+    (2, 32, 8, 1, None, True), (2, 64, 8, 1, None, True),
+]
+SWEEP_BF16 = [
+    (0, 64, 4, 3, None, False), (0, 32, 4, 3, None, False), (1, 32, 4, 1, None, False), (1, 64, 4, 1, None, False),
+    (1, 64, 8, 1, None, False), (2, 32, 4, 1, None, False), (2, 64, 8, 1, None, False),
+]
+
+
 def decode_sweep(lens: list[int]) -> None:
-    """The FP8-cache decode kernel's launch parameters at this batch: (BLOCK_N, warps, stages) -> us,
-    beside the bf16 cache at its defaults (each output checked against the torch reference)."""
+    """The decode kernel's launch parameters at this batch, FP8 then bf16 cache: (prefetch, BLOCK_N, warps,
+    stages, register cap, words) -> us (each output checked against the torch reference)."""
     p = Batch([n - 1 for n in lens], [1] * len(lens), seed=1)
     cached = sum(n - 1 for n in lens) * HKV * D * 2
     args = (p.q, p.k, p.v, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, p.scale, max(lens))
     base = graph_us(partial(tri.paged_decode_attention_triton, *args))
-    print(f"== decode sweep, FP8 cache, {len(lens)} sequences (bf16 cache at its defaults: {base:.1f} us)")
+    print(f"== decode sweep, {len(lens)} sequences (bf16 cache at its defaults: {base:.1f} us)")
     args8 = (p.q, p.k, p.v, p.k8, p.v8, p.block_tables, p.seq_lens, p.scale, max(lens))
-    expected = ref.paged_decode_attention_torch(*args8)
-    for bn in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (1, 2, 3, 4):
-                fn = partial(tri.paged_decode_attention_triton, *args8, block_n=bn, num_warps=warps, num_stages=stages)
-                try:
-                    ok = torch.allclose(fn().float(), expected.float(), atol=3e-2, rtol=3e-2)
-                    t = graph_us(fn)
-                except Exception as e:  # noqa: BLE001 - out of shared memory / registers
-                    print(f"  block_n {bn:3d} warps {warps} stages {stages}: failed ({type(e).__name__})")
-                    continue
-                print(f"  block_n {bn:3d} warps {warps} stages {stages}: {t:7.1f} us  {cached / (t * 1e-6) / 1e12:.2f} "
-                      f"TB/s of cache  {t / base:.2f}x bf16{'' if ok else '  MISMATCH'}")
+    for name, a, byte, grid in (("fp8", args8, 1, SWEEP_FP8), ("bf16", args, 2, SWEEP_BF16)):
+        expected = ref.paged_decode_attention_torch(*a)
+        for pf, bn, warps, stages, regs, words in grid:
+            fn = partial(tri.paged_decode_attention_triton, *a, block_n=bn, num_warps=warps, num_stages=stages,
+                         prefetch=pf, max_regs=regs, fp8_words=words)
+            label = (f"{name:>4} prefetch {pf} block_n {bn:3d} warps {warps} stages {stages} regs {regs or '-':>3}"
+                     f"{' words' if words else ''}")
+            try:
+                ok = torch.allclose(fn().float(), expected.float(), atol=3e-2, rtol=3e-2)
+                t = graph_us(fn)
+            except Exception as e:  # noqa: BLE001 - out of shared memory / registers
+                print(f"  {label}: failed ({type(e).__name__})")
+                continue
+            print(f"  {label}: {t:7.1f} us  {cached * byte / 2 / (t * 1e-6) / 1e12:.2f} TB/s of cache  "
+                  f"{t / base:.2f}x bf16 default{'' if ok else '  MISMATCH'}")
 
 
 def prefill_flops(ctx: list[int], new: list[int]) -> float:
@@ -165,8 +185,10 @@ def report(times: dict, outs: dict, flops: float | None = None, bandwidth: dict 
 def main() -> None:
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
-    ok = prefill_case("prefill (ISL 128)", [0] * 64, [128] * 64)
-    ok &= prefill_case("chunked prefill", [2048], [2048])
+    ok = True
+    if "--decode-only" not in sys.argv:
+        ok &= prefill_case("prefill (ISL 128)", [0] * 64, [128] * 64)
+        ok &= prefill_case("chunked prefill", [2048], [2048])
     g = torch.Generator().manual_seed(2)
     lens = torch.randint(128, 256, (512,), generator=g).tolist()
     ok &= decode_case("decode (c512)", lens)

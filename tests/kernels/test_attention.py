@@ -438,3 +438,13 @@ def test_engine_like_steps_match_dense_oracle() -> None:
         out = tri.paged_decode_attention_triton(qr, kr, v, k_cache, v_cache, tables, sl, d**-0.5, max(pos) + 1)
         expected = torch.cat([oracle(b, p, p + 1) for b, p in enumerate(pos)])
         torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)
+    """The register-prefetch loop on a 16-bit / fp32 cache: lengths around block and tile boundaries,
+    one split and several (more splits than some sequences have tiles)."""
+    lens = [1, 2, BS, BS + 1, 2 * BS - 1, 4 * BS + 3, 7 * BS + 5]
+    p = Paged([n - 1 for n in lens], [1] * len(lens), *heads, BS, dtype, seed=8)
+    max_len = max(p.seq_lens)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
+    expected = ref.paged_decode_attention_torch(*args)
+    for splits in (1, 4):
+        out = tri.paged_decode_attention_triton(*args, num_splits=splits, block_n=16, prefetch=prefetch)
+        close(out, expected, dtype)

@@ -144,3 +144,26 @@ def test_fp8_dispatch_matches_reference() -> None:
     args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 21)
     out = ref.paged_decode_attention(*args, k_scale=0.1, v_scale=0.2)
     torch.testing.assert_close(out.double(), p.dense(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
+@pytest.mark.parametrize(
+    "prefetch,block_n,bs,words", [(1, 16, BS, False), (2, 16, BS, True), (2, 32, 32, False), (1, 16, 8, True),
+                                  (0, 16, BS, True)]
+)
+def test_decode_fp8_prefetch(heads, prefetch, block_n, bs, words) -> None:
+    """The register-prefetch loop (tiles loaded 1 or 2 ahead) and the cache read as int32 words of four
+    e4m3 codes: ragged lengths around block and tile boundaries (fewer tokens than the prefetch distance,
+    exactly a tile, a tile + 1, a block + 1), tiles spanning several blocks (block size 8 < BLOCK_N), one
+    split and several (empty splits included)."""
+    lens = [1, 2, block_n, block_n + 1, bs + 1, 3 * block_n - 1, 5 * block_n + 3]
+    p = fp8_paged([n - 1 for n in lens], [1] * len(lens), *heads, bs, torch.bfloat16, 0.05, 0.02, seed=7)
+    max_len = max(p.seq_lens)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
+    expected = ref.paged_decode_attention_torch(*args, None, 0.05, 0.02)
+    for splits in (1, 3):
+        out = tri.paged_decode_attention_triton(
+            *args, num_splits=splits, block_n=block_n, prefetch=prefetch, fp8_words=words, k_scale=0.05,
+            v_scale=0.02,
+        )
+        close(out, expected, torch.bfloat16)

@@ -6,17 +6,76 @@ import torch
 import triton
 import triton.language as tl
 
-from rtllm.kernels.triton_attention.common import LOG2E, TL_DTYPES, dot_config, sm_count
+from rtllm.kernels.triton_attention.common import LOG2E, TL_DTYPES, dot_config, interpreting, sm_count
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 
 # --------------------------------------------------------------------------------------------
 # decode: flash-decoding over a paged cache
 
 
+@triton.jit
+def _decode_tile(qc, k, v, mask_n, m_i, l_i, acc, qk_scale_cache, DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, D] K/V tile (rows past mask_n hold zeros)."""
+    qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _e4m3_words_to_f16(w, CVT_ASM: tl.constexpr):
+    """int32 words of four e4m3 codes [R, C] -> fp16 [R, 4 C] (code i of word j -> column 4 j + i), exact.
+    CVT_ASM (compiled kernels): two cvt.rn.f16x2.e4m3x2 on the word's halves; Triton's own conversion of a
+    byte tile repacks the bytes into 16-bit pairs first (~4 PRMT a pair on sm_90, more than the rest of
+    the loop). Else (the interpreter) each byte through Triton's conversion."""
+    if CVT_ASM:
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
+            "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+            "=h,=h,=h,=h,r",
+            [w],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        o0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [R, C, 2, 2]: [..., a, b] = code 2 a + b
+    return tl.reshape(x, (w.shape[0], 4 * w.shape[1]))
+
+
+@triton.jit
+def _to_dot(x, DOT: tl.constexpr, KV_WORDS: tl.constexpr, CVT_ASM: tl.constexpr):
+    """A loaded K/V tile in the dots' dtype (words of e4m3 codes where KV_WORDS)."""
+    if KV_WORDS:
+        return _e4m3_words_to_f16(x, CVT_ASM)
+    else:
+        return x.to(DOT)
+
+
+@triton.jit
+def _load_kv_tile(
+    k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE: tl.constexpr
+):
+    """K and V rows at positions pos (block ids blk), zeros at pos >= end: the cache's dtype."""
+    mask_kv = (pos < end)[:, None] & mask_c[None, :]
+    row = pos % PAGE
+    k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
+    v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
+    return k, v
+
+
 # Integer arguments that change from step to step are not specialized (Triton would compile one
 # variant per "== 1" / "divisible by 16" class of each, and a compile stalls the step loop for
 # ~1 s whenever serving first meets a new class).
-@triton.jit(do_not_specialize=["split_tokens", "num_splits", "stride_btb"])
+@triton.jit(do_not_specialize=["split_tokens", "num_splits", "stride_btb", "bt_cols"])
 def _decode_split_kernel(
     q_ptr,
     kn_ptr,
@@ -52,6 +111,7 @@ def _decode_split_kernel(
     stride_vh,
     stride_vd,
     stride_btb,
+    bt_cols,
     stride_ob,
     stride_oh,
     stride_od,
@@ -65,6 +125,9 @@ def _decode_split_kernel(
     DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KV_FP8: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
+    KV_WORDS: tl.constexpr = False,
+    CVT_ASM: tl.constexpr = False,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
     [split * split_tokens, min(+split_tokens, seq_len)): in the split that holds it, the token being
@@ -110,24 +173,111 @@ def _decode_split_kernel(
         vn = vn.to(tl.float32) / v_scale
     acc = tl.where(own, tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + vn.to(tl.float32)[None, :], 0.0)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    k_head = k_ptr + hk * stride_kh + offs_d[None, :] * stride_kd
-    v_head = v_ptr + hk * stride_vh + offs_d[None, :] * stride_vd
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n
-        mask_n = pos < end
-        blk = tl.load(bt_row + pos // PAGE, mask=mask_n, other=0).to(tl.int64)
-        row = pos % PAGE
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0).to(DOT)
-        qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0).to(DOT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
-        m_i = m_new
+    if KV_WORDS:  # the cache as int32 words of four e4m3 codes
+        offs_c = tl.arange(0, BLOCK_D // 4)
+        mask_c = offs_c < HEAD_DIM // 4
+    else:
+        offs_c = offs_d
+        mask_c = mask_d
+    k_head = k_ptr + hk * stride_kh + offs_c[None, :] * stride_kd
+    v_head = v_ptr + hk * stride_vh + offs_c[None, :] * stride_vd
+    if PREFETCH > 0:
+        # Software pipeline in registers: tile i+PREFETCH's K/V are loaded (ld.global, nothing waits on
+        # them) before tile i is used, and the block-table entries of the tile after that one before
+        # that, so PREFETCH tiles' loads are in flight while a tile is computed (Triton's own pipeliner
+        # keeps one copy in flight for this gather, issued after the tile before it is used). The first
+        # tiles' entries are bounded by the table's width, not by seq_len, so they do not wait for it
+        # (entries past the sequence go unused: K/V are masked by position).
+        pos = start + offs_n
+        blk = tl.load(bt_row + pos // PAGE, mask=pos // PAGE < bt_cols, other=0).to(tl.int64)
+        blk_nx = tl.load(bt_row + (pos + BLOCK_N) // PAGE, mask=(pos + BLOCK_N) // PAGE < bt_cols, other=0)
+        k_a, v_a = _load_kv_tile(
+            k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE
+        )
+        if PREFETCH == 2:
+            pos2 = pos + 2 * BLOCK_N
+            blk_nx2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 // PAGE < bt_cols, other=0)
+            k_b, v_b = _load_kv_tile(
+                k_head,
+                v_head,
+                blk_nx.to(tl.int64),
+                pos + BLOCK_N,
+                end,
+                mask_c,
+                stride_kb,
+                stride_kt,
+                stride_vb,
+                stride_vt,
+                PAGE,
+            )
+            blk_nx = blk_nx2
+        for n0 in range(start, end, BLOCK_N):
+            k_raw = k_a
+            v_raw = v_a
+            pos_nx = n0 + PREFETCH * BLOCK_N + offs_n
+            if PREFETCH == 2:
+                k_a = k_b
+                v_a = v_b
+                k_b, v_b = _load_kv_tile(
+                    k_head,
+                    v_head,
+                    blk_nx.to(tl.int64),
+                    pos_nx,
+                    end,
+                    mask_c,
+                    stride_kb,
+                    stride_kt,
+                    stride_vb,
+                    stride_vt,
+                    PAGE,
+                )
+            else:
+                k_a, v_a = _load_kv_tile(
+                    k_head,
+                    v_head,
+                    blk_nx.to(tl.int64),
+                    pos_nx,
+                    end,
+                    mask_c,
+                    stride_kb,
+                    stride_kt,
+                    stride_vb,
+                    stride_vt,
+                    PAGE,
+                )
+            pos_bt = pos_nx + BLOCK_N
+            blk_nx = tl.load(bt_row + pos_bt // PAGE, mask=pos_bt < end, other=0)
+            m_i, l_i, acc = _decode_tile(
+                qc,
+                _to_dot(k_raw, DOT, KV_WORDS, CVT_ASM),
+                _to_dot(v_raw, DOT, KV_WORDS, CVT_ASM),
+                n0 + offs_n < end,
+                m_i,
+                l_i,
+                acc,
+                qk_scale_cache,
+                DOT,
+                DOT_PREC,
+            )
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            mask_n = pos < end
+            blk = tl.load(bt_row + pos // PAGE, mask=mask_n, other=0).to(tl.int64)
+            row = pos % PAGE
+            mask_kv = mask_n[:, None] & mask_c[None, :]
+            k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
+            k = _to_dot(k, DOT, KV_WORDS, CVT_ASM)
+            qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
+            v = _to_dot(v, DOT, KV_WORDS, CVT_ASM)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
+            m_i = m_new
     if KV_FP8:
         acc = acc * v_scale
 
@@ -237,6 +387,9 @@ def paged_decode_attention_triton(
     cache_dot: torch.dtype | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch: int | None = None,
+    max_regs: int | None = None,
+    fp8_words: bool | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D], with the step's own k, v [B, Hkv, D] -> [B, Hq, D]
     (q's dtype).
@@ -253,7 +406,10 @@ def paged_decode_attention_triton(
     block_size), keeping an online softmax in fp32. Kernel 2 (grid (B, Hq)) merges the splits;
     with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
     seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``,
-    ``block_n``, ``num_warps`` and ``num_stages`` override the heuristics (tests, tuning). A
+    ``block_n``, ``num_warps``, ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles
+    loaded that many ahead in registers), ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3
+    cache read as int32 words of four codes, decoded two codes an instruction) override the heuristics
+    (tests, tuning). A
     float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles converted to fp16 for the dots
     (:func:`~rtllm.kernels.triton_attention.prefill.cache_dot_dtype`; ``cache_dot`` overrides it:
     benchmarks).
@@ -294,15 +450,21 @@ def paged_decode_attention_triton(
         lsum = torch.empty_like(m)
         acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     num_warps = num_warps or (4 if block_g * block_d <= 64 * 128 else 8)
-    stages = num_stages or (3 if (esize <= 2 and block_d <= 128) else 2)
+    if prefetch is None:
+        prefetch = 0
+    words = bool(fp8_words) and fp8 and dot_dtype == torch.float16 and D % 4 == 0
+    words = words and all(c.stride(-1) == 1 and c.storage_offset() % 4 == 0 for c in (k_cache, v_cache))
+    kc, vc = (k_cache.view(torch.int32), v_cache.view(torch.int32)) if words else (k_cache, v_cache)
+    stages = num_stages or (1 if prefetch else 3 if (esize <= 2 and block_d <= 128) else 2)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k, v, k_cache, v_cache, block_tables, seq_lens, out, m, lsum, acc,
+        q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,
-        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *kc.stride(), *vc.stride(), block_tables.stride(0),
+        block_tables.shape[1], *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
         ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
-        num_warps=num_warps, num_stages=stages,
+        PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q),
+        num_warps=num_warps, num_stages=stages, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
     if not one:
         _decode_reduce_kernel[(B, Hq)](
