@@ -438,6 +438,12 @@ def test_engine_like_steps_match_dense_oracle() -> None:
         out = tri.paged_decode_attention_triton(qr, kr, v, k_cache, v_cache, tables, sl, d**-0.5, max(pos) + 1)
         expected = torch.cat([oracle(b, p, p + 1) for b, p in enumerate(pos)])
         torch.testing.assert_close(out.double(), expected, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}-d{h[2]}")
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_prefetch(heads, prefetch, dtype) -> None:
     """The register-prefetch loop on a 16-bit / fp32 cache: lengths around block and tile boundaries,
     one split and several (more splits than some sequences have tiles)."""
     lens = [1, 2, BS, BS + 1, 2 * BS - 1, 4 * BS + 3, 7 * BS + 5]

@@ -167,3 +167,27 @@ def test_decode_fp8_prefetch(heads, prefetch, block_n, bs, words) -> None:
             v_scale=0.02,
         )
         close(out, expected, torch.bfloat16)
+
+
+def test_e4m3_words_decode_every_code_in_place() -> None:
+    """The int32-word decode (the interpreter's byte path; the PTX one in tests/gpu): each of the 256 codes
+    of a word, in each of its 4 places, gives torch's fp16 value at column 4 j + i."""
+    import triton
+    import triton.language as tl
+
+    from rtllm.kernels.triton_attention.decode import _e4m3_words_to_f16
+
+    @triton.jit
+    def kernel(w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+        w = tl.load(w_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+        x = _e4m3_words_to_f16(w, False)
+        tl.store(out_ptr + tl.arange(0, R)[:, None] * (4 * C) + tl.arange(0, 4 * C)[None, :], x)
+
+    codes = torch.cat([torch.arange(256), torch.arange(256).flip(0), torch.randperm(256), torch.randperm(256)])
+    codes = codes.to(torch.uint8).view(16, 64)
+    out = torch.empty(16, 64, dtype=torch.float16)
+    kernel[(1,)](codes.view(torch.int32), out, R=16, C=16)
+    expected = codes.view(FP8).to(torch.float16)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])

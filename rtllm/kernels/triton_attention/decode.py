@@ -408,7 +408,8 @@ def paged_decode_attention_triton(
     seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles
     loaded that many ahead in registers), ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3
-    cache read as int32 words of four codes, decoded two codes an instruction) override the heuristics
+    cache read as int32 words of four codes, decoded two codes an instruction: the default where the
+    dots run in fp16, head_dim % 4 == 0 and the caches are 4-byte aligned) override the heuristics
     (tests, tuning). A
     float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles converted to fp16 for the dots
     (:func:`~rtllm.kernels.triton_attention.prefill.cache_dot_dtype`; ``cache_dot`` overrides it:
@@ -426,9 +427,19 @@ def paged_decode_attention_triton(
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     dot_dtype = cache_dot or cache_dot_dtype(q.dtype, k_cache.dtype)
     esize = torch.tensor([], dtype=dot_dtype).element_size()
+    words = (True if fp8_words is None else fp8_words) and fp8 and dot_dtype == torch.float16 and D % 4 == 0
+    words = words and all(c.stride(-1) == 1 and c.storage_offset() % 4 == 0 for c in (k_cache, v_cache))
+    tuned_words = words and block_d <= 128 and block_n is None and num_warps is None and num_stages is None
+    if tuned_words and max_regs is None:
+        # e4m3 words (H100, 512 sequences of ~190 tokens, scripts/fp8_kv_attention_bench.py --sweep): 64-token
+        # tiles, 4 warps, 2 stages, 96 registers (5 programs an SM): 103.8 us a layer; the byte tiles' best
+        # (32, 4 warps, 3 stages) 125.4; a bf16 cache 149.9
+        max_regs = 96
     if block_n is None:  # sm_90a: no spills at these sizes (16-bit: <= 117 regs; fp32 FMA: <= 92)
-        if fp8 and esize == 2 and block_d <= 128:
-            # e4m3 tiles: 32 tokens (H100, 512 sequences of ~190 tokens, scripts/fp8_kv_attention_bench.py
+        if words and block_d <= 128:
+            block_n = 64
+        elif fp8 and esize == 2 and block_d <= 128:
+            # e4m3 byte tiles: 32 tokens (H100, 512 sequences of ~190 tokens, scripts/fp8_kv_attention_bench.py
             # --sweep: 124 us a layer vs 158 at 64, and vs 149 for a bf16 cache; 64 with 2 stages: 128)
             block_n = 32
         elif esize >= 4:
@@ -452,10 +463,8 @@ def paged_decode_attention_triton(
     num_warps = num_warps or (4 if block_g * block_d <= 64 * 128 else 8)
     if prefetch is None:
         prefetch = 0
-    words = bool(fp8_words) and fp8 and dot_dtype == torch.float16 and D % 4 == 0
-    words = words and all(c.stride(-1) == 1 and c.storage_offset() % 4 == 0 for c in (k_cache, v_cache))
     kc, vc = (k_cache.view(torch.int32), v_cache.view(torch.int32)) if words else (k_cache, v_cache)
-    stages = num_stages or (1 if prefetch else 3 if (esize <= 2 and block_d <= 128) else 2)
+    stages = num_stages or (1 if prefetch else 2 if tuned_words else 3 if (esize <= 2 and block_d <= 128) else 2)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,

@@ -1,0 +1,64 @@
+"""Compiled decode attention over an FP8 (e4m3) cache (skipped without CUDA): the int32-word path decodes
+with inline PTX (cvt.rn.f16x2.e4m3x2), which the interpreter cannot run, so it is checked here: every e4m3
+code decodes to torch's fp16 value in its place, and the kernel matches the torch reference at ragged
+lengths, block-table boundaries, GQA 1/4/8 and head_dim 64/128."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from rtllm.kernels import attention as ref
+from rtllm.kernels import triton_attention as tri
+from rtllm.kernels.triton_attention.decode import _e4m3_words_to_f16
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _decode_words(w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+    w = tl.load(w_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+    x = _e4m3_words_to_f16(w, True)
+    tl.store(out_ptr + tl.arange(0, R)[:, None] * (4 * C) + tl.arange(0, 4 * C)[None, :], x)
+
+
+def test_e4m3_words_decode_every_code_in_place():
+    codes = torch.cat([torch.arange(256), torch.arange(256).flip(0), torch.randperm(256), torch.randperm(256)])
+    codes = codes.to(torch.uint8).cuda().view(16, 64)
+    out = torch.empty(16, 64, dtype=torch.float16, device="cuda")
+    _decode_words[(1,)](codes.view(torch.int32), out, R=16, C=16)
+    expected = codes.view(FP8).to(torch.float16)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])  # exact, signed zeros too
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (32, 8, 128), (16, 2, 128)])
+@pytest.mark.parametrize("page", [16, 32])
+def test_decode_fp8_words_matches_reference(hq, hkv, d, page):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens = [1, 2, page, page + 1, 63, 64, 65, 2 * page + 7, 300, 511]
+    B = len(lens)
+    nblocks = [-(-n // page) for n in lens]
+    ids = torch.randperm(sum(nblocks) + 2, generator=g, device="cuda").to(torch.int32)
+    tables = torch.zeros(B, max(nblocks) + 1, dtype=torch.int32, device="cuda")
+    start = 0
+    for b, n in enumerate(nblocks):
+        tables[b, :n] = ids[start : start + n]
+        start += n
+    nb = sum(nblocks) + 2
+    k_cache = (torch.randn(nb, page, hkv, d, generator=g, device="cuda") * 3).to(FP8)
+    v_cache = (torch.randn(nb, page, hkv, d, generator=g, device="cuda") * 3).to(FP8)
+    q = torch.randn(B, hq, d, generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn(B, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
+    v = torch.randn(B, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    args = (q, k, v, k_cache, v_cache, tables, seq_lens, d**-0.5, max(lens))
+    expected = ref.paged_decode_attention_torch(*args, None, 0.05, 0.02).float()
+    bytes_ = tri.paged_decode_attention_triton(*args, k_scale=0.05, v_scale=0.02, fp8_words=False)
+    for kw in ({}, {"num_splits": 1}, {"num_splits": 5}, {"prefetch": 2, "block_n": 32}, {"block_n": 32}):
+        out = tri.paged_decode_attention_triton(*args, k_scale=0.05, v_scale=0.02, **kw)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        if not kw:  # same values into the same fp16 dots as the byte tiles: fp32 summation order at most
+            torch.testing.assert_close(out.float(), bytes_.float(), atol=1e-2, rtol=1e-2)
