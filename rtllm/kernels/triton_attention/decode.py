@@ -431,9 +431,10 @@ def paged_decode_attention_triton(
     words = words and all(c.stride(-1) == 1 and c.storage_offset() % 4 == 0 for c in (k_cache, v_cache))
     tuned_words = words and block_d <= 128 and block_n is None and num_warps is None and num_stages is None
     if tuned_words and max_regs is None:
-        # e4m3 words (H100, 512 sequences of ~190 tokens, scripts/fp8_kv_attention_bench.py --sweep): 64-token
-        # tiles, 4 warps, 2 stages, 96 registers (5 programs an SM): 103.8 us a layer; the byte tiles' best
-        # (32, 4 warps, 3 stages) 125.4; a bf16 cache 149.9
+        # e4m3 words (H100, 512 sequences of ~194 tokens, scripts/fp8_kv_attention_bench.py --sweep): 64-token
+        # tiles, 4 warps, 2 stages, 96 registers (5 programs an SM): 102.6 us a layer; the byte tiles' best
+        # (32, 4 warps, 3 stages) 125.0; a bf16 cache 148.8. 2 warps: 101.9-102.7 here, but 41.5 vs 39.5 us at
+        # 32 sequences of ~760 tokens. Register prefetch (prefetch=1/2) measured slower: 126-204 us.
         max_regs = 96
     if block_n is None:  # sm_90a: no spills at these sizes (16-bit: <= 117 regs; fp32 FMA: <= 92)
         if words and block_d <= 128:
