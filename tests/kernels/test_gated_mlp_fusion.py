@@ -116,10 +116,13 @@ def test_tensor_parallel_rank_fuses_its_own_columns(triton_on_cpu, fmt):
     assert all(triton_on_cpu)
 
 
-@pytest.mark.parametrize("qc", FORMATS, ids=lambda q: q.quant_algo)
-def test_tiny_llama_greedy_tokens_unchanged_by_fusion(tiny, triton_on_cpu, monkeypatch, qc):
+def test_tiny_llama_greedy_tokens_unchanged_by_fusion(tiny, triton_on_cpu, monkeypatch):
     """Two requests, the second arriving later: decode steps of one and of two rows (both fused). Only the
-    decode rows run Triton (prefill takes the references, the same with the fusion on and off: faster)."""
+    decode rows run Triton (prefill takes the references, the same with the fusion on and off: faster).
+    One format (FP8: the W8 GEMV): this checks the engine's wiring (LlamaMLP -> gated_up at 1 and 2 rows);
+    each format's fused MLP is checked bit-equal to the unfused one above (each engine run here takes
+    ~10 s of interpreted kernels)."""
+    qc = QuantConfig("FP8")
     monkeypatch.setattr(qg, "triton_enabled", lambda t: t.shape[0] <= qg.W8_GEMV_MAX_M)
     loaded, _ = _load(tiny, qc)
     prompts = ramp_prompts(2, seed=3, lo=5, hi=12)
