@@ -170,8 +170,8 @@ def join_group(cfg: WorkerConfig) -> EngineConfig:
     if device.startswith("cuda"):
         local = cfg.local_rank if cfg.local_rank is not None else cfg.rank
         device = f"cuda:{local % torch.cuda.device_count()}"
-    else:  # the host's cores shared between the ranks, not oversubscribed
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // mapping.world_size))
+    else:  # the host's cores shared between the ranks, not oversubscribed (nor above OMP_NUM_THREADS)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // mapping.world_size)))
     comm.init_distributed(mapping, cfg.dist_init_method, device)
     return dataclasses.replace(ec, mapping=mapping, device=device)
 

