@@ -131,6 +131,20 @@ def test_cpu_kernel_limits():
         torch.ops.aten._weight_int4pack_mm_for_cpu(torch.randn(1, 96), packed, 16, torch.ones(6, 64, 2))
 
 
+@pytest.mark.parametrize("g", GROUPS)
+def test_awq_fake_quant_is_quantize_then_dequantize(g):
+    """The AWQ searches' one-pass fake quantization equals the stored format's round trip to the bit,
+    constant groups (scale 0) included."""
+    from rtllm.quantization.awq import fake_quant_w4
+
+    w = torch.randn(48, 512, generator=_gen(g)) * torch.rand(48, 1, generator=_gen(g + 1)) * 3
+    w[5, :g] = 0.25  # a constant group
+    codes, scales, zeros = quantize_w4_asym(w, g)
+    assert torch.equal(fake_quant_w4(w, g), dequantize_w4(codes, scales.to(BF16), zeros.to(BF16)))
+    with pytest.raises(ValueError, match="does not divide"):
+        fake_quant_w4(w[:, :100], g)
+
+
 # -- W4A16Linear -----------------------------------------------------------------------------
 
 def _linear(K: int, N: int, dtype, bias=True, seed=0) -> Linear:
