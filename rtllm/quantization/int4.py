@@ -22,8 +22,9 @@ CPU_PACK_N_MULTIPLE = 16  # torch's CPU int4 packer needs out_features divisible
 _BLOCK_N = 64  # rows per block of the CPU packed layout (see unpack_w4_cpu)
 
 
-def quantize_w4_asym(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (codes int32 [N, K] in 0..15, scales fp32 [K/g, N], zeros fp32 [K/g, N]).
+def quantize_w4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes fp32 [N, K/g, g] in 0..15, scales fp32 [N, K/g, 1], zeros fp32 [N, K/g, 1]),
+    grouped as computed: the math of :func:`quantize_w4_asym`, for callers that dequantize right away.
 
     Computed in fp32. A constant group (max == min) gets scale 0, codes 0 and zero = the value."""
     if w.dim() != 2:
@@ -32,13 +33,22 @@ def quantize_w4_asym(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     if K % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={K}")
     wg = w.detach().float().reshape(N, K // group_size, group_size)
-    lo = wg.amin(dim=-1)
-    hi = wg.amax(dim=-1)
-    scale = (hi - lo) / 15.0  # [N, K/g]
+    lo, hi = torch.aminmax(wg, dim=-1, keepdim=True)
+    scale = (hi - lo) / 15.0
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = torch.round((wg - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15)
+    codes = torch.round((wg - lo).mul_(inv)).clamp_(0, 15)
     zero = lo + 8.0 * scale  # the value of code 8: (0 - 8) * scale + zero == lo
-    return codes.reshape(N, K).to(torch.int32), scale.t().contiguous(), zero.t().contiguous()
+    return codes, scale, zero
+
+
+def quantize_w4_asym(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes int32 [N, K] in 0..15, scales fp32 [K/g, N], zeros fp32 [K/g, N]).
+
+    Computed in fp32 (:func:`quantize_w4_groups`). A constant group (max == min) gets scale 0, codes 0
+    and zero = the value."""
+    codes, scale, zero = quantize_w4_groups(w, group_size)
+    return (codes.reshape(w.shape).to(torch.int32), scale.squeeze(-1).t().contiguous(),
+            zero.squeeze(-1).t().contiguous())
 
 
 def dequantize_w4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
