@@ -1,7 +1,6 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end, against transformers
 loading the same GGUF (dequantized) as the oracle."""
 
-
 import pytest
 import torch
 

@@ -11,6 +11,7 @@ from rtllm.config import EngineConfig, KvCacheConfig, SchedulerConfig
 from rtllm.quantization.config import QuantConfig
 from rtllm.runtime.py_executor import PyExecutor
 from rtllm.sampling_params import SamplingParams
+from tests.quantization.chat_question import question_ids
 from tests.tiny import engine_last_logits, make_checkpoint, ramp_prompts, run_engine
 
 
@@ -134,8 +135,6 @@ def test_default_model_chat_contains_paris(default_model) -> None:
     from rtllm.llmapi.default_model import default_model_path
 
     loaded, tok = default_model
-    from tests.quantization.chat_question import question_ids
-
     prompt = question_ids(tok)
     e = PyExecutor(EngineConfig(
         default_model_path(), dtype="bfloat16", device="cpu", kv_cache_config=KvCacheConfig(max_tokens=1024),

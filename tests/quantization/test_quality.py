@@ -23,6 +23,7 @@ from rtllm.models.loader import load_model, quantize_model
 from rtllm.quantization.calib_data import evaluation_text
 from rtllm.quantization.config import QuantConfig
 from rtllm.tokenizer import load_tokenizer
+from tests.quantization.chat_question import question_ids
 
 TOKENS = 512
 FORMATS = {
@@ -59,7 +60,6 @@ def quantized(dense):
 def _chat(loaded, tok, model) -> str:
     from rtllm.models.loader import LoadedModel
     from rtllm.sampling_params import SamplingParams
-    from tests.quantization.chat_question import question_ids
     from tests.tiny import make_engine, run_engine
 
     prompt = question_ids(tok)
