@@ -30,8 +30,10 @@ def hf_logits(dtype, seqs):
 def engine_top1(dtype, seqs, plens):
     with LLM(dtype=dtype, device="cuda", max_seq_len=512, max_batch_size=20, tensor_parallel_size=TP,
              executor_type="inprocess" if TP == 1 else "multiprocess") as llm:
-        outs = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0), use_tqdm=False)
-    return [[max(top, key=lambda kv: kv[1])[0] for _, top in o.prompt_logprobs[p:]] for o, p in zip(outs, plens)]
+        outs = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=5, temperature=0), use_tqdm=False)
+    # the top token, ties (equal bf16 logits) to the lowest id as argmax breaks them
+    return [[max(top, key=lambda kv: (kv[1], -kv[0]))[0] for _, top in o.prompt_logprobs[p:]]
+            for o, p in zip(outs, plens)]
 
 
 def main() -> None:

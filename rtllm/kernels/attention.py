@@ -177,15 +177,16 @@ def paged_prefill_attention_torch(
             slots = gather_slots(block_tables[b : b + 1], ctx, block_size)[0]
             kb = torch.cat((dequantize_kv(_select_rows(kc, slots), k_scale, q.dtype), kb))
             vb = torch.cat((dequantize_kv(_select_rows(vc, slots), v_scale, q.dtype), vb))
-        kb, vb = kb.transpose(0, 1), vb.transpose(0, 1)  # [Hkv, L, D]
-        qb = q[s:e].transpose(0, 1)  # [Hq, q_len, D]
+        # [1, H, L, D] as transformers calls SDPA: 3-D inputs take another CPU kernel (other bits)
+        kb, vb = kb.transpose(0, 1)[None], vb.transpose(0, 1)[None]  # [1, Hkv, L, D]
+        qb = q[s:e].transpose(0, 1)[None]  # [1, Hq, q_len, D]
         if ctx == 0:
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         else:
             qpos = torch.arange(ctx, kv_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-        out[s:e] = o.transpose(0, 1)
+        out[s:e] = o[0].transpose(0, 1)
     return out
 
 

@@ -12,12 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.triton_round import round_to
+
 
 @triton.jit
 def silu_mul(g, u, DTYPE: tl.constexpr):
     """silu(g) * u in fp32, g and u fp32 holding DTYPE values; silu(g) is rounded to DTYPE first (the
     caller rounds the product to DTYPE)."""
-    act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
+    act = round_to(g / (1.0 + tl.exp(-g)), DTYPE)
     return act * u
 
 
@@ -29,7 +31,7 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, stride_y, inter, BLOCK: tl.cons
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
     y = silu_mul(g, u, x_ptr.dtype.element_ty)
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,12 @@ ALU-bound quantization kernels need (e.g. SiLU-and-mul + quantization of a 14336
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from rtllm.kernels.triton_round import COMPILED
+
 FP8_MAX = tl.constexpr(448.0)
-# compiled kernels convert with the hardware instruction; the interpreter runs the integer encoding
-NATIVE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -25,7 +23,7 @@ def e4m3_bits(x):
     """fp32 x -> uint8 e4m3fn code of clamp(x, -448, 448), round to nearest, ties to even: the
     hardware conversion when compiled, the integer encoding under the interpreter (same bits)."""
     x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
-    if NATIVE_E4M3:
+    if COMPILED:
         return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     else:  # an explicit else: a compiled constexpr if checks a trailing return against the branch's
         return _e4m3_bits_int(x)

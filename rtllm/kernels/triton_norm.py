@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rtllm.kernels.triton_round import round_to
+
 
 @triton.jit
 def rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H: tl.constexpr,
@@ -29,15 +31,14 @@ def rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, 
     if ADD:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
         # the sum is rounded to its storage dtype first, and the norm is taken of that value
-        s = (x + r).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
-        x = s.to(tl.float32)
+        x = round_to(x + r, s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
     var = tl.sum(x * x, axis=0) / H
     rstd = 1.0 / tl.sqrt(var + eps)
     if ADD:
-        xn = (x * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
+        xn = round_to(x * rstd, s_ptr.dtype.element_ty)
     else:
-        xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        xn = round_to(x * rstd, x_ptr.dtype.element_ty)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return xn * w, offs, mask
 
@@ -60,7 +61,7 @@ def _rms_norm_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ Semantics are those of :func:`rtllm.kernels.rope.apply_rope_torch`:
 - the first ``rotary_dim`` channels of every head rotate as
   ``(x1 * cos - x2 * sin, x2 * cos + x1 * sin)`` with ``x1, x2`` the two halves of those channels;
   channels ``rotary_dim..D-1`` pass through unchanged;
-- math in fp32, results rounded to the input dtype; new tensors are returned (inputs untouched).
+- math in fp32 with transformers' rounding: cos and sin rounded to the output dtype, each product
+  and the sum rounded to it (as torch's ops in that dtype round); new tensors are returned.
 
 Programs (t, j): token t's q heads in blocks of a few heads (Q_ELEMS_PER_PROGRAM elements), then one
 program for its k heads (and, fused, its v heads): a decode step's single token spreads over several
@@ -22,14 +23,15 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.triton_fp8 import e4m3_bits
+from rtllm.kernels.triton_round import round_to
 
 
 @triton.jit
 def _norm_scale(x, rstd, nw_ptr, offs, mask, x_ptr, o_ptr):
     """RMSNorm of channels ``offs`` of the rows x [H, n] (fp32) with their rstd [H], in fp32."""
     w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    xn = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    return (xn * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
+    xn = round_to(x * rstd[:, None], x_ptr.dtype.element_ty)
+    return round_to(xn * w[None, :], o_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -80,9 +82,13 @@ def _rope_heads(
         rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / HEAD_DIM + eps)
         x1 = _norm_scale(x1, rstd, nw_ptr, offs_r, offs_r < ROT_HALF, x_ptr, o_ptr)
         x2 = _norm_scale(x2, rstd, nw_ptr, ROT_HALF + offs_r, offs_r < ROT_HALF, x_ptr, o_ptr)
-    # Round to the input dtype first (as the reference does), then to the cache dtype.
-    o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(o_ptr.dtype.element_ty)
-    o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(o_ptr.dtype.element_ty)
+    # Round as the reference does (cos, sin, each product and the sum to the output dtype), then to
+    # the cache dtype.
+    dt = o_ptr.dtype.element_ty
+    c = round_to(cos, dt)[None, :]
+    s = round_to(sin, dt)[None, :]
+    o1 = round_to(round_to(x1 * c, dt) - round_to(x2 * s, dt), dt).to(dt)
+    o2 = round_to(round_to(x2 * c, dt) + round_to(x1 * s, dt), dt).to(dt)
     o1_ptrs = o_ptr + offs_h[:, None] * stride_oh + offs_r[None, :] * stride_od
     tl.store(o1_ptrs, o1, mask=mask)
     tl.store(o1_ptrs + ROT_HALF * stride_od, o2, mask=mask)
