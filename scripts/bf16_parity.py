@@ -6,7 +6,11 @@ share of the residual stream that differs after each layer of a whole forward. O
 teacher-forced positions (a transformers fp32 greedy continuation): top-1 agreement of the logits,
 each sequence prefilled on its own, ties going to the lowest token id on both sides (argmax).
 
-    python scripts/bf16_parity.py [--device cuda] [--prompts 20]
+    python scripts/bf16_parity.py [--device cuda] [--prompts 20] [--random]
+
+--random: a SmolLM2-135M-shaped checkpoint with transformers' random init instead of the default
+model's GGUF (for a machine without it), random-token prompts; its op-by-op figures mean what they
+mean on the real model, its agreement does not (near-uniform logits tie everywhere).
 """
 
 from __future__ import annotations
@@ -80,6 +84,21 @@ def layer0(hf, ours, seq: list[int], dev: str) -> None:
     print("down GEMM        ", neq(m.down_proj(act), Lo.mlp.down_proj(act)))
 
 
+def random_checkpoint() -> str:
+    """A SmolLM2-135M-shaped Llama checkpoint (transformers' random init, seed 0) in a temp dir."""
+    import tempfile
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    path = tempfile.mkdtemp(prefix="smollm-random-")
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
 @torch.inference_mode()
 def main() -> None:
     import transformers as tf
@@ -91,20 +110,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--random", action="store_true", help="a random SmolLM2-135M-shaped checkpoint")
     args = ap.parse_args()
     dev = args.device
-    path = default_model_path()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = tf.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    m32 = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).to(dev).eval()
+    if args.random:
+        path = random_checkpoint()
+        load = dict(pretrained_model_name_or_path=path)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 49152, (12,), generator=g).tolist() for _ in range(args.prompts)]
+    else:
+        path = default_model_path()
+        load = dict(pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
+        tok = tf.AutoTokenizer.from_pretrained(**load)
+        prompts = [tok(f"Write a short paragraph about {t}.")["input_ids"] for t in TOPICS[: args.prompts]]
+    m32 = tf.AutoModelForCausalLM.from_pretrained(**load, dtype=torch.float32).to(dev).eval()
     seqs, plens = [], []
-    for t in TOPICS[: args.prompts]:
-        p = tok(f"Write a short paragraph about {t}.")["input_ids"]
+    for p in prompts:
         out = m32.generate(torch.tensor([p], device=dev), max_new_tokens=64, min_new_tokens=64, do_sample=False)
         seqs.append(out[0].tolist())
         plens.append(len(p))
     del m32
-    hf = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.bfloat16).to(dev).eval()
+    hf = tf.AutoModelForCausalLM.from_pretrained(**load, dtype=torch.bfloat16).to(dev).eval()
     ours = load_model(path, "bfloat16", device=dev).model
     print(f"device {dev}, attention {hf.config._attn_implementation}; layer 0 on the same inputs:")
     layer0(hf, ours, seqs[0], dev)
