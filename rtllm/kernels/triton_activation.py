@@ -31,7 +31,7 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, stride_y, inter, BLOCK: tl.cons
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
     y = silu_mul(g, u, x_ptr.dtype.element_ty)
-    tl.store(y_ptr + row * stride_y + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:

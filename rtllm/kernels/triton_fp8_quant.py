@@ -26,7 +26,6 @@ import triton.language as tl
 from rtllm.kernels.triton_activation import silu_mul
 from rtllm.kernels.triton_fp8 import e4m3_bits
 from rtllm.kernels.triton_norm import norm_warps, rms_norm_row
-from rtllm.kernels.triton_round import round_to
 
 INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # rounded to fp32 where it multiplies, as in the reference
 MAX_FUSED_ROW = 16384  # the fused kernels hold a row in registers
@@ -100,7 +99,7 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, inter, BLO
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    bits, scale = _quantize_row(round_to(silu_mul(g, u, DT), DT))
+    bits, scale = _quantize_row(silu_mul(g, u, DT).to(DT).to(tl.float32))
     tl.store(q_ptr + row * stride_q + offs, bits, mask=mask)
     tl.store(s_ptr + row, scale)
 
@@ -127,7 +126,7 @@ def _rms_norm_fp8_kernel(x_ptr, r_ptr, w_ptr, s_ptr, q_ptr, sc_ptr, stride_x, st
     row = tl.program_id(0).to(tl.int64)
     y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    bits, scale = _quantize_row(round_to(y, DT))
+    bits, scale = _quantize_row(y.to(DT).to(tl.float32))
     tl.store(q_ptr + row * stride_q + offs, bits, mask=mask)
     tl.store(sc_ptr + row, scale)
 

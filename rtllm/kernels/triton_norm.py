@@ -61,7 +61,7 @@ def _rms_norm_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
-    tl.store(y_ptr + row * stride_y + offs, round_to(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,6 @@ import triton.language as tl
 from rtllm.kernels.triton_activation import silu_and_mul_triton, silu_mul
 from rtllm.kernels.triton_attention.common import interpreting, sm_count
 from rtllm.kernels.triton_quant_gemv_config import TUNED, GemvConfig, gemv_config
-from rtllm.kernels.triton_round import round_to
 
 __all__ = ["TUNED", "GemvConfig", "gemv_config", "w4_gemv", "w8_gemv"]
 
@@ -109,8 +108,8 @@ def _store_row(acc, m, out_ptr, offs_o, mask_o, stride_om, GATED: tl.constexpr):
     DT: tl.constexpr = out_ptr.dtype.element_ty
     if GATED:
         g, u = tl.split(tl.permute(tl.reshape(acc, (2, acc.shape[0] // 2)), (1, 0)))
-        acc = silu_mul(round_to(g, DT), round_to(u, DT), DT)
-    tl.store(out_ptr + m * stride_om + offs_o, round_to(acc, DT), mask=mask_o)
+        acc = silu_mul(g.to(DT).to(tl.float32), u.to(DT).to(tl.float32), DT)
+    tl.store(out_ptr + m * stride_om + offs_o, acc.to(DT), mask=mask_o)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ def _norm_scale(x, rstd, nw_ptr, offs, mask, x_ptr, o_ptr):
     """RMSNorm of channels ``offs`` of the rows x [H, n] (fp32) with their rstd [H], in fp32."""
     w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xn = round_to(x * rstd[:, None], x_ptr.dtype.element_ty)
-    return round_to(xn * w[None, :], o_ptr.dtype.element_ty)
+    return (xn * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)  # as the norm kernel stores it
 
 
 @triton.jit

@@ -4,7 +4,9 @@ Kernels that reproduce torch's op-by-op rounding (each bf16 / fp16 op computed i
 nearest, ties to even: RMSNorm, SiLU-and-mul, RoPE as transformers computes them) round their
 intermediate values with :func:`round_to`. Compiled, that is the hardware conversion. The CPU
 interpreter (TRITON_INTERPRET=1, where the kernels are tested) truncates fp32 -> bf16 instead, so
-there bf16 is rounded with integer operations that give the hardware's bits.
+there bf16 is rounded with integer operations that give the hardware's bits, at ~7 interpreted ops
+a call: kernels convert their outputs (and values that mirror another kernel's stored output) with
+plain ``.to`` instead, which the interpreter truncates and the kernels' tests allow for.
 """
 
 from __future__ import annotations
