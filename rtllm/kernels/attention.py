@@ -115,11 +115,18 @@ def paged_decode_attention_torch(
     a torch.empty pool) cannot leak in. A row with seq_len 0 (padding) returns zeros. ``gather``
     (from PagedGather) skips recomputing the slot indices and masks in every layer. An FP8 cache is
     read as its values times ``k_scale`` / ``v_scale`` (:func:`dequantize_kv`).
+
+    A single row (a request decoding alone) takes one SDPA call on [1, H, L, D], as transformers'
+    decode step calls it over its cache: the CPU kernel then gives transformers' bits. Several rows
+    take the padded, masked batched matmuls below, which serve 16 rows ~1.5x faster on two CPU cores
+    than one SDPA call a row (bf16, ISL/OSL 64).
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     if gather is None:
         gather = PagedGather(block_tables, seq_lens, max_seq_len, block_size)
+    if B == 1 and gather.max_len > 0:
+        return _decode_one_sdpa(q, k, v, k_cache, v_cache, gather, scale, k_scale, v_scale)
     L = gather.max_len
     G = Hq // Hkv
     k_new, v_new = k, v
@@ -141,6 +148,22 @@ def paged_decode_attention_torch(
     if gather.empty_rows:
         out = out.masked_fill(gather.empty[:, None, None], 0.0)
     return out
+
+
+def _decode_one_sdpa(q, k, v, k_cache, v_cache, gather: PagedGather, scale: float, k_scale: float,
+                     v_scale: float) -> torch.Tensor:
+    """paged_decode_attention_torch of one row (B = 1, seq_len >= 1) through SDPA."""
+    Hq, D = q.shape[1:]
+    Hkv = k_cache.shape[2]
+    n = int(gather.valid[0].sum())
+    if n == 0:
+        return torch.zeros_like(q)
+    prefix = gather.slots[: n - 1]
+    kb = torch.cat((dequantize_kv(_select_rows(k_cache.view(-1, Hkv, D), prefix), k_scale, q.dtype), k.to(q.dtype)))
+    vb = torch.cat((dequantize_kv(_select_rows(v_cache.view(-1, Hkv, D), prefix), v_scale, q.dtype), v.to(q.dtype)))
+    o = F.scaled_dot_product_attention(q[:, :, None], kb.transpose(0, 1).contiguous()[None],
+                                       vb.transpose(0, 1).contiguous()[None], scale=scale, enable_gqa=Hq != Hkv)
+    return o[:, :, 0]
 
 
 def paged_prefill_attention_torch(
