@@ -126,7 +126,7 @@ def paged_decode_attention_torch(
     if gather is None:
         gather = PagedGather(block_tables, seq_lens, max_seq_len, block_size)
     if B == 1 and gather.max_len > 0:
-        return _decode_one_sdpa(q, k, v, k_cache, v_cache, gather, scale, k_scale, v_scale)
+        return _decode_one_sdpa(q, k, v, k_cache, v_cache, int(seq_lens[0]), gather, scale, k_scale, v_scale)
     L = gather.max_len
     G = Hq // Hkv
     k_new, v_new = k, v
@@ -150,17 +150,23 @@ def paged_decode_attention_torch(
     return out
 
 
-def _decode_one_sdpa(q, k, v, k_cache, v_cache, gather: PagedGather, scale: float, k_scale: float,
+def _prefix_and_fresh(cache: torch.Tensor, slots: torch.Tensor, scale: float, fresh: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A sequence's K or V [len(slots) + len(fresh), Hkv, D] in ``dtype``: its cached prefix at the flat
+    ``slots`` of ``cache`` [slots, Hkv, D] (dequantized), then the step's fresh rows."""
+    return torch.cat((dequantize_kv(_select_rows(cache, slots), scale, dtype), fresh.to(dtype)))
+
+
+def _decode_one_sdpa(q, k, v, k_cache, v_cache, seq_len: int, gather: PagedGather, scale: float, k_scale: float,
                      v_scale: float) -> torch.Tensor:
-    """paged_decode_attention_torch of one row (B = 1, seq_len >= 1) through SDPA."""
+    """paged_decode_attention_torch of one row (B = 1) through SDPA."""
     Hq, D = q.shape[1:]
     Hkv = k_cache.shape[2]
-    n = int(gather.valid[0].sum())
-    if n == 0:
+    if seq_len == 0:
         return torch.zeros_like(q)
-    prefix = gather.slots[: n - 1]
-    kb = torch.cat((dequantize_kv(_select_rows(k_cache.view(-1, Hkv, D), prefix), k_scale, q.dtype), k.to(q.dtype)))
-    vb = torch.cat((dequantize_kv(_select_rows(v_cache.view(-1, Hkv, D), prefix), v_scale, q.dtype), v.to(q.dtype)))
+    prefix = gather.slots[: seq_len - 1]
+    kb = _prefix_and_fresh(k_cache.view(-1, Hkv, D), prefix, k_scale, k, q.dtype)
+    vb = _prefix_and_fresh(v_cache.view(-1, Hkv, D), prefix, v_scale, v, q.dtype)
     o = F.scaled_dot_product_attention(q[:, :, None], kb.transpose(0, 1).contiguous()[None],
                                        vb.transpose(0, 1).contiguous()[None], scale=scale, enable_gqa=Hq != Hkv)
     return o[:, :, 0]
@@ -198,8 +204,8 @@ def paged_prefill_attention_torch(
         kb, vb = k[s:e].to(q.dtype), v[s:e].to(q.dtype)
         if ctx > 0:
             slots = gather_slots(block_tables[b : b + 1], ctx, block_size)[0]
-            kb = torch.cat((dequantize_kv(_select_rows(kc, slots), k_scale, q.dtype), kb))
-            vb = torch.cat((dequantize_kv(_select_rows(vc, slots), v_scale, q.dtype), vb))
+            kb = _prefix_and_fresh(kc, slots, k_scale, kb, q.dtype)
+            vb = _prefix_and_fresh(vc, slots, v_scale, vb, q.dtype)
         # [1, H, L, D] as transformers calls SDPA: 3-D inputs take another CPU kernel (other bits)
         kb, vb = kb.transpose(0, 1)[None], vb.transpose(0, 1)[None]  # [1, Hkv, L, D]
         qb = q[s:e].transpose(0, 1)[None]  # [1, Hq, q_len, D]
