@@ -2,10 +2,12 @@
 agree on the teacher-forced top-1, and how big the logit gaps are where they disagree.
 RTLLM_AGREE_TP=N runs the engine split over N GPUs (tensor parallel; multi-process executor)."""
 
+import contextlib
 import os
 
 import torch
 import transformers as tf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rtllm import LLM, SamplingParams
 
@@ -16,11 +18,13 @@ topics = ["the ocean", "a robot", "Paris", "mathematics", "a dragon", "the moon"
           "trains", "the desert", "a museum", "rain"]
 
 
-def hf_logits(dtype, seqs):
+def hf_logits(dtype, seqs, attn="sdpa", backend=None):
+    """transformers' logits; attn: its attn_implementation; backend: an SDPA backend to force."""
     m = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=dtype).cuda().eval()
+                                                dtype=dtype, attn_implementation=attn).cuda().eval()
     out = []
-    with torch.inference_mode():
+    ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
         for s in seqs:
             out.append(m(torch.tensor([s], device="cuda")).logits[0].float())
     del m
@@ -46,8 +50,12 @@ def main() -> None:
     seqs = [p + c for p, c in zip(prompts, conts)]
     plens = [len(p) for p in prompts]
     tops = {"ours_bf16": engine_top1("bfloat16", seqs, plens), "ours_fp32": engine_top1("float32", seqs, plens)}
-    for name, dt in (("hf_bf16", torch.bfloat16), ("hf_fp32", torch.float32)):
-        lg = hf_logits(dt, seqs)
+    # transformers against itself (eager attention, SDPA's flash kernel forced): the bf16 noise floor
+    variants = (("hf_bf16", torch.bfloat16, "sdpa", None), ("hf_fp32", torch.float32, "sdpa", None),
+                ("hf_bf16_eager", torch.bfloat16, "eager", None),
+                ("hf_bf16_flash", torch.bfloat16, "sdpa", SDPBackend.FLASH_ATTENTION))
+    for name, dt, attn, backend in variants:
+        lg = hf_logits(dt, seqs, attn, backend)
         tops[name] = [lg_i[p - 1 : len(s) - 1].argmax(-1).tolist() for lg_i, p, s in zip(lg, plens, seqs)]
         if name == "hf_fp32":
             ref32 = lg

@@ -11,16 +11,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from rtllm.kernels.triton_round import round_to
+from rtllm.kernels.triton_round import COMPILED, round_to
 
 
 @triton.jit
 def silu_mul(g, u, DTYPE: tl.constexpr):
     """silu(g) * u in fp32, g and u fp32 holding DTYPE values; silu(g) is rounded to DTYPE first (the
     caller rounds the product to DTYPE)."""
-    act = round_to(g / (1.0 + tl.exp(-g)), DTYPE)
-    return act * u
+    if COMPILED:  # libdevice's expf and an IEEE division: torch's CUDA silu, bit for bit
+        act = tl.math.div_rn(g, 1.0 + libdevice.exp(-g))
+    else:  # the interpreter has no libdevice (numpy's exp: an ulp from torch's CPU silu at times)
+        act = g / (1.0 + tl.exp(-g))
+    return round_to(act, DTYPE) * u
 
 
 @triton.jit
@@ -49,6 +53,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and inter > 0:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, y, x2.stride(0), y.stride(0), inter, BLOCK=block, num_warps=4 if block >= 512 else 1
+            x2, y, x2.stride(0), y.stride(0), inter, BLOCK=block, num_warps=4 if block >= 512 else 1,
+            enable_fp_fusion=False,
         )
     return y.view(*x.shape[:-1], inter)

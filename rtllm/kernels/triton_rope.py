@@ -313,6 +313,7 @@ def rope_launch(
         BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_R=block_r, BLOCK_P=block_p,
         BLOCK_D=block_d, HAS_PASS=rot < D, CACHE=cache, PAGE=page, FP8=fp8,
         NORM=qk_norm is not None, Q_BLOCKS=q_blocks, num_warps=_num_warps(max(block_hq, block_hkv) * block_d),
+        enable_fp_fusion=False,
     )  # fmt: skip
     return q_out, k_out
 
