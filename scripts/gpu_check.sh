@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks for the fast-path issue, run on the GPU machine from the repo root:
-#   bash scripts/gpu_check.sh [kernels] [tests] [parity] [bench]   (default: all)
+#   bash scripts/gpu_check.sh [kernels] [tests] [parity] [probes] [bench]   (default: all but probes)
 # Logs go to $OUT (the device tool brings them back). Carried wheels in .whl/ are installed to
 # /tmp/site first; the default model's GGUF is reassembled from .gpucache/ when its parts are there.
 set -uo pipefail
@@ -25,6 +25,10 @@ for s in $stages; do
         echo "=== bf16 parity with transformers on the default model (needs its GGUF)"
         python3 scripts/bf16_parity.py --device cuda 2>&1 | grep -v "it/s" | tee "$OUT/bf16_parity.log"
         python3 scripts/gpu_bf16_agreement.py 2>&1 | grep -v "it/s" | tee "$OUT/bf16_agreement.log" ;;
+    probes)
+        echo "=== which SDPA backend transformers gets, and which silu spelling gives torch's bits"
+        python3 scripts/varlen_probe.py 2>&1 | tee "$OUT/varlen_probe.log"
+        python3 scripts/silu_probe.py 2>&1 | tee "$OUT/silu_probe.log" ;;
     bench)
         echo "=== benchmarks: Llama-3.1-8B shape, random bf16 weights"
         bash scripts/gpu_bench.sh 2>&1 | tee "$OUT/gpu_bench.log" ;;

@@ -7,6 +7,10 @@ interpreter (TRITON_INTERPRET=1, where the kernels are tested) truncates fp32 ->
 there bf16 is rounded with integer operations that give the hardware's bits, at ~7 interpreted ops
 a call: kernels convert their outputs (and values that mirror another kernel's stored output) with
 plain ``.to`` instead, which the interpreter truncates and the kernels' tests allow for.
+
+Compiled kernels also fuse a multiply and an add into one FMA (Triton's ``enable_fp_fusion``, on by
+default), which skips the product's rounding: ``round_to(a * b) - round_to(c * d)`` became one bf16 FMA
+in RoPE. Kernels that mirror torch's rounding launch with ``enable_fp_fusion=False``.
 """
 
 from __future__ import annotations
