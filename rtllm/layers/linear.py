@@ -78,3 +78,21 @@ class QKVLinear(MergedLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         super().weight_loader(param, loaded, None if shard_id is None else self._index[shard_id])
+
+
+def use_fast_weight_layouts(model: nn.Module) -> int:
+    """Give each dense Linear, embedding and LM-head weight of ``model`` the memory layout its GEMM
+    reads fastest on the device (rtllm.kernels.gemm.fast_weight_layout; values and shapes unchanged),
+    once, after loading. A tied weight is laid out once. Returns how many weights changed layout."""
+    from rtllm.layers.embedding import LMHead, VocabEmbedding
+
+    changed, seen = 0, set()
+    for m in model.modules():
+        if not isinstance(m, Linear | VocabEmbedding | LMHead) or id(m.weight) in seen:
+            continue
+        seen.add(id(m.weight))
+        laid = gemm.fast_weight_layout(m.weight.data)
+        if laid is not m.weight.data:
+            m.weight.data = laid
+            changed += 1
+    return changed

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rtllm.layers.attention_metadata import AttentionMetadata
+from rtllm.layers.linear import use_fast_weight_layouts
 from rtllm.runtime.cuda_graph import DecodeGraphs
 from rtllm.runtime.request import PLACEHOLDER, Request
 from rtllm.runtime.scheduler import ScheduledBatch
@@ -71,6 +72,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
                  kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        if n := use_fast_weight_layouts(model):
+            logger.info("%d weights laid out column-major for this CPU's fp32 GEMM", n)
         self.device = device
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype  # the KV pool's (float8_e4m3fn for an FP8 KV cache)
