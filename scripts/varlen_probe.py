@@ -32,6 +32,22 @@ def bench(fn, iters=50) -> float:
     return s.elapsed_time(e) / iters * 1e3  # us
 
 
+# speed at Llama-3.1-8B shapes: (Hq, Hkv, D) and the prompt lengths of each case
+LLAMA_HEADS = (32, 8, 128)
+SPEED_CASES = ([2048], [1024, 512, 256, 256], [128] * 16, [512] * 16)
+
+
+def ragged_qkv(lens: list[int]):
+    """Random bf16 q, k, v [T, H, D] at Llama-3.1-8B's heads for prompts of ``lens``, and their
+    cumulative lengths (int32)."""
+    hq, hkv, d = LLAMA_HEADS
+    T = sum(lens)
+    q = torch.randn(T, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(T, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    return q, k, v, cu
+
+
 def main() -> None:
     print("torch", torch.__version__, "flash sdp", torch.backends.cuda.flash_sdp_enabled(),
           "cudnn sdp", torch.backends.cuda.cudnn_sdp_enabled())
@@ -85,13 +101,9 @@ def main() -> None:
                     forced.append(f"{be.name} unavailable ({str(e)[:60]})")
             print("    forced:", " | ".join(forced))
     # speed at Llama-3.1-8B shapes
-    hq, hkv, d = 32, 8, 128
-    for lens in ([2048], [1024, 512, 256, 256], [128] * 16, [512] * 16):
-        T = sum(lens)
-        q = torch.randn(T, hq, d, device=dev, dtype=dt)
-        k = torch.randn(T, hkv, d, device=dev, dtype=dt)
-        v = torch.randn(T, hkv, d, device=dev, dtype=dt)
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    hq, hkv, d = LLAMA_HEADS
+    for lens in SPEED_CASES:
+        q, k, v, cu = ragged_qkv(lens)
         kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
@@ -114,7 +126,7 @@ def main() -> None:
         prefill = triton_attention.paged_prefill_attention_triton
         tt = bench(partial(prefill, q, k, v, kc, vc, tables, cu, sl, d**-0.5, L, L))
         flops = sum(4 * n * (n + 1) // 2 * d * hq for n in lens)
-        print(f"{len(lens)} x {lens[0]:5} (T {T}): varlen {tv:8.1f} us ({flops / tv / 1e6:6.1f} TFLOP/s) | "
+        print(f"{len(lens)} x {lens[0]:5} (T {sum(lens)}): varlen {tv:8.1f} us ({flops / tv / 1e6:6.1f} TFLOP/s) | "
               f"triton {tt:8.1f} us ({flops / tt / 1e6:6.1f} TFLOP/s)")
 
 
@@ -153,13 +165,9 @@ def cudnn_ragged() -> None:
                     print(f"Hq {hq} Hkv {hkv} D {d} {name} {cdt}: ragged cuDNN vs dense SDPA {differ(out, dense)}")
                 except Exception as e:  # noqa: BLE001
                     print(f"Hq {hq} Hkv {hkv} D {d} {name} {cdt}: failed {type(e).__name__}: {str(e)[:200]}")
-    hq, hkv, d = 32, 8, 128
-    for lens in ([2048], [1024, 512, 256, 256], [128] * 16, [512] * 16):
-        T = sum(lens)
-        q = torch.randn(T, hq, d, device=dev, dtype=dt)
-        k = torch.randn(T, hkv, d, device=dev, dtype=dt)
-        v = torch.randn(T, hkv, d, device=dev, dtype=dt)
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    hq, hkv, d = LLAMA_HEADS
+    for lens in SPEED_CASES:
+        q, k, v, cu = ragged_qkv(lens)
         try:
             t = bench(partial(op, q, k, v, None, cu, cu, max(lens), max(lens), False, 0.0, True, False, scale=d**-0.5))
         except Exception as e:  # noqa: BLE001
