@@ -91,7 +91,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm_kernel[(R,)](
             x2, r2, w, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
             H=H, BLOCK=block, ADD=residual is not None, num_warps=norm_warps(block),
-        enable_fp_fusion=False,
+            enable_fp_fusion=False,
         )  # fmt: skip
     return y.view(x.shape), s.view(x.shape)
 
