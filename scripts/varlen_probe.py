@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rtllm.bench.bounds import time_cuda
 from rtllm.kernels import triton_attention
 
 
@@ -19,17 +20,9 @@ def differ(a, b) -> str:
     return f"{float((a != b).float().mean()):7.3%} (max {float((a.float() - b.float()).abs().max()):.2g})"
 
 
-def bench(fn, iters=50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters * 1e3  # us
+def bench(fn) -> float:
+    """Median microseconds of fn() (rtllm.bench.bounds.time_cuda)."""
+    return time_cuda(fn, 50) * 1e6
 
 
 # speed at Llama-3.1-8B shapes: (Hq, Hkv, D) and the prompt lengths of each case

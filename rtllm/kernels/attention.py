@@ -148,25 +148,25 @@ def paged_decode_attention_torch(
     # positions past a row's length: p is 0 there, but 0 * NaN is NaN (only those rows are zeroed)
     v.view(B * L, Hkv * D).index_fill_(0, gather.invalid, 0)
     # GQA without expanding K/V: the G query heads of a KV head form the rows of one small matmul.
-    # Scores and softmax in fp32. In fp32, one bmm per KV head on strided views of the gathered
-    # [B, L, Hkv, D] (BLAS takes them as they are) ran 1.35-1.5x faster on two cores than one batched
-    # matmul over [B, Hkv], which copies K and V first; in bf16 the copy and one matmul stay faster.
-    qg = q.view(B, Hkv, G, D)
-    if q.dtype == torch.float32:
-        scores = torch.stack([torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)) for h in range(Hkv)], 1)
-    else:
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1))
-    scores = scores.float() * scale  # [B, Hkv, G, L]
+    # Scores and softmax in fp32.
+    scores = _matmul_per_kv_head(q.view(B, Hkv, G, D), k, transpose=True).float() * scale  # [B, Hkv, G, L]
     scores.masked_fill_(~gather.valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
-    if q.dtype == torch.float32:
-        out = torch.stack([torch.bmm(probs[:, h], v[:, :, h]) for h in range(Hkv)], 1)
-    else:
-        out = torch.matmul(probs, v.transpose(1, 2))
-    out = out.reshape(B, Hq, D)
+    out = _matmul_per_kv_head(probs, v, transpose=False).reshape(B, Hq, D)
     if gather.empty_rows:
         out = out.masked_fill(gather.empty[:, None, None], 0.0)
     return out
+
+
+def _matmul_per_kv_head(a: torch.Tensor, b: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """a [B, Hkv, G, X] times each KV head's b [B, L, Hkv, Y] (b^T when ``transpose``: X == Y, giving
+    [B, Hkv, G, L]; else X == L, giving [B, Hkv, G, Y]). In fp32, one bmm per KV head on strided views
+    of b (BLAS takes them as they are) ran 1.35-1.5x faster on two cores than one batched matmul over
+    [B, Hkv], which copies b first; in bf16 the copy and one matmul stay faster."""
+    if a.dtype == torch.float32:
+        heads = (b[:, :, h].transpose(1, 2) if transpose else b[:, :, h] for h in range(b.shape[2]))
+        return torch.stack([torch.bmm(a[:, h], bh) for h, bh in enumerate(heads)], 1)
+    return torch.matmul(a, b.permute(0, 2, 3, 1) if transpose else b.transpose(1, 2))
 
 
 def _prefix_and_fresh(cache: torch.Tensor, slots: torch.Tensor, scale: float, fresh: torch.Tensor,

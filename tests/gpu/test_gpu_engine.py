@@ -89,8 +89,7 @@ def test_default_model_bf16_teacher_forced_agreement_with_transformers():
             ours = [max(top, key=lambda kv: (kv[1], -kv[0]))[0] for _, top in o.prompt_logprobs[len(p):]]
             with torch.inference_mode():
                 ids = torch.tensor([f], device="cuda")
-                ref = hf(ids).logits[0, len(p) - 1 : len(f) - 1].argmax(-1).tolist()
-                alt = eager(ids).logits[0, len(p) - 1 : len(f) - 1].argmax(-1).tolist()
+                ref, alt = (m(ids).logits[0, len(p) - 1 : len(f) - 1].argmax(-1).tolist() for m in (hf, eager))
             agree += sum(a == b for a, b in zip(ours, ref))
             self_agree += sum(a == b for a, b in zip(alt, ref))
             total += len(c)
