@@ -13,7 +13,8 @@ import triton.language as tl
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.triton_attention.decode import _e4m3_words_to_f16
-from tests.kernels.test_attention import BS, HEADS, NAN, Paged, close, cos_sin
+from tests.kernels.paged import BS, HEADS, NAN, Paged, close
+from tests.kernels.test_norm_act_rope import cos_sin
 
 FP8 = torch.float8_e4m3fn
 SCALES = [(1.0, 1.0), (0.05, 0.02)]  # the static default and calibrated-like scales

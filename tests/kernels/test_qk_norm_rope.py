@@ -14,7 +14,8 @@ from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.norm import rms_norm_torch
 from rtllm.kernels.triton_norm import rms_norm_triton
 from rtllm.kernels.triton_rope import rope_launch
-from tests.kernels.test_attention import close, cos_sin
+from tests.kernels.paged import close
+from tests.kernels.test_norm_act_rope import cos_sin
 
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn
