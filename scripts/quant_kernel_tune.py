@@ -3,15 +3,16 @@
     python3 scripts/quant_kernel_tune.py [--out DIR] [--m 1,2,4] [--jobs 12]
     python3 scripts/quant_kernel_tune.py --smoke      # CPU, TRITON_INTERPRET=1: every path runs once
 
-For each shape (N x K), weight format (W4A16 group 128, INT8, FP8 weight-only) and M: bf16
-F.linear, the kernel used before the GEMV kernels (the M = 1 W4 GEMV of before, the tensor-core
-kernels otherwise) and a small grid of GEMV configurations (block_n, block_k, num_warps,
-prefetch, split-K) of rtllm.kernels.triton_quant_gemv. Time: median of CUDA-graph replays of
-launches that rotate over enough weight copies (>= 128 MiB) that L2 never holds the weight;
-bandwidth = weight bytes read (codes + scales + zeros) / time, as a share of a device-to-device
-copy measured in the same run. The best GEMV configuration is checked against the fp32 reference
-(relative error printed) and written to DIR/gemv_tuned.json, which RTLLM_QUANT_GEMV_CONFIG=that
-file makes the engine use (the table in triton_quant_gemv_config.TUNED holds the committed results).
+For each shape (N x K), weight format (W4A16 group 128, INT8, FP8 weight-only, and w16: the dense bf16
+weight, also at the Qwen3-30B-A3B attention shapes) and M: bf16 F.linear, the kernel used before the
+GEMV kernels (the M = 1 W4 GEMV of before, the tensor-core kernels otherwise; F.linear for w16) and a
+small grid of GEMV configurations (block_n, block_k, num_warps, prefetch, split-K) of
+rtllm.kernels.triton_quant_gemv. Time: median of CUDA-graph replays of launches that rotate over enough
+weight copies (>= 128 MiB) that L2 never holds the weight; bandwidth = weight bytes read (codes + scales
++ zeros) / time, as a share of a device-to-device copy measured in the same run. The best GEMV
+configuration is checked against the fp32 reference (relative error printed) and written to
+DIR/gemv_tuned.json, which RTLLM_QUANT_GEMV_CONFIG=that file makes the engine use (the table in
+triton_quant_gemv_config.TUNED holds the committed results).
 All configurations are compiled first by --jobs processes in parallel.
 """
 
@@ -27,6 +28,7 @@ from functools import partial
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 W8_EXTRA = {"lm_head": (128256, 4096)}  # the INT8 LM head (W8 only)
+W16_EXTRA = {"moe_qkv": (5120, 2048), "moe_o": (2048, 4096)}  # Qwen3-30B-A3B's dense projections (w16 only)
 GROUP = 128
 
 # (block_n, block_k, num_warps, prefetch, tc, stages); CUDA cores: the per-thread columns are block_n /
@@ -41,6 +43,11 @@ W4_GRID_M = W4_CUDA[:3] + W4_TC  # M > 1
 W8_GRID = [(32, 256, 4, True, False, 3), (16, 512, 4, True, False, 3), (64, 256, 8, True, False, 3),
            (32, 512, 8, True, False, 3), (32, 256, 4, False, False, 3), (16, 256, 4, True, False, 3)]
 W8_GRID_M = [(32, 256, 4, True, False, 3), (16, 256, 4, True, False, 3)]
+# w16: block_k in bf16 elements (the W8 loop, two bytes a weight)
+W16_GRID = [(16, 256, 4, True, False, 3), (32, 128, 4, True, False, 3), (16, 128, 4, True, False, 3),
+            (32, 256, 8, True, False, 3), (64, 128, 8, True, False, 3), (8, 512, 4, True, False, 3),
+            (16, 256, 4, False, False, 3), (32, 128, 4, False, False, 3)]
+W16_GRID_M = [(16, 256, 4, True, False, 3), (32, 128, 4, True, False, 3), (16, 128, 4, True, False, 3)]
 SPLITS = (1, 2, 4, 8, 16, 32)
 
 
@@ -55,6 +62,8 @@ def _splits(n_tiles: int, k_units: int, sms: int, waves: int = 5) -> list[int]:
 def _grid(kind: str, M: int) -> list[tuple[int, int, int, bool, bool, int]]:
     if kind == "w4":
         return W4_GRID if M == 1 else W4_GRID_M
+    if kind == "w16":
+        return W16_GRID if M == 1 else W16_GRID_M
     return W8_GRID if M == 1 else W8_GRID_M
 
 
@@ -62,7 +71,7 @@ def _compile_job(job: tuple) -> str:
     """Compile one (kind, M, config, split) by launching it once on a small problem."""
     import torch
 
-    from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
+    from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv, w16_gemv
 
     kind, M, (bn, bk, warps, pf, tc, stages), split = job
     dev = torch.device("cuda")
@@ -75,6 +84,8 @@ def _compile_job(job: tuple) -> str:
             qw = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device=dev)
             s = torch.rand(K // GROUP, N, dtype=torch.bfloat16, device=dev)
             w4_gemv(x, qw, s, s, cfg)
+        elif kind == "w16":
+            w16_gemv(x, torch.randn(N, K, dtype=torch.bfloat16, device=dev), cfg)
         else:
             q = torch.randint(-127, 127, (N, K), dtype=torch.int8, device=dev)
             if kind == "fp8":
@@ -152,6 +163,8 @@ def _reference(kind: str, x, w: tuple):
 
     if kind == "w4":
         return x.float() @ qg.dequantize_w4_t(*w, torch.float32)
+    if kind == "w16":
+        return x.float() @ w[0].float().t()
     return (x.float() @ w[0].float().t()) * w[1].float()
 
 
@@ -185,7 +198,7 @@ def main() -> None:
 
     from rtllm.kernels.triton_attention.common import sm_count
     from rtllm.kernels.triton_quant_gemm import w4_gemv_triton, w4a16_gemm_triton, w8a16_gemm_triton
-    from rtllm.kernels.triton_quant_gemv import GemvConfig, _launch_shape, w4_gemv, w8_gemv
+    from rtllm.kernels.triton_quant_gemv import GemvConfig, _launch_shape, w4_gemv, w8_gemv, w16_gemv
 
     dev = torch.device("cuda")
     ms = [int(m) for m in args.m.split(",")]
@@ -204,11 +217,11 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs", flush=True)
     tuned, rows = [], []
     for kind in kinds:
-        shapes = dict(SHAPES, **(W8_EXTRA if kind == "w8" else {}))
+        shapes = dict(SHAPES, **(W8_EXTRA if kind == "w8" else W16_EXTRA if kind == "w16" else {}))
         for name, (N, K) in shapes.items():
             nbytes = _nbytes(kind, N, K)
             copies = max(2, math.ceil(128 * 2**20 / nbytes))
-            ws = _weights(kind, N, K, copies, dev)
+            ws = _weights("bf16" if kind == "w16" else kind, N, K, copies, dev)
             dense = _weights("bf16", N, K, max(2, math.ceil(128 * 2**20 / (N * K * 2))), dev)
             for M in ms:
                 x = torch.randn(M, K, dtype=torch.bfloat16, device=dev)
@@ -216,11 +229,13 @@ def main() -> None:
                 if kind == "w4":
                     old = w4_gemv_triton if M == 1 else w4a16_gemm_triton
                     t_old = _time([partial(old, x, *w) for w in ws])
+                elif kind == "w16":
+                    t_old = t_bf16
                 else:
                     t_old = _time([partial(w8a16_gemm_triton, x, *w) for w in ws])
                 best = None
                 k_units = K // GROUP
-                fn = w4_gemv if kind == "w4" else w8_gemv
+                fn = {"w4": w4_gemv, "w16": w16_gemv}.get(kind, w8_gemv)
                 ref = _reference(kind, x, ws[0])
                 for bn, bk, warps, pf, tc, stages in _grid(kind, M):
                     if kind != "w4":
@@ -270,7 +285,7 @@ def smoke() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv
+    from rtllm.kernels.triton_quant_gemv import GemvConfig, w4_gemv, w8_gemv, w16_gemv
 
     K, N = 256, 64
     for M in (1, 2):
@@ -281,6 +296,8 @@ def smoke() -> None:
         for kind in ("w8", "fp8"):
             w = _weights(kind, N, K, 1, "cpu")[0]
             print(kind, M, _rel_err(w8_gemv(x, *w, config=GemvConfig(16, 64, 2, 4)), _reference(kind, x, w)))
+        w = _weights("bf16", N, K, 1, "cpu")[0]
+        print("w16", M, _rel_err(w16_gemv(x, *w, config=GemvConfig(16, 64, 2, 4)), _reference("w16", x, w)))
 
 
 if __name__ == "__main__":

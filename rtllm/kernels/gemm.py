@@ -1,6 +1,17 @@
-"""Dense GEMM of the Linear layers: ``torch.nn.functional.linear`` (cuBLAS / oneDNN), or a kernel a
-plugin registered as "linear" (rtllm.kernels.dispatch.register_kernel), and the weight layout it
-reads fastest on the device (:func:`fast_weight_layout`)."""
+"""Dense GEMM of the Linear layers: ``torch.nn.functional.linear`` (cuBLAS / oneDNN), the decode GEMV
+kernel on CUDA at 1..DENSE_GEMV_MAX_M rows, or a kernel a plugin registered as "linear"
+(rtllm.kernels.dispatch.register_kernel); and the weight layout it reads fastest on the device
+(:func:`fast_weight_layout`).
+
+Decode GEMV (rtllm.kernels.triton_quant_gemv.w16_gemv): at one row a dense projection is a weight
+stream; cuBLAS's M = 1 kernels read it at 68-88% of an H100's copy bandwidth on the narrow shapes
+(with a split-K reduce launch after them), and the GEMV took 2-16% less time than cuBLAS at M = 1 on
+every Llama-3.1-8B and Qwen3-30B-A3B shape (docs/PERF.md). It is a programmatic dependent launch on
+Hopper (its weight stream starts during the previous kernel), and for the gated MLP's [gate | up]
+projection (:func:`linear_silu_and_mul`) it applies SiLU-and-mul in its epilogue (no activation
+launch, no [M, 2I] round trip). 16-bit x and weight, no bias; sums in fp32 and one rounding
+to x's dtype, as cuBLAS, in another order. RTLLM_DENSE_GEMV=0 keeps F.linear (for comparisons).
+"""
 
 from __future__ import annotations
 
@@ -12,16 +23,45 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rtllm.kernels.dispatch import custom_kernel
+from rtllm.kernels.activation import silu_and_mul
+from rtllm.kernels.dispatch import custom_kernel, triton_enabled
+from rtllm.kernels.quant_gemm import GEMV_SILU
 
 logger = logging.getLogger("rtllm")
+
+
+# M = 1 only: at M = 2 cuBLAS won on every Llama-3.1-8B / Qwen3-30B-A3B shape (docs/PERF.md)
+DENSE_GEMV_MAX_M = 1 if os.environ.get("RTLLM_DENSE_GEMV", "1") != "0" else 0
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x @ weight^T runs the decode GEMV: CUDA (Triton on), 1..DENSE_GEMV_MAX_M flat rows,
+    x and a row-major weight in the same 16-bit dtype, no bias."""
+    return (bias is None and x.dim() == 2 and 0 < x.shape[0] <= DENSE_GEMV_MAX_M and triton_enabled(x)
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.dim() == 2
+            and weight.stride(1) == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight^T (+ bias); weight [N, K], in either memory layout (see fast_weight_layout)."""
     if (fn := custom_kernel("linear", x)) is not None:
         return fn(x, weight, bias)
+    if _gemv(x, weight, bias):
+        from rtllm.kernels.triton_quant_gemv import w16_gemv
+
+        return w16_gemv(x, weight)
     return F.linear(x, weight, bias)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias)) for a [gate | up] weight [2I, K]: one launch where the GEMV
+    runs it and no plugin replaces "linear" or "silu_and_mul"; else the two in turn."""
+    if (GEMV_SILU and _gemv(x, weight, bias) and custom_kernel("linear", x) is None
+            and custom_kernel("silu_and_mul", x) is None):
+        from rtllm.kernels.triton_quant_gemv import w16_gemv
+
+        return w16_gemv(x, weight, silu_and_mul=True)
+    return silu_and_mul(linear(x, weight, bias))
 
 
 def _best_of(fn, reps: int) -> float:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rtllm.kernels.triton_attention.common import interpreting
+from rtllm.kernels.triton_attention.common import interpreting, pdl_enabled
 from rtllm.kernels.triton_moe_routing import fused_topk_triton, moe_align_block_size_triton
 
 __all__ = ["fused_experts_triton", "fused_topk_triton", "moe_align_block_size_triton", "moe_gemm_config"]
@@ -190,12 +190,14 @@ def _moe_gemv_gate_up_kernel(
     Grid (pairs, cdiv(N, BLOCK_N)); w [E, 2N, K] (gate rows, then up rows). The next K tile's gate
     and up rows are loaded before the current tile is reduced (two tiles in flight per program; past
     the last tile the load is masked off). A pair whose expert lies outside [0, E) (another rank's)
-    writes nothing: the down launch skips it. PDL: the down launch may start (and load its first
-    weights) once every program here has started."""
+    writes nothing: the down launch skips it. PDL: launched while the router runs (the ids are read
+    after it ends); the down launch may start (and load its first weights) once every program here
+    has started."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if PDL:
         gdc_launch_dependents()
+        gdc_wait()  # launched while the router runs: its ids are read after it ends
     expert = tl.load(ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return
@@ -244,7 +246,10 @@ def _moe_gemv_down_kernel(
     rounded to the output dtype and the k of them are added in fp32, rounded once (the reference's
     order of roundings; the sum over slots is a fixed tree, deterministic). Slots of foreign experts
     (outside [0, E)) load nothing and add zero. PDL: launched while the gate/up launch still runs,
-    the first weight tile is requested before waiting for that launch's h."""
+    the first weight tile is requested before waiting for that launch's h; the next launch (the
+    residual add + norm) may start once every program here has."""
+    if PDL:
+        gdc_launch_dependents()
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.arange(0, SLOTS)
@@ -286,7 +291,7 @@ def moe_gemv_config(hidden: int, inter: int, device: torch.device) -> dict:
         return dict(BLOCK_N1=16, BLOCK_K1=32, WARPS1=4, BLOCK_N2=16, BLOCK_K2=32, WARPS2=4, PDL=False)
     cfg = dict(BLOCK_N1=16, BLOCK_K1=min(256, triton.next_power_of_2(hidden)), WARPS1=8,
                BLOCK_N2=4, BLOCK_K2=min(256, triton.next_power_of_2(inter)), WARPS2=8,
-               PDL=torch.cuda.get_device_capability(device)[0] >= 9)
+               PDL=pdl_enabled(device))
     return dict(cfg, **_GEMV_TILES)
 
 
@@ -304,7 +309,7 @@ def _fused_experts_gemv(x, w13, w2, topk_w, ids, top_k, cfg) -> torch.Tensor:
     _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, cfg["BLOCK_N1"]))](
         x, w13, h, ids, inter, H, E, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], EVEN_K=H % cfg["BLOCK_K1"] == 0, PDL=pdl,
-        num_warps=cfg["WARPS1"], num_stages=1,
+        num_warps=cfg["WARPS1"], num_stages=1, launch_pdl=pdl,
     )  # fmt: skip
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     _moe_gemv_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N2"]))](

@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from rtllm.kernels.triton_attention.common import pdl_enabled
 
 # --------------------------------------------------------------------------------------------
 # routing
@@ -106,12 +109,16 @@ _router_counters: dict[tuple[str, int | None], torch.Tensor] = {}
 def _router_topk_kernel(
     x_ptr, gw_ptr, part_ptr, cnt_ptr, w_ptr, ids_ptr, T, E, H, stride_x, stride_g, stride_w, stride_i,
     SPLIT: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (e, s) of E * SPLIT: expert e's fp32 dot products with the T rows of x over H columns
     [s * CHUNK, (s + 1) * CHUNK) -> part [SPLIT, BLOCK_T, BLOCK_E]; then bumps the counter (acq_rel).
     The program that arrives last sums the splits in order, rounds the logits to x's dtype (as the
-    unfused GEMM stores them), routes every row as _topk_softmax_kernel does, and resets the counter."""
+    unfused GEMM stores them), routes every row as _topk_softmax_kernel does, and resets the counter.
+    PDL: launched while the norm before it runs; reads after it ends (the expert GEMV may start)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     e = pid // SPLIT
     s = pid % SPLIT
@@ -203,7 +210,8 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     _router_topk_kernel[(E * split,)](
         x, weight, part, cnt, weights, ids, T, E, H, x.stride(0), weight.stride(0), weights.stride(0), ids.stride(0),
         SPLIT=split, CHUNK=chunk, TOP_K=top_k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_H=block_h,
-        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), num_warps=num_warps,
+        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), PDL=pdl_enabled(x), num_warps=num_warps,
+        launch_pdl=pdl_enabled(x),
     )  # fmt: skip
     return weights, ids
 

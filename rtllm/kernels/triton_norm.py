@@ -6,7 +6,8 @@ normalized value rounded to x's dtype before the weight multiply, and the output
 ``promote_types(x.dtype, weight.dtype)``. x is [..., H] (the last dim contiguous after a
 reshape); weight is [H].
 
-One program normalizes one row held entirely in registers (one read, one write per tensor).
+One program normalizes one row held entirely in registers (one read, one write per tensor). On Hopper
+the launch is a programmatic dependent one (rtllm.kernels.triton_attention.common.pdl_enabled).
 ``rms_norm_row`` is that arithmetic, shared with the kernel that also quantizes the row to FP8
 (rtllm.kernels.triton_fp8_quant): the same instructions give the same bits.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rtllm.kernels.triton_attention.common import pdl_enabled
 from rtllm.kernels.triton_round import round_to
 
 
@@ -58,7 +61,11 @@ def _rms_norm_kernel(
     H: tl.constexpr,
     BLOCK: tl.constexpr,
     ADD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the previous kernel runs: the next may start too; x is read after it ends
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -88,10 +95,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     R = x2.shape[0]
     if R > 0:
         block = triton.next_power_of_2(H)
+        pdl = pdl_enabled(x2)
         _rms_norm_kernel[(R,)](
             x2, r2, w, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
-            H=H, BLOCK=block, ADD=residual is not None, num_warps=norm_warps(block),
-            enable_fp_fusion=False,
+            H=H, BLOCK=block, ADD=residual is not None, PDL=pdl, num_warps=norm_warps(block),
+            enable_fp_fusion=False, launch_pdl=pdl,
         )  # fmt: skip
     return y.view(x.shape), s.view(x.shape)
 

@@ -1,6 +1,7 @@
 """GEMV-shaped weight-only kernels for decode (1..4 activation rows; rtllm.kernels.quant_gemm uses
 them up to its W4_GEMV_MAX_M / W8_GEMV_MAX_M): W4 (int4 group-wise) and W8 (int8 or e4m3 bytes,
-per-channel scales), on CUDA cores; W4 also on tensor cores (below).
+per-channel scales), on CUDA cores; W4 also on tensor cores (below). Dense 16-bit weights run the W8
+loop with a conversion for the decode (``w16_gemv``; rtllm.kernels.gemm uses it up to DENSE_GEMV_MAX_M).
 
 Semantics are those of :mod:`rtllm.kernels.quant_gemm` (same layouts, ``y = x @ W^T``), computed
 exactly in fp32 except for the sums: each weight code is decoded exactly, multiplied by the
@@ -42,6 +43,12 @@ measured it latency-bound; x's next tile is loaded by hand a tile ahead, which s
 it wins at M = 2 on every shape and at M = 1 on down only. The interpreter cannot run inline asm or
 a bf16 dot: it decodes with integer ops and multiplies in fp32 (the same products).
 
+Programmatic dependent launch (PDL, Hopper; rtllm.kernels.triton_attention.common.pdl_enabled): a
+GEMV is launched while the kernel before it (a norm, the attention, another GEMV) still runs; each
+program lets the next launch start, requests its first weight tile, and only then waits for the
+previous kernel (``gdc_wait``) before it reads x. The weight stream so starts during the previous
+kernel's tail instead of after it. (The W4 tensor-core kernel waits before its first load: x's.)
+
 Split-K without a second kernel: with SPLIT > 1 each program writes its fp32 partial to a
 workspace and bumps a per-N-tile counter (acq_rel); the program that arrives last sums the
 partials in split order (deterministic), writes the output in x's dtype and resets the counter to
@@ -64,12 +71,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rtllm.kernels.triton_activation import silu_and_mul_triton, silu_mul
-from rtllm.kernels.triton_attention.common import interpreting, sm_count
+from rtllm.kernels.triton_attention.common import interpreting, pdl_enabled, sm_count
 from rtllm.kernels.triton_quant_gemv_config import TUNED, GemvConfig, gemv_config
 
-__all__ = ["TUNED", "GemvConfig", "gemv_config", "w4_gemv", "w8_gemv"]
+__all__ = ["TUNED", "GemvConfig", "gemv_config", "w4_gemv", "w8_gemv", "w16_gemv"]
 
 # W4: fp32 bits of 2^23 (nibble s/4 of a word uses MAGIC - (s << 23), i.e. 2^(23 - s))
 _W4_MAGIC = 0x4B000000
@@ -79,6 +87,10 @@ _W8_MAGIC = 0x4B000080
 WORKSPACE_FLOATS = 1 << 21  # 8 MiB of fp32 partials per device
 WORKSPACE_TILES = 1 << 14  # counters: one per N tile of a launch
 MAX_GEMV_M = 4  # the GEMV kernels unroll one accumulator per activation row, up to this many
+# Without a config on the CPU interpreter (the engine's launches in the tests): large tiles, no split. The
+# interpreter's cost is per operation, not per element, so these run far fewer operations than the GPU
+# tiles would; the kernel tests pass their own configs (small tiles, splits, ragged edges).
+INTERPRETED = GemvConfig(64, 128, 1, 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,13 +194,15 @@ def _w4_gemv_kernel(
     N, HALF, NUM_T, T_PER_SPLIT, n_splits, MAGIC, SH16,
     stride_xm, stride_qk, stride_sg, stride_om,
     GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr,
+    PREFETCH: tl.constexpr, PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), n_splits). Program (n tile, split) reduces K tiles
     [split * T_PER_SPLIT, ...) (of BLOCK_K; a split holds whole groups) for M (1..4) rows. With
-    PREFETCH the next tile's words are loaded before the current one is decoded."""
+    PREFETCH the next tile's words are loaded before the current one is decoded. PDL: as the module says."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
     R: tl.constexpr = BLOCK_K // 8  # packed words per column per tile
     TPG: tl.constexpr = GROUP // BLOCK_K  # tiles per group
     offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
@@ -208,6 +222,8 @@ def _w4_gemv_kernel(
     t_lo = pid_k * T_PER_SPLIT
     t_hi = tl.minimum(t_lo + T_PER_SPLIT, NUM_T)
     w_next = _w4_load(qw_ptr, t_lo * BLOCK_K, rows, offs_n, mask_n, stride_qk)
+    if PDL:
+        gdc_wait()
     for tile in range(t_lo, t_hi):
         k0 = tile * BLOCK_K
         if PREFETCH:
@@ -326,14 +342,17 @@ def _w4_tc_kernel(
     N, HALF, NUM_T, T_PER_SPLIT, n_splits,
     stride_xm, stride_qk, stride_sg, stride_om,
     GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
-    PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr,
+    PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """The W4 GEMV on tensor cores, weights as the MMA's A operand ([BLOCK_N, BLOCK_K] per tile, decoded
     in registers by _w4_operand), x^T as B ([BLOCK_K, 16], rows beyond M zero). Grid, splits and
     epilogue as _w4_gemv_kernel's; a group's MMA sums (fp32) take its scale once, its zero as
-    z * sum_k x over the group."""
+    z * sum_k x over the group. PDL: waits before its first load (x's)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     DT: tl.constexpr = x_ptr.dtype.element_ty
     MP: tl.constexpr = 16  # x's rows padded to the MMA's N
     R: tl.constexpr = BLOCK_K // 8
@@ -396,7 +415,9 @@ def _w4_tc_kernel(
 
 
 @triton.jit
-def _w8_decode(q, MAGIC, FP8: tl.constexpr):
+def _w8_decode(q, MAGIC, FP8: tl.constexpr, W16: tl.constexpr):
+    if W16:  # a 16-bit weight: exact in fp32
+        return q.to(tl.float32)
     if FP8:
         return q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return (q.to(tl.int32) + MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
@@ -426,11 +447,15 @@ def _w8_gemv_kernel(
     stride_xm, stride_qn, stride_om,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     PARTIAL: tl.constexpr, REDUCE: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
+    W16: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(N, BLOCK_N), n_splits); qw [N, K] bytes (int8, or e4m3 read as uint8). K range
-    [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of BLOCK_K."""
+    """Grid (cdiv(N, BLOCK_N), n_splits); qw [N, K] bytes (int8, or e4m3 read as uint8), or with W16
+    the 16-bit weight itself (no scales). K range [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of
+    BLOCK_K. PDL: as the module says."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PDL:
+        gdc_launch_dependents()
     offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
     cols = tl.arange(0, BLOCK_K)
     t0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -440,6 +465,8 @@ def _w8_gemv_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     q_next = _w8_load(qw_ptr, offs_n, mask_n, k_lo + cols, k_hi, stride_qn, EVEN_K)
+    if PDL:
+        gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
             q = q_next
@@ -447,7 +474,7 @@ def _w8_gemv_kernel(
             q_next = _w8_load(qw_ptr, offs_n, mask_n, k_next + cols, k_hi, stride_qn, EVEN_K)
         else:
             q = _w8_load(qw_ptr, offs_n, mask_n, k0 + cols, k_hi, stride_qn, EVEN_K)
-        w = _w8_decode(q, MAGIC, FP8)
+        w = _w8_decode(q, MAGIC, FP8, W16)
         xk = x_ptr + k0 + cols
         t0 = _w8_row(t0, w, xk, k_hi - k0, EVEN_K)
         if M > 1:
@@ -456,7 +483,10 @@ def _w8_gemv_kernel(
             t2 = _w8_row(t2, w, xk + 2 * stride_xm, k_hi - k0, EVEN_K)
         if M > 3:
             t3 = _w8_row(t3, w, xk + 3 * stride_xm, k_hi - k0, EVEN_K)
-    sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if W16:
+        sc = 1.0
+    else:
+        sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     _finish(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
             PARTIAL, GATED)
     if M > 1:
@@ -550,7 +580,7 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     group = K // num_g
     assert group * num_g == K and group & (group - 1) == 0 and group >= 8, group
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or (GemvConfig(32, 32, 2, 4) if interpreting(x)
+    cfg = config or (INTERPRETED if interpreting(x)
                      else gemv_config(f"w4g{group}", M, N, K, sm_count(x)))
     if silu_and_mul:
         _check_gated(N, cfg)
@@ -559,19 +589,21 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     n_tiles, g_per, splits = _launch_shape(N, num_g, cfg)
     out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
     half = N // 2 if silu_and_mul else 0
+    pdl = pdl_enabled(x)
     if _w4_tensor_cores(x, cfg, bk):
         _w4_tc_kernel[(n_tiles, splits)](
             x, qweight, scales, zeros, out, ws, cnt, N, half, num_g * tpg, g_per * tpg, splits,
             x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP=group, M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, ASM=not interpreting(x), PARTIAL=partial,
-            REDUCE=reduce, GATED=silu_and_mul, num_warps=cfg.num_warps, num_stages=cfg.stages,
+            REDUCE=reduce, GATED=silu_and_mul, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.stages,
+            launch_pdl=pdl,
         )  # fmt: skip
     else:
         _w4_gemv_kernel[(n_tiles, splits)](
             x, qweight, scales, zeros, out, ws, cnt, N, half, num_g * tpg, g_per * tpg,
             splits, _W4_MAGIC, 16, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP=group, M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial,
-            REDUCE=reduce, GATED=silu_and_mul, num_warps=cfg.num_warps,
+            REDUCE=reduce, GATED=silu_and_mul, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )  # fmt: skip
     return _result(out, partial, reduce, x.dtype, silu_and_mul)
 
@@ -587,18 +619,46 @@ def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     fp8 = qweight.dtype == torch.float8_e4m3fn
     q = qweight.view(torch.uint8) if fp8 else qweight
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or (GemvConfig(16, 32, 2, 4) if interpreting(x)
+    cfg = config or (INTERPRETED if interpreting(x)
                      else gemv_config("fp8" if fp8 else "w8", M, N, K, sm_count(x)))
     if silu_and_mul:
         _check_gated(N, cfg)
     bk = cfg.block_k
     n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
     out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
+    pdl = pdl_enabled(x)
     _w8_gemv_kernel[(n_tiles, splits)](
         x, q, scales, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits, _W8_MAGIC,
         x.stride(0), q.stride(0), out.stride(0),
         M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce, FP8=fp8,
-        EVEN_K=K % bk == 0, GATED=silu_and_mul,
-        num_warps=cfg.num_warps,
+        EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=False, PDL=pdl,
+        num_warps=cfg.num_warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return _result(out, partial, reduce, x.dtype, silu_and_mul)
+
+
+def w16_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
+             silu_and_mul: bool = False) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight^T for a dense 16-bit weight [N, K] (row-major, x's dtype), 1 <= M <= 4:
+    the W8 kernel's loop with the decode a conversion to fp32 (sums in fp32, one rounding to x's dtype, as
+    cuBLAS accumulates). ``silu_and_mul``: as w4_gemv's."""
+    M, K = x.shape
+    N = weight.shape[0]
+    assert 1 <= M <= MAX_GEMV_M, M
+    assert weight.shape[1] == K and weight.stride(1) == 1 and weight.dtype in (torch.bfloat16, torch.float16)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or (INTERPRETED if interpreting(x) else gemv_config("w16", M, N, K, sm_count(x)))
+    if silu_and_mul:
+        _check_gated(N, cfg)
+    bk = cfg.block_k
+    n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
+    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
+    pdl = pdl_enabled(x)
+    _w8_gemv_kernel[(n_tiles, splits)](
+        x, weight, weight, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits, _W8_MAGIC,
+        x.stride(0), weight.stride(0), out.stride(0),
+        M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce, FP8=False,
+        EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=True, PDL=pdl,
+        num_warps=cfg.num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return _result(out, partial, reduce, x.dtype, silu_and_mul)

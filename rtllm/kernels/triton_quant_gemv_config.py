@@ -32,7 +32,8 @@ class GemvConfig:
 
 
 # Tuned on an H100 (scripts/quant_kernel_tune.py --m 1, 2026-11-25; Llama-3.1-8B shapes and the INT8
-# LM head): (kind, M, N, K) -> config, kind "w4g<group>", "w8" (int8) or "fp8" (e4m3 bytes). M > 1
+# LM head): (kind, M, N, K) -> config, kind "w4g<group>", "w8" (int8), "fp8" (e4m3 bytes) or "w16" (a dense
+# 16-bit weight). M > 1
 # without an entry uses M = 1's. Times: graph replays, weights rotated past L2. W4 retuned with the
 # tensor-core kernel in the grid (--kinds w4 --m 1,2, same day): it wins down at M = 1 and every
 # shape at M = 2.
@@ -54,6 +55,14 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ("fp8", 1, 4096, 4096): GemvConfig(32, 256, 4, 4, False),  # 9.9 us
     ("fp8", 1, 28672, 4096): GemvConfig(32, 256, 1, 4, False),  # 42.6 us
     ("fp8", 1, 4096, 14336): GemvConfig(32, 256, 4, 4, False),  # 24.6 us
+    # dense bf16 (--kinds w16 --m 1,2, 2026-12-07; F.linear in the same run in brackets); M = 2 lost to
+    # F.linear on every shape (0.76-0.92x), so rtllm.kernels.gemm runs the GEMV at M = 1 only
+    ("w16", 1, 6144, 4096): GemvConfig(16, 256, 1, 4, True),  # 20.0 us (20.4)
+    ("w16", 1, 4096, 4096): GemvConfig(8, 512, 1, 4, True),  # 13.6 us (15.7)
+    ("w16", 1, 28672, 4096): GemvConfig(8, 512, 1, 4, True),  # 78.8 us (82.1)
+    ("w16", 1, 4096, 14336): GemvConfig(8, 512, 1, 4, True),  # 42.0 us (43.7)
+    ("w16", 1, 5120, 2048): GemvConfig(8, 512, 1, 4, True),  # 9.3 us (9.9), Qwen3-30B-A3B qkv
+    ("w16", 1, 2048, 4096): GemvConfig(8, 512, 1, 4, True),  # 8.7 us (10.1), Qwen3-30B-A3B o_proj
 }
 
 _ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune script writes one)
@@ -76,9 +85,12 @@ def _load_env_table() -> None:
 def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:
     """For shapes not in the tuned table, what the tuning chose at the 8B shapes: W4 512 columns
     (1024 from 16K outputs) per 4-warp program and a split of K giving 2-3 programs per SM; W8 / FP8
-    16 rows x 512 bytes (32 x 256 for wide layers), split only when the rows give under a wave."""
-    if kind in ("w8", "fp8"):
+    16 rows x 512 bytes (32 x 256 for wide layers), split only when the rows give under a wave; a dense
+    16-bit weight (W16) 8 rows x 512 elements."""
+    if kind in ("w8", "fp8", "w16"):
         bn, bk = (16, 512) if N <= 8192 else (32, 256)
+        if kind == "w16":  # what the tuning chose at M = 1: 8 rows x 1 KiB, no split
+            return GemvConfig(8, 512, 1, 4, True)
         n_tiles = triton.cdiv(N, bn)
         split = 1 if n_tiles >= sms else max(1, min(4, (2 * sms) // n_tiles, K // (4 * bk)))
         return GemvConfig(bn, bk, split, 4, bn == 16)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rtllm.kernels.triton_attention.common import pdl_enabled
 from rtllm.kernels.triton_fp8 import e4m3_bits
 from rtllm.kernels.triton_round import round_to
 
@@ -174,9 +176,13 @@ def _rope_kernel(
     FP8: tl.constexpr,
     NORM: tl.constexpr,
     Q_BLOCKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (t, j): token t's q heads [j * BLOCK_HQ, (j + 1) * BLOCK_HQ) for j < Q_BLOCKS, its k heads
-    (and v, cached) for j == Q_BLOCKS."""
+    (and v, cached) for j == Q_BLOCKS. PDL: launched while the qkv projection runs; reads after it ends."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -313,7 +319,7 @@ def rope_launch(
         BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_R=block_r, BLOCK_P=block_p,
         BLOCK_D=block_d, HAS_PASS=rot < D, CACHE=cache, PAGE=page, FP8=fp8,
         NORM=qk_norm is not None, Q_BLOCKS=q_blocks, num_warps=_num_warps(max(block_hq, block_hkv) * block_d),
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, PDL=pdl_enabled(q), launch_pdl=pdl_enabled(q),
     )  # fmt: skip
     return q_out, k_out
 

@@ -42,6 +42,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gemm.linear(x, self.weight, self.bias)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU-and-mul of this [gate | up] projection's output, fused into its GEMM where the decode GEMV
+        runs it (rtllm.kernels.gemm.linear_silu_and_mul)."""
+        return gemm.linear_silu_and_mul(x, self.weight, self.bias)
+
 
 class MergedLinear(Linear):
     """Several projections of the same input in one GEMM; output is their concatenation.

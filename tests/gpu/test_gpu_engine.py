@@ -10,6 +10,7 @@ import torch
 
 from rtllm import LLM, CompletionOutput, KvCacheConfig, SamplingParams  # noqa: F401
 from rtllm.config import CudaGraphConfig
+from rtllm.kernels.triton_attention.common import _pdl_on as pdl_cache
 from tests.tiny import make_checkpoint, ramp_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,6 +48,25 @@ def test_graphs_and_overlap_on_equal_both_off_bf16(tmp_path):
                  kv_cache_config=KvCacheConfig(max_tokens=8192), cuda_graph_config=cg) as llm:
             outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     assert outs[0] == outs[1]
+
+
+def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch):
+    """bf16, one request at a time (the decode GEMVs at M = 1, the norms and the attention launched with
+    PDL), CUDA graphs on and off: RTLLM_PDL=1 and RTLLM_PDL=0 (each engine's worker process reads it)
+    give the same tokens; PDL changes when kernels start, never what they compute."""
+    make_checkpoint(str(tmp_path), "qwen3", dtype=torch.bfloat16)
+    prompts = ramp_prompts(4, seed=23, lo=3, hi=100)
+    outs = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("RTLLM_PDL", pdl)
+        pdl_cache.cache_clear()  # an in-process executor reads it here
+        for cg in (CudaGraphConfig(max_batch_size=4), None):
+            with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=1,
+                     kv_cache_config=KvCacheConfig(max_tokens=4096), cuda_graph_config=cg) as llm:
+                outs[pdl, cg is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32),
+                                                                                       use_tqdm=False)]
+    assert outs["1", False] == outs["0", False]
+    assert outs["1", True] == outs["0", True]
 
 
 DEFAULT = os.environ.get("RTLLM_DEFAULT_MODEL")

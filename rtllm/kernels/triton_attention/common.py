@@ -1,8 +1,10 @@
-"""Helpers shared by the paged-attention kernels (dot precision, SM count, interpreter check)."""
+"""Helpers shared by the paged-attention kernels (dot precision, SM count, interpreter check) and the
+other Triton kernels (SM count, programmatic dependent launch)."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton.language as tl
@@ -40,3 +42,23 @@ def sm_count(t: torch.Tensor) -> int:
     if t.is_cuda:
         return num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return 132  # H100: the target machine; only shapes the split heuristic on CPU
+
+
+@functools.lru_cache(maxsize=8)
+def _pdl_on(device_index: int) -> bool:
+    return (os.environ.get("RTLLM_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def pdl_enabled(t: torch.Tensor | torch.device) -> bool:
+    """Whether kernels on t's device use programmatic dependent launch (PDL: Hopper and later;
+    RTLLM_PDL=0 turns it off, read once per device). A kernel launched with ``launch_pdl=True`` may
+    start while the kernel before it in the stream still runs, so it calls ``gdc_wait()`` before it
+    reads anything an earlier kernel wrote (or writes anything); what comes before the wait touches
+    only data no kernel of the step writes (weights). A kernel that calls ``gdc_launch_dependents()``
+    lets the next PDL launch start once all of its programs have started. The interpreter has no grid
+    dependency control: CPU tensors never use it."""
+    dev = t if isinstance(t, torch.device) else t.device
+    if dev.type != "cuda":
+        return False
+    return _pdl_on(dev.index if dev.index is not None else torch.cuda.current_device())

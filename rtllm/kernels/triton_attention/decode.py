@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rtllm.kernels.triton_attention.common import LOG2E, TL_DTYPES, dot_config, interpreting, sm_count
+from rtllm.kernels.triton_attention.common import (
+    LOG2E,
+    TL_DTYPES,
+    dot_config,
+    interpreting,
+    pdl_enabled,
+    sm_count,
+)
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +136,7 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr = 0,
     KV_WORDS: tl.constexpr = False,
     CVT_ASM: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
     [split * split_tokens, min(+split_tokens, seq_len)): in the split that holds it, the token being
@@ -135,6 +144,9 @@ def _decode_split_kernel(
     Writes (max, sum, unnormalized out) in the log2 domain, or the final output when there is one split.
     KV_FP8: cached K/V tiles are e4m3, converted (exactly) to DOT (fp16 for a 16-bit q); k_scale is folded
     into qk_scale_cache, v_scale multiplies the cached part of the sum once."""
+    if PDL:  # launched while RoPE + cache write runs: reads after it ends; the next launch may start
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
@@ -311,8 +323,14 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """Program (b, q head): merge the splits that hold tokens of sequence b."""
+    """Program (b, q head): merge the splits that hold tokens of sequence b. PDL: launched while the
+    splits run (reads after they end); the next launch (the o projection's GEMV) may start and stream
+    its weights meanwhile."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -455,6 +473,7 @@ def paged_decode_attention_triton(
     upcast, prec = dot_config(q, dot_dtype)
     block_g = max(16, triton.next_power_of_2(G))
     one = num_splits == 1
+    pdl = pdl_enabled(q)
     if one:
         m = lsum = acc = out  # unused
     else:
@@ -473,13 +492,13 @@ def paged_decode_attention_triton(
         block_tables.shape[1], *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
         ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
-        PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q),
-        num_warps=num_warps, num_stages=stages, **({"maxnreg": max_regs} if max_regs else {}),
+        PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q), PDL=pdl,
+        num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
     if not one:
         _decode_reduce_kernel[(B, Hq)](
             out, m, lsum, acc, seq_lens, split_tokens, num_splits, *out.stride(),
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few variants
-            num_warps=4,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out
