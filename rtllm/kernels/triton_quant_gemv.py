@@ -608,6 +608,31 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     return _result(out, partial, reduce, x.dtype, silu_and_mul)
 
 
+def _row_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor | None, kind: str, config: GemvConfig | None,
+              silu_and_mul: bool) -> torch.Tensor:
+    """One _w8_gemv_kernel launch over the row-major weight q [N, K]: bytes (kind "w8" int8, "fp8" e4m3 read
+    as uint8) with per-row scales, or a 16-bit weight (kind "w16", scales None)."""
+    M, K = x.shape
+    N = q.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or (INTERPRETED if interpreting(x) else gemv_config(kind, M, N, K, sm_count(x)))
+    if silu_and_mul:
+        _check_gated(N, cfg)
+    bk = cfg.block_k
+    n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
+    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
+    pdl = pdl_enabled(x)
+    w16 = scales is None
+    _w8_gemv_kernel[(n_tiles, splits)](
+        x, q, q if w16 else scales, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits,
+        _W8_MAGIC, x.stride(0), q.stride(0), out.stride(0),
+        M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce,
+        FP8=kind == "fp8", EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=w16, PDL=pdl,
+        num_warps=cfg.num_warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return _result(out, partial, reduce, x.dtype, silu_and_mul)
+
+
 def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             config: GemvConfig | None = None, silu_and_mul: bool = False) -> torch.Tensor:
     """y [M, N] = (x [M, K] @ q^T) * scales for qweight int8 or float8_e4m3fn [N, K] and scales
@@ -617,24 +642,8 @@ def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     assert 1 <= M <= MAX_GEMV_M, M
     assert qweight.shape[1] == K and scales.shape == (N,) and qweight.stride(1) == 1
     fp8 = qweight.dtype == torch.float8_e4m3fn
-    q = qweight.view(torch.uint8) if fp8 else qweight
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or (INTERPRETED if interpreting(x)
-                     else gemv_config("fp8" if fp8 else "w8", M, N, K, sm_count(x)))
-    if silu_and_mul:
-        _check_gated(N, cfg)
-    bk = cfg.block_k
-    n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
-    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
-    pdl = pdl_enabled(x)
-    _w8_gemv_kernel[(n_tiles, splits)](
-        x, q, scales, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits, _W8_MAGIC,
-        x.stride(0), q.stride(0), out.stride(0),
-        M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce, FP8=fp8,
-        EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=False, PDL=pdl,
-        num_warps=cfg.num_warps, launch_pdl=pdl,
-    )  # fmt: skip
-    return _result(out, partial, reduce, x.dtype, silu_and_mul)
+    return _row_gemv(x, qweight.view(torch.uint8) if fp8 else qweight, scales, "fp8" if fp8 else "w8", config,
+                     silu_and_mul)
 
 
 def w16_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
@@ -643,22 +652,6 @@ def w16_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = 
     the W8 kernel's loop with the decode a conversion to fp32 (sums in fp32, one rounding to x's dtype, as
     cuBLAS accumulates). ``silu_and_mul``: as w4_gemv's."""
     M, K = x.shape
-    N = weight.shape[0]
     assert 1 <= M <= MAX_GEMV_M, M
     assert weight.shape[1] == K and weight.stride(1) == 1 and weight.dtype in (torch.bfloat16, torch.float16)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or (INTERPRETED if interpreting(x) else gemv_config("w16", M, N, K, sm_count(x)))
-    if silu_and_mul:
-        _check_gated(N, cfg)
-    bk = cfg.block_k
-    n_tiles, t_per, splits = _launch_shape(N, triton.cdiv(K, bk), cfg)
-    out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
-    pdl = pdl_enabled(x)
-    _w8_gemv_kernel[(n_tiles, splits)](
-        x, weight, weight, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits, _W8_MAGIC,
-        x.stride(0), weight.stride(0), out.stride(0),
-        M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce, FP8=False,
-        EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=True, PDL=pdl,
-        num_warps=cfg.num_warps, launch_pdl=pdl,
-    )  # fmt: skip
-    return _result(out, partial, reduce, x.dtype, silu_and_mul)
+    return _row_gemv(x, weight, None, "w16", config, silu_and_mul)
