@@ -3,7 +3,8 @@
 # on one GPU, logs to $OUT:
 # 1. TESTS (default tests/gpu/test_gpu_dense_gemv.py; TESTS=tests/gpu for all GPU tests);
 # 2. TUNE=1: the GEMV's tile / split tuning against F.linear at Llama-3.1-8B and Qwen3-30B-A3B shapes,
-#    M = 1, 2 (scripts/quant_kernel_tune.py --kinds w16; writes $OUT/gemv_tuned.json, used below);
+#    M = TUNE_M (default 1,2) (scripts/quant_kernel_tune.py --kinds w16 $TUNE_ARGS, e.g. --verbose; writes
+#    $OUT/gemv_tuned.json, used below);
 # 3. batch-1 decode (ISL 128 / OSL 256) of both models under each "RTLLM_DENSE_GEMV RTLLM_PDL" pair of
 #    CONFIGS (default "0 0" "1 0" "0 1" "1 1"), interleaved ROUNDS times (MoE: MOE_ROUNDS; MOE=0 skips
 #    it), each line a `rtllm bench latency` run with its bound; then each weight format of QUANT (e.g.
@@ -12,7 +13,7 @@ set -uo pipefail
 source scripts/gpu_env.sh
 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu/test_gpu_dense_gemv.py} > "$OUT/tests.log" 2>&1
 if [ "${TUNE:-0}" = 1 ]; then
-    python3 scripts/quant_kernel_tune.py --kinds w16 --m 1,2 --jobs 14 --out "$OUT" 2>&1 | tee "$OUT/tune.log" \
+    python3 scripts/quant_kernel_tune.py --kinds w16 --m ${TUNE_M:-1,2} --jobs 14 --out "$OUT" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" \
         | tail -16
     export RTLLM_QUANT_GEMV_CONFIG="$OUT/gemv_tuned.json"
 fi

@@ -46,7 +46,9 @@ W8_GRID_M = [(32, 256, 4, True, False, 3), (16, 256, 4, True, False, 3)]
 # w16: block_k in bf16 elements (the W8 loop, two bytes a weight)
 W16_GRID = [(16, 256, 4, True, False, 3), (32, 128, 4, True, False, 3), (16, 128, 4, True, False, 3),
             (32, 256, 8, True, False, 3), (64, 128, 8, True, False, 3), (8, 512, 4, True, False, 3),
-            (16, 256, 4, False, False, 3), (32, 128, 4, False, False, 3)]
+            (16, 256, 4, False, False, 3), (32, 128, 4, False, False, 3), (8, 1024, 4, True, False, 3),
+            (4, 1024, 4, True, False, 3), (8, 1024, 8, True, False, 3), (16, 512, 8, True, False, 3),
+            (4, 512, 4, True, False, 3)]
 W16_GRID_M = [(16, 256, 4, True, False, 3), (32, 128, 4, True, False, 3), (16, 128, 4, True, False, 3)]
 SPLITS = (1, 2, 4, 8, 16, 32)
 
