@@ -1,7 +1,9 @@
-"""GEMV-shaped weight-only kernels for decode (1..4 activation rows; rtllm.kernels.quant_gemm uses
-them up to its W4_GEMV_MAX_M / W8_GEMV_MAX_M): W4 (int4 group-wise) and W8 (int8 or e4m3 bytes,
-per-channel scales), on CUDA cores; W4 also on tensor cores (below). Dense 16-bit weights run the W8
-loop with a conversion for the decode (``w16_gemv``; rtllm.kernels.gemm uses it up to DENSE_GEMV_MAX_M).
+"""GEMV-shaped weight-only kernels for decode (1..4 activation rows; rtllm.kernels.quant_gemm uses them up
+to its W4_GEMV_MAX_M / W8_GEMV_MAX_M): W4 (int4 group-wise) and W8 (int8 or e4m3 bytes, per-channel
+scales), on CUDA cores; W4 also on tensor cores. The W4 kernels are in rtllm.kernels.triton_w4_gemv, the
+epilogue they share (columns, SiLU-and-mul, split-K) in rtllm.kernels.triton_gemv_epilogue; the row-
+major W8 / W16 kernel, the workspace and the entry points here. Dense 16-bit weights run the W8 loop
+with a conversion for the decode (``w16_gemv``; rtllm.kernels.gemm uses it up to DENSE_GEMV_MAX_M).
 
 Semantics are those of :mod:`rtllm.kernels.quant_gemm` (same layouts, ``y = x @ W^T``), computed
 exactly in fp32 except for the sums: each weight code is decoded exactly, multiplied by the
@@ -18,30 +20,12 @@ Decoding costs about 3 instructions per weight (sm_90 SASS of the W4 loop: ~4.3 
 the activation loads, so on an H100 its ALU and memory times are of the same size; W8 / FP8 decode
 a byte for about the same and are memory-bound; figures in docs/PERF.md):
 
-- W4: the word ``w`` (8 nibbles, K-major) is not shifted per nibble. ``(w & (0xF << s)) | magic``
-  places nibble s/4 in the mantissa of the fp32 ``2^(23-s) + q`` (exact), and one FADD of
-  ``-(2^(23-s) + 8)`` gives ``q - 8`` exactly: LOP3 + FADD + FFMA per weight. Nibbles 5..7 do not
-  fit under the exponent and are read from ``w >> 16`` (one shift per word). ``magic`` and the 16
-  are kernel arguments so that the compiler keeps them in registers and cannot fold mask and
-  shift into bit-field extracts. The group's scale and zero apply once per group and column:
-  ``sum_k x_k ((q - 8) s + z) = s sum_k x_k (q - 8) + z sum_k x_k``.
+- W4: see rtllm.kernels.triton_w4_gemv (a word decoded without a shift per nibble).
 - W8 int8: ``q + 0x4B000080`` (integer add on the sign-extended byte) is the fp32 ``2^23 + 128 + q``;
   an FADD gives q exactly. e4m3: Hopper's paired e4m3 -> f16 conversion (exact), then f16 -> f32.
   The per-channel scale multiplies the finished sum.
 
-W4 on tensor cores (``GemvConfig.tc``, 16-bit x): the weights are the MMA's A operand (BLOCK_N rows
-of m64 MMAs, swap-AB) and x^T, zero-padded to 16 columns, is B, so the multiply-adds leave the CUDA
-cores. ``((w >> s) & 0x000F000F) | 0x43004300`` is the bf16 pair (2^7 + q, 2^7 + q') of two nibbles
-of a word and one packed subtract (``sub.bf16x2``, inline asm; fp16 likewise with 2^10) makes both
-q - 8, exact: 11 instructions per word of 8 weights. The operand's K axis is permuted so that each
-such pair is one register of the A fragment as Triton lays it out (loaded by ldmatrix from the
-pipelined shared-memory copy of the words), and x is read in the same order. The decoded weight is
-q - 8, exact in bf16; the scale and zero apply per group to the fp32 MMA sums as on the CUDA cores,
-so the result is the same up to fp32 summation order. sm_90 SASS: ~2.6-2.9 instructions per int4
-weight against ~4.6, and a second row costs little, but each K tile waits on its MMA (an H100
-measured it latency-bound; x's next tile is loaded by hand a tile ahead, which saved 1 us on down):
-it wins at M = 2 on every shape and at M = 1 on down only. The interpreter cannot run inline asm or
-a bf16 dot: it decodes with integer ops and multiplies in fp32 (the same products).
+W4 also runs on tensor cores (swap-AB, ``GemvConfig.tc``): rtllm.kernels.triton_w4_gemv.
 
 Programmatic dependent launch (PDL, Hopper; rtllm.kernels.triton_attention.common.pdl_enabled): a
 GEMV is launched while the kernel before it (a norm, the attention, another GEMV) still runs; each
@@ -73,14 +57,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rtllm.kernels.triton_activation import silu_and_mul_triton, silu_mul
+from rtllm.kernels.triton_activation import silu_and_mul_triton
 from rtllm.kernels.triton_attention.common import interpreting, pdl_enabled, sm_count
+from rtllm.kernels.triton_gemv_epilogue import finish_row, gemv_columns, reduce_splits
 from rtllm.kernels.triton_quant_gemv_config import TUNED, GemvConfig, gemv_config
+from rtllm.kernels.triton_w4_gemv import W4_MAGIC, w4_gemv_kernel, w4_tc_kernel
 
 __all__ = ["TUNED", "GemvConfig", "gemv_config", "w4_gemv", "w8_gemv", "w16_gemv"]
 
-# W4: fp32 bits of 2^23 (nibble s/4 of a word uses MAGIC - (s << 23), i.e. 2^(23 - s))
-_W4_MAGIC = 0x4B000000
 # W8: fp32 bits of 2^23 + 128; (q + this) for a signed byte q is the fp32 2^23 + 128 + q
 _W8_MAGIC = 0x4B000080
 
@@ -91,323 +75,6 @@ MAX_GEMV_M = 4  # the GEMV kernels unroll one accumulator per activation row, up
 # interpreter's cost is per operation, not per element, so these run far fewer operations than the GPU
 # tiles would; the kernel tests pass their own configs (small tiles, splits, ragged edges).
 INTERPRETED = GemvConfig(64, 128, 1, 4)
-
-
-# --------------------------------------------------------------------------------------------
-# the program's columns, and the epilogue (SiLU-and-mul, split-K)
-
-
-@triton.jit
-def _columns(pid_n, N, HALF, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """(weight columns, their mask, output columns, their mask) of N tile pid_n. GATED (N = 2 HALF):
-    BLOCK_N / 2 gate columns and the same up columns (+ HALF), in two contiguous runs; the outputs
-    are the gate columns' indices."""
-    i = tl.arange(0, BLOCK_N)
-    if GATED:
-        H: tl.constexpr = BLOCK_N // 2
-        col = pid_n * H + i % H
-        offs_o = pid_n * H + tl.arange(0, H)
-        return col + (i // H) * HALF, col < HALF, offs_o, offs_o < HALF
-    else:  # an explicit else: a compiled constexpr if checks a trailing return against the branch's
-        offs = pid_n * BLOCK_N + i
-        return offs, offs < N, offs, offs < N
-
-
-@triton.jit
-def _store_row(acc, m, out_ptr, offs_o, mask_o, stride_om, GATED: tl.constexpr):
-    """Row m of the output from its fp32 sums over the tile's columns; GATED: silu(gate) * up, gate
-    and up rounded to the output dtype first (the values the unfused GEMV would store)."""
-    DT: tl.constexpr = out_ptr.dtype.element_ty
-    if GATED:
-        g, u = tl.split(tl.permute(tl.reshape(acc, (2, acc.shape[0] // 2)), (1, 0)))
-        acc = silu_mul(g.to(DT).to(tl.float32), u.to(DT).to(tl.float32), DT)
-    tl.store(out_ptr + m * stride_om + offs_o, acc.to(DT), mask=mask_o)
-
-
-@triton.jit
-def _finish(acc, m, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om,
-            M: tl.constexpr, PARTIAL: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
-    """Row m's result, or with PARTIAL its fp32 partial (ws [splits, M, N], split pid_k)."""
-    if PARTIAL:
-        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n)
-    else:
-        _store_row(acc, m, out_ptr, offs_o, mask_o, stride_om, GATED)
-
-
-@triton.jit
-def _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits,
-                   M: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
-    """After every row's partial is stored: the last program of this N tile sums the partials, in split
-    order, CHUNK loads at a time (one L2 round trip per chunk, not per partial: the W4 qkv / o
-    launches of 32 splits took 0.6-0.9 us less on an H100)."""
-    CHUNK: tl.constexpr = 8
-    if REDUCE:
-        tl.debug_barrier()  # all of this program's partial stores happen before the release below
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == n_splits - 1:
-            for m in tl.static_range(M):
-                tot = tl.zeros(offs_n.shape, dtype=tl.float32)
-                for s0 in range(0, n_splits, CHUNK):  # the chunk's loads are in flight together
-                    for i in tl.static_range(CHUNK):
-                        tot += tl.load(ws_ptr + ((s0 + i) * M + m) * N + offs_n, mask=mask_n & (s0 + i < n_splits),
-                                       other=0.0, cache_modifier=".cg")
-                _store_row(tot, m, out_ptr, offs_o, mask_o, stride_om, GATED)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-# --------------------------------------------------------------------------------------------
-# W4
-
-
-@triton.jit
-def _w4_nibble(w, hi, j: tl.constexpr, MAGIC):
-    """q - 8 (fp32, exact) for nibble j of the words w (hi = w >> 16)."""
-    if j < 5:
-        src = w
-        s: tl.constexpr = 4 * j
-    else:
-        src = hi
-        s: tl.constexpr = 4 * (j - 4)
-    bits = (src & (0xF << s)) | (MAGIC - (s << 23))
-    return bits.to(tl.float32, bitcast=True) - ((1 << (23 - s)) + 8)
-
-
-@triton.jit
-def _w4_load(qw_ptr, k0, rows, offs_n, mask_n, stride_qk):
-    return tl.load(qw_ptr + (k0 // 8 + rows)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
-
-
-@triton.jit
-def _w4_row(t, xs, qf, xk):
-    x = tl.load(xk).to(tl.float32)
-    return t + qf * x[:, None], xs + x
-
-
-@triton.jit
-def _w4_group_sum(acc, t, xs, s, z):
-    return acc + tl.sum(t, axis=0) * s + tl.sum(xs, axis=0) * z
-
-
-@triton.jit(do_not_specialize=["T_PER_SPLIT", "n_splits"])
-def _w4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-    N, HALF, NUM_T, T_PER_SPLIT, n_splits, MAGIC, SH16,
-    stride_xm, stride_qk, stride_sg, stride_om,
-    GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """Grid (cdiv(N, BLOCK_N), n_splits). Program (n tile, split) reduces K tiles
-    [split * T_PER_SPLIT, ...) (of BLOCK_K; a split holds whole groups) for M (1..4) rows. With
-    PREFETCH the next tile's words are loaded before the current one is decoded. PDL: as the module says."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    if PDL:
-        gdc_launch_dependents()
-    R: tl.constexpr = BLOCK_K // 8  # packed words per column per tile
-    TPG: tl.constexpr = GROUP // BLOCK_K  # tiles per group
-    offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
-    rows = tl.arange(0, R)
-    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t0 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    t1 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    t2 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    t3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    xs0 = tl.zeros((R,), dtype=tl.float32)
-    xs1 = tl.zeros((R,), dtype=tl.float32)
-    xs2 = tl.zeros((R,), dtype=tl.float32)
-    xs3 = tl.zeros((R,), dtype=tl.float32)
-    t_lo = pid_k * T_PER_SPLIT
-    t_hi = tl.minimum(t_lo + T_PER_SPLIT, NUM_T)
-    w_next = _w4_load(qw_ptr, t_lo * BLOCK_K, rows, offs_n, mask_n, stride_qk)
-    if PDL:
-        gdc_wait()
-    for tile in range(t_lo, t_hi):
-        k0 = tile * BLOCK_K
-        if PREFETCH:
-            w = w_next
-            w_next = _w4_load(qw_ptr, tl.minimum(tile + 1, t_hi - 1) * BLOCK_K, rows, offs_n, mask_n, stride_qk)
-        else:
-            w = _w4_load(qw_ptr, k0, rows, offs_n, mask_n, stride_qk)
-        hi = w >> SH16
-        for j in tl.static_range(8):
-            qf = _w4_nibble(w, hi, j, MAGIC)
-            xk = x_ptr + k0 + rows * 8 + j
-            t0, xs0 = _w4_row(t0, xs0, qf, xk)
-            if M > 1:
-                t1, xs1 = _w4_row(t1, xs1, qf, xk + stride_xm)
-            if M > 2:
-                t2, xs2 = _w4_row(t2, xs2, qf, xk + 2 * stride_xm)
-            if M > 3:
-                t3, xs3 = _w4_row(t3, xs3, qf, xk + 3 * stride_xm)
-        if (tile + 1) % TPG == 0:  # the group ends: its scale and zero apply once
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc0 = _w4_group_sum(acc0, t0, xs0, s, z)
-            t0 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-            xs0 = tl.zeros((R,), dtype=tl.float32)
-            if M > 1:
-                acc1 = _w4_group_sum(acc1, t1, xs1, s, z)
-                t1 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-                xs1 = tl.zeros((R,), dtype=tl.float32)
-            if M > 2:
-                acc2 = _w4_group_sum(acc2, t2, xs2, s, z)
-                t2 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-                xs2 = tl.zeros((R,), dtype=tl.float32)
-            if M > 3:
-                acc3 = _w4_group_sum(acc3, t3, xs3, s, z)
-                t3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-                xs3 = tl.zeros((R,), dtype=tl.float32)
-    _finish(acc0, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
-    if M > 1:
-        _finish(acc1, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
-    if M > 2:
-        _finish(acc2, 2, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
-    if M > 3:
-        _finish(acc3, 3, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
-    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits, M,
-                   REDUCE, GATED)
-
-
-# --------------------------------------------------------------------------------------------
-# W4 on tensor cores (swap-AB)
-
-
-@triton.jit
-def _w4_pair(w, SHIFT: tl.constexpr, dtype: tl.constexpr, ASM: tl.constexpr):
-    """(q - 8, q' - 8) in dtype (exact) for nibbles SHIFT/4 and SHIFT/4 + 4 of the words w. ASM: one LOP3
-    makes the 16-bit pair 2^7 + q | 2^7 + q' (bf16; fp16 2^10 + q) in one register and one packed
-    subtract of 2^7 + 8 gives both codes, already where the MMA operand wants them."""
-    v = w >> SHIFT
-    if ASM:
-        if dtype == tl.bfloat16:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; mov.b32 c, 0x43084308; "
-                "sub.bf16x2 t, t, c; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [v], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; mov.b32 c, 0x64086408; "
-                "sub.f16x2 t, t, c; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r", [v], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    lo = ((v & 0xF) - 8).to(tl.float32).to(dtype)
-    hi = (((v >> 16) & 0xF) - 8).to(tl.float32).to(dtype)
-    return lo, hi
-
-
-@triton.jit
-def _w4_operand(w, dtype: tl.constexpr, ASM: tl.constexpr):
-    """The MMA operand A [BLOCK_N, 8 R] (q - 8 in dtype) of the words w [R, BLOCK_N] (R a multiple of 4),
-    its K axis permuted to fit the register layout of an m64nNk16 A fragment: thread t of a quad holds
-    K columns 2t, 2t + 1 (one register) and 2t + 8, 2t + 9 of each k16 step, so A's K index
-    c = 32 s + 16 h + 8 u + 2 t + v is nibble (2 h + u) + 4 v of word 4 s + t (_w4_tc_k gives the
-    matching K of x). Each register is then one _w4_pair of one word: no shuffles, no repacking."""
-    R: tl.constexpr = w.shape[0]
-    BN: tl.constexpr = w.shape[1]
-    l0, h0 = _w4_pair(w, 0, dtype, ASM)
-    l1, h1 = _w4_pair(w, 4, dtype, ASM)
-    l2, h2 = _w4_pair(w, 8, dtype, ASM)
-    l3, h3 = _w4_pair(w, 12, dtype, ASM)
-    a = tl.join(tl.join(tl.join(l0, h0), tl.join(l1, h1)), tl.join(tl.join(l2, h2), tl.join(l3, h3)))
-    a = tl.reshape(a, (R // 4, 4, BN, 2, 2, 2))  # (s, t, n, v, u, h)
-    return tl.reshape(tl.permute(a, (2, 0, 5, 4, 1, 3)), (BN, 8 * R))
-
-
-@triton.jit
-def _w4_tc_k(BLOCK_K: tl.constexpr):
-    """K offset (within the tile) of the operand's K column c: nibble (2 h + u) + 4 v of word 4 s + t."""
-    c = tl.arange(0, BLOCK_K)
-    return 8 * (4 * (c // 32) + (c // 2) % 4) + 2 * ((c // 16) % 2) + (c // 8) % 2 + 4 * (c % 2)
-
-
-@triton.jit
-def _w4_tc_row(zs, z, m: tl.constexpr, x_ptr, k0, stride_xm, BLOCK_K: tl.constexpr):
-    """Row m's zero-point term of one group: z * sum_k x[m, k] over the group."""
-    xs = tl.sum(tl.load(x_ptr + m * stride_xm + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), axis=0)
-    return zs + z * xs
-
-
-@triton.jit
-def _w4_tc_col(acc, m: tl.constexpr):
-    """Column m of the [BLOCK_N, 16] accumulator."""
-    return tl.sum(tl.where(tl.arange(0, acc.shape[1])[None, :] == m, acc, 0.0), axis=1)
-
-
-@triton.jit(do_not_specialize=["T_PER_SPLIT", "n_splits"])
-def _w4_tc_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-    N, HALF, NUM_T, T_PER_SPLIT, n_splits,
-    stride_xm, stride_qk, stride_sg, stride_om,
-    GROUP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
-    PARTIAL: tl.constexpr, REDUCE: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """The W4 GEMV on tensor cores, weights as the MMA's A operand ([BLOCK_N, BLOCK_K] per tile, decoded
-    in registers by _w4_operand), x^T as B ([BLOCK_K, 16], rows beyond M zero). Grid, splits and
-    epilogue as _w4_gemv_kernel's; a group's MMA sums (fp32) take its scale once, its zero as
-    z * sum_k x over the group. PDL: waits before its first load (x's)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    MP: tl.constexpr = 16  # x's rows padded to the MMA's N
-    R: tl.constexpr = BLOCK_K // 8
-    TPG: tl.constexpr = GROUP // BLOCK_K
-    offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
-    rows = tl.arange(0, R)
-    kx = _w4_tc_k(BLOCK_K)
-    mc = tl.arange(0, MP)
-    acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-    zs0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zs1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zs2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zs3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t_lo = pid_k * T_PER_SPLIT
-    t_hi = tl.minimum(t_lo + T_PER_SPLIT, NUM_T)
-    x_next = tl.load(x_ptr + mc[None, :] * stride_xm + (t_lo * BLOCK_K + kx)[:, None], mask=(mc < M)[None, :],
-                     other=0.0)
-    for tile in range(t_lo, t_hi):
-        k0 = tile * BLOCK_K
-        w = _w4_load(qw_ptr, k0, rows, offs_n, mask_n, stride_qk)
-        xb = x_next  # by hand: a load that feeds the MMA through shared memory is not pipelined
-        k1 = tl.minimum(tile + 1, t_hi - 1) * BLOCK_K
-        x_next = tl.load(x_ptr + mc[None, :] * stride_xm + (k1 + kx)[:, None], mask=(mc < M)[None, :], other=0.0)
-        if ASM:
-            t = tl.dot(_w4_operand(w, DT, ASM), xb, t)
-        else:  # the interpreter's dot multiplies bf16 bit patterns as integers: fp32 (the same products)
-            t = tl.dot(_w4_operand(w, tl.float32, ASM), xb.to(tl.float32), t)
-        if (tile + 1) % TPG == 0:  # the group ends: its scale and zero apply once
-            g = k0 // GROUP
-            k_g = g * GROUP
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc += t * s[:, None]
-            t = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-            zs0 = _w4_tc_row(zs0, z, 0, x_ptr, k_g, stride_xm, GROUP)
-            if M > 1:
-                zs1 = _w4_tc_row(zs1, z, 1, x_ptr, k_g, stride_xm, GROUP)
-            if M > 2:
-                zs2 = _w4_tc_row(zs2, z, 2, x_ptr, k_g, stride_xm, GROUP)
-            if M > 3:
-                zs3 = _w4_tc_row(zs3, z, 3, x_ptr, k_g, stride_xm, GROUP)
-    _finish(_w4_tc_col(acc, 0) + zs0, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
-            PARTIAL, GATED)
-    if M > 1:
-        _finish(_w4_tc_col(acc, 1) + zs1, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om,
-                M, PARTIAL, GATED)
-    if M > 2:
-        _finish(_w4_tc_col(acc, 2) + zs2, 2, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om,
-                M, PARTIAL, GATED)
-    if M > 3:
-        _finish(_w4_tc_col(acc, 3) + zs3, 3, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om,
-                M, PARTIAL, GATED)
-    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits, M,
-                   REDUCE, GATED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,12 +118,12 @@ def _w8_gemv_kernel(
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), n_splits); qw [N, K] bytes (int8, or e4m3 read as uint8), or with W16
     the 16-bit weight itself (no scales). K range [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of
-    BLOCK_K. PDL: as the module says."""
+    BLOCK_K. PDL: triton_quant_gemv's docstring."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if PDL:
         gdc_launch_dependents()
-    offs_n, mask_n, offs_o, mask_o = _columns(pid_n, N, HALF, BLOCK_N, GATED)
+    offs_n, mask_n, offs_o, mask_o = gemv_columns(pid_n, N, HALF, BLOCK_N, GATED)
     cols = tl.arange(0, BLOCK_K)
     t0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     t1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -487,18 +154,18 @@ def _w8_gemv_kernel(
         sc = 1.0
     else:
         sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _finish(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+    finish_row(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
             PARTIAL, GATED)
     if M > 1:
-        _finish(tl.sum(t1, axis=1) * sc, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+        finish_row(tl.sum(t1, axis=1) * sc, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
                 PARTIAL, GATED)
     if M > 2:
-        _finish(tl.sum(t2, axis=1) * sc, 2, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+        finish_row(tl.sum(t2, axis=1) * sc, 2, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
                 PARTIAL, GATED)
     if M > 3:
-        _finish(tl.sum(t3, axis=1) * sc, 3, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
+        finish_row(tl.sum(t3, axis=1) * sc, 3, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
                 PARTIAL, GATED)
-    _reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits, M,
+    reduce_splits(out_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, offs_o, mask_o, pid_n, N, stride_om, n_splits, M,
                    REDUCE, GATED)
 
 
@@ -561,7 +228,7 @@ def _check_gated(N: int, cfg: GemvConfig) -> None:
 
 
 def _w4_tensor_cores(x: torch.Tensor, cfg: GemvConfig, block_k: int) -> bool:
-    """Whether a W4 launch runs _w4_tc_kernel: asked for by the configuration, 16-bit x (the MMA's
+    """Whether a W4 launch runs w4_tc_kernel: asked for by the configuration, 16-bit x (the MMA's
     operands; fp32 x stays on CUDA cores, exact), K tiles of whole operand blocks (32 K) and the
     columns of at least one m64 MMA."""
     return cfg.tc and x.dtype in (torch.bfloat16, torch.float16) and block_k % 32 == 0 and cfg.block_n >= 64
@@ -591,7 +258,7 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     half = N // 2 if silu_and_mul else 0
     pdl = pdl_enabled(x)
     if _w4_tensor_cores(x, cfg, bk):
-        _w4_tc_kernel[(n_tiles, splits)](
+        w4_tc_kernel[(n_tiles, splits)](
             x, qweight, scales, zeros, out, ws, cnt, N, half, num_g * tpg, g_per * tpg, splits,
             x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP=group, M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, ASM=not interpreting(x), PARTIAL=partial,
@@ -599,9 +266,9 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             launch_pdl=pdl,
         )  # fmt: skip
     else:
-        _w4_gemv_kernel[(n_tiles, splits)](
+        w4_gemv_kernel[(n_tiles, splits)](
             x, qweight, scales, zeros, out, ws, cnt, N, half, num_g * tpg, g_per * tpg,
-            splits, _W4_MAGIC, 16, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+            splits, W4_MAGIC, 16, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
             GROUP=group, M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial,
             REDUCE=reduce, GATED=silu_and_mul, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )  # fmt: skip
