@@ -10,7 +10,7 @@ import triton.language as tl
 
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
-from rtllm.kernels.triton_attention.decode import _e4m3_words_to_f16
+from rtllm.kernels.triton_attention.kv_tiles import e4m3_words_to_f16
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8 = torch.float8_e4m3fn
@@ -19,7 +19,7 @@ FP8 = torch.float8_e4m3fn
 @triton.jit
 def _decode_words(w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
     w = tl.load(w_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
-    x = _e4m3_words_to_f16(w, True)
+    x = e4m3_words_to_f16(w, True)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * (4 * C) + tl.arange(0, 4 * C)[None, :], x)
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
-from rtllm.kernels.triton_attention.decode import _e4m3_words_to_f16
+from rtllm.kernels.triton_attention.kv_tiles import e4m3_words_to_f16
 from tests.kernels.paged import BS, HEADS, NAN, Paged, close
 from tests.kernels.test_norm_act_rope import cos_sin
 
@@ -179,7 +179,7 @@ def test_decode_fp8_prefetch(prefetch, block_n, bs, words, heads) -> None:
 @triton.jit
 def _decode_words(w_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
     w = tl.load(w_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
-    x = _e4m3_words_to_f16(w, False)
+    x = e4m3_words_to_f16(w, False)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * (4 * C) + tl.arange(0, 4 * C)[None, :], x)
 
 

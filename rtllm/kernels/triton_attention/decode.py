@@ -15,69 +15,11 @@ from rtllm.kernels.triton_attention.common import (
     pdl_enabled,
     sm_count,
 )
+from rtllm.kernels.triton_attention.decode_splits import DECODE_MAX_SPLITS, decode_num_splits, decode_reduce_kernel
+from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, to_dot
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 
-# --------------------------------------------------------------------------------------------
-# decode: flash-decoding over a paged cache
-
-
-@triton.jit
-def _decode_tile(qc, k, v, mask_n, m_i, l_i, acc, qk_scale_cache, DOT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over a [BLOCK_N, D] K/V tile (rows past mask_n hold zeros)."""
-    qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
-    qk = tl.where(mask_n[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _e4m3_words_to_f16(w, CVT_ASM: tl.constexpr):
-    """int32 words of four e4m3 codes [R, C] -> fp16 [R, 4 C] (code i of word j -> column 4 j + i), exact.
-    CVT_ASM (compiled kernels): two cvt.rn.f16x2.e4m3x2 on the word's halves; Triton's own conversion of a
-    byte tile repacks the bytes into 16-bit pairs first (~4 PRMT a pair on sm_90, more than the rest of
-    the loop). Else (the interpreter) each byte through Triton's conversion."""
-    if CVT_ASM:
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
-            "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
-            "=h,=h,=h,=h,r",
-            [w],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        o0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        o1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        o2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        o3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [R, C, 2, 2]: [..., a, b] = code 2 a + b
-    return tl.reshape(x, (w.shape[0], 4 * w.shape[1]))
-
-
-@triton.jit
-def _to_dot(x, DOT: tl.constexpr, KV_WORDS: tl.constexpr, CVT_ASM: tl.constexpr):
-    """A loaded K/V tile in the dots' dtype (words of e4m3 codes where KV_WORDS)."""
-    if KV_WORDS:
-        return _e4m3_words_to_f16(x, CVT_ASM)
-    else:
-        return x.to(DOT)
-
-
-@triton.jit
-def _load_kv_tile(
-    k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE: tl.constexpr
-):
-    """K and V rows at positions pos (block ids blk), zeros at pos >= end: the cache's dtype."""
-    mask_kv = (pos < end)[:, None] & mask_c[None, :]
-    row = pos % PAGE
-    k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
-    v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
-    return k, v
+__all__ = ["DECODE_MAX_SPLITS", "decode_num_splits", "paged_decode_attention_triton"]
 
 
 # Integer arguments that change from step to step are not specialized (Triton would compile one
@@ -203,13 +145,13 @@ def _decode_split_kernel(
         pos = start + offs_n
         blk = tl.load(bt_row + pos // PAGE, mask=pos // PAGE < bt_cols, other=0).to(tl.int64)
         blk_nx = tl.load(bt_row + (pos + BLOCK_N) // PAGE, mask=(pos + BLOCK_N) // PAGE < bt_cols, other=0)
-        k_a, v_a = _load_kv_tile(
+        k_a, v_a = load_kv_tile(
             k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE
         )
         if PREFETCH == 2:
             pos2 = pos + 2 * BLOCK_N
             blk_nx2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 // PAGE < bt_cols, other=0)
-            k_b, v_b = _load_kv_tile(
+            k_b, v_b = load_kv_tile(
                 k_head,
                 v_head,
                 blk_nx.to(tl.int64),
@@ -230,7 +172,7 @@ def _decode_split_kernel(
             if PREFETCH == 2:
                 k_a = k_b
                 v_a = v_b
-                k_b, v_b = _load_kv_tile(
+                k_b, v_b = load_kv_tile(
                     k_head,
                     v_head,
                     blk_nx.to(tl.int64),
@@ -244,7 +186,7 @@ def _decode_split_kernel(
                     PAGE,
                 )
             else:
-                k_a, v_a = _load_kv_tile(
+                k_a, v_a = load_kv_tile(
                     k_head,
                     v_head,
                     blk_nx.to(tl.int64),
@@ -259,10 +201,10 @@ def _decode_split_kernel(
                 )
             pos_bt = pos_nx + BLOCK_N
             blk_nx = tl.load(bt_row + pos_bt // PAGE, mask=pos_bt < end, other=0)
-            m_i, l_i, acc = _decode_tile(
+            m_i, l_i, acc = decode_tile(
                 qc,
-                _to_dot(k_raw, DOT, KV_WORDS, CVT_ASM),
-                _to_dot(v_raw, DOT, KV_WORDS, CVT_ASM),
+                to_dot(k_raw, DOT, KV_WORDS, CVT_ASM),
+                to_dot(v_raw, DOT, KV_WORDS, CVT_ASM),
                 n0 + offs_n < end,
                 m_i,
                 l_i,
@@ -279,7 +221,7 @@ def _decode_split_kernel(
             row = pos % PAGE
             mask_kv = mask_n[:, None] & mask_c[None, :]
             k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
-            k = _to_dot(k, DOT, KV_WORDS, CVT_ASM)
+            k = to_dot(k, DOT, KV_WORDS, CVT_ASM)
             qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -287,7 +229,7 @@ def _decode_split_kernel(
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
-            v = _to_dot(v, DOT, KV_WORDS, CVT_ASM)
+            v = to_dot(v, DOT, KV_WORDS, CVT_ASM)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
             m_i = m_new
     if KV_FP8:
@@ -306,85 +248,6 @@ def _decode_split_kernel(
         tl.store(m_ptr + part, m_i, mask=mask_g)
         tl.store(l_ptr + part, l_i, mask=mask_g)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_q)
-
-
-@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
-def _decode_reduce_kernel(
-    out_ptr,
-    m_ptr,
-    l_ptr,
-    acc_ptr,
-    seq_lens_ptr,
-    split_tokens,
-    num_splits,
-    stride_ob,
-    stride_oh,
-    stride_od,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """Program (b, q head): merge the splits that hold tokens of sequence b. PDL: launched while the
-    splits run (reads after they end); the next launch (the o projection's GEMV) may start and stream
-    its weights meanwhile."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    num_heads = tl.num_programs(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_valid
-    mask_d = offs_d < HEAD_DIM
-    part = (b.to(tl.int64) * num_heads + h) * num_splits + offs_s
-    m = tl.load(m_ptr + part, mask=mask_s, other=float("-inf"))
-    lsum = tl.load(l_ptr + part, mask=mask_s, other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)
-    denom = tl.sum(w * lsum, 0)
-    acc = tl.load(
-        acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(
-        out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
-        o.to(out_ptr.dtype.element_ty),
-        mask=mask_d,
-    )
-
-
-DECODE_MAX_SPLITS = 64
-
-
-def decode_num_splits(
-    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, num_sms: int = 132
-) -> tuple[int, int]:
-    """(num_splits, split_tokens) for flash-decoding.
-
-    Decode is bound by memory bandwidth, which one or two pipelined programs per SM already
-    draw near its peak; what hurts is idle SMs. So: with batch * num_kv_heads >= num_sms
-    programs there is no split (and no reduce launch). Below that the KV length is split so
-    the grid has at most 2 * num_sms programs (all resident at once: the bf16 split kernel
-    takes 115 registers/thread and 39 KB of shared memory on sm_90a, so up to 4 fit per SM;
-    a single wave, no tail), with at least one BLOCK_N tile per split and at most
-    DECODE_MAX_SPLITS splits.
-    split_tokens is a multiple of block_n and num_splits * split_tokens >= max_seq_len.
-    Examples (8 KV heads, 132 SMs, block_n 64): batch 1 at 8192 tokens -> 32 splits of 256;
-    batch 8 at 8192 -> 4 of 2048; batch 16 and up -> 1.
-    """
-    max_seq_len = max(int(max_seq_len), 1)
-    base = max(batch * num_kv_heads, 1)
-    n_tiles = triton.cdiv(max_seq_len, block_n)
-    splits = 1 if base >= num_sms else min(max(2 * num_sms // base, 1), n_tiles, DECODE_MAX_SPLITS)
-    split_tokens = triton.cdiv(n_tiles, splits) * block_n
-    return triton.cdiv(max_seq_len, split_tokens), split_tokens
 
 
 def paged_decode_attention_triton(
@@ -496,7 +359,7 @@ def paged_decode_attention_triton(
         num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
     if not one:
-        _decode_reduce_kernel[(B, Hq)](
+        decode_reduce_kernel[(B, Hq)](
             out, m, lsum, acc, seq_lens, split_tokens, num_splits, *out.stride(),
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few variants
             PDL=pdl, num_warps=4, launch_pdl=pdl,

@@ -1,0 +1,87 @@
+"""How flash-decoding splits a sequence's KV (decode_num_splits) and the launch that merges the splits'
+partial softmax sums (rtllm.kernels.triton_attention.decode launches both kernels)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
+def decode_reduce_kernel(
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    seq_lens_ptr,
+    split_tokens,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Program (b, q head): merge the splits that hold tokens of sequence b. PDL: launched while the
+    splits run (reads after they end); the next launch (the o projection's GEMV) may start and stream
+    its weights meanwhile."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_valid
+    mask_d = offs_d < HEAD_DIM
+    part = (b.to(tl.int64) * num_heads + h) * num_splits + offs_s
+    m = tl.load(m_ptr + part, mask=mask_s, other=float("-inf"))
+    lsum = tl.load(l_ptr + part, mask=mask_s, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(w * lsum, 0)
+    acc = tl.load(
+        acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+        o.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+DECODE_MAX_SPLITS = 64
+
+
+def decode_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, num_sms: int = 132
+) -> tuple[int, int]:
+    """(num_splits, split_tokens) for flash-decoding.
+
+    Decode is bound by memory bandwidth, which one or two pipelined programs per SM already
+    draw near its peak; what hurts is idle SMs. So: with batch * num_kv_heads >= num_sms
+    programs there is no split (and no reduce launch). Below that the KV length is split so
+    the grid has at most 2 * num_sms programs (all resident at once: the bf16 split kernel
+    takes 115 registers/thread and 39 KB of shared memory on sm_90a, so up to 4 fit per SM;
+    a single wave, no tail), with at least one BLOCK_N tile per split and at most
+    DECODE_MAX_SPLITS splits.
+    split_tokens is a multiple of block_n and num_splits * split_tokens >= max_seq_len.
+    Examples (8 KV heads, 132 SMs, block_n 64): batch 1 at 8192 tokens -> 32 splits of 256;
+    batch 8 at 8192 -> 4 of 2048; batch 16 and up -> 1.
+    """
+    max_seq_len = max(int(max_seq_len), 1)
+    base = max(batch * num_kv_heads, 1)
+    n_tiles = triton.cdiv(max_seq_len, block_n)
+    splits = 1 if base >= num_sms else min(max(2 * num_sms // base, 1), n_tiles, DECODE_MAX_SPLITS)
+    split_tokens = triton.cdiv(n_tiles, splits) * block_n
+    return triton.cdiv(max_seq_len, split_tokens), split_tokens

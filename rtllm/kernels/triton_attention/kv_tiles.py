@@ -1,0 +1,67 @@
+"""The K/V tile steps of flash-decoding (rtllm.kernels.triton_attention.decode): load a tile of cached rows
+through the block table, turn it into the dots' dtype (FP8 caches read as int32 words of four e4m3 codes,
+decoded in pairs), and fold it into the online softmax."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_tile(qc, k, v, mask_n, m_i, l_i, acc, qk_scale_cache, DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, D] K/V tile (rows past mask_n hold zeros)."""
+    qk = tl.dot(qc, tl.trans(k), input_precision=DOT_PREC) * qk_scale_cache
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def e4m3_words_to_f16(w, CVT_ASM: tl.constexpr):
+    """int32 words of four e4m3 codes [R, C] -> fp16 [R, 4 C] (code i of word j -> column 4 j + i), exact.
+    CVT_ASM (compiled kernels): two cvt.rn.f16x2.e4m3x2 on the word's halves; Triton's own conversion of a
+    byte tile repacks the bytes into 16-bit pairs first (~4 PRMT a pair on sm_90, more than the rest of
+    the loop). Else (the interpreter) each byte through Triton's conversion."""
+    if CVT_ASM:
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
+            "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+            "=h,=h,=h,=h,r",
+            [w],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        o0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [R, C, 2, 2]: [..., a, b] = code 2 a + b
+    return tl.reshape(x, (w.shape[0], 4 * w.shape[1]))
+
+
+@triton.jit
+def to_dot(x, DOT: tl.constexpr, KV_WORDS: tl.constexpr, CVT_ASM: tl.constexpr):
+    """A loaded K/V tile in the dots' dtype (words of e4m3 codes where KV_WORDS)."""
+    if KV_WORDS:
+        return e4m3_words_to_f16(x, CVT_ASM)
+    else:
+        return x.to(DOT)
+
+
+@triton.jit
+def load_kv_tile(
+    k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE: tl.constexpr
+):
+    """K and V rows at positions pos (block ids blk), zeros at pos >= end: the cache's dtype."""
+    mask_kv = (pos < end)[:, None] & mask_c[None, :]
+    row = pos % PAGE
+    k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
+    v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
+    return k, v
