@@ -30,30 +30,17 @@ from rtllm.config import EngineConfig
 from rtllm.models.loader import LoadedModel, load_model
 from rtllm.plugins import load_plugins
 from rtllm.runtime.kv_cache_manager import KVCacheManager
-from rtllm.runtime.model_runner import ModelRunner, PendingTokens, kv_bytes_per_token, kv_cache_dtype
+from rtllm.runtime.model_runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from rtllm.runtime.request import Request, RequestStatus
-from rtllm.runtime.sampler import Sampler, SamplerOutput, SamplingRow, compute_logprobs, make_generator
+from rtllm.runtime.sampler import Sampler, SamplingRow, make_generator
 from rtllm.runtime.scheduler import RequestUpdate, ScheduledBatch, Scheduler
+from rtllm.runtime.step_result import LaunchedStep, apply_tokens, prompt_logprobs, track_tokens
 from rtllm.runtime.validation import RequestValidator
 from rtllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 8192
-
-
-@dataclass
-class _Launched:
-    """A step whose model and sampler work has been launched (and committed to the scheduler)."""
-
-    batch: ScheduledBatch
-    reqs: list[Request]  # requests that sample, in the order of their tokens
-    sampled: SamplerOutput | None
-    prompt_lp: dict[str, list]
-    rows: list[SamplingRow]
-    pending: PendingTokens | None = None
-    host: torch.Tensor | None = None
-    event: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -127,7 +114,7 @@ class PyExecutor:
         self.num_steps = 0
         # overlap scheduling pays off when a device runs the step asynchronously (CUDA)
         self.overlap = (self.device.type == "cuda") if config.overlap is None else config.overlap
-        self._inflight: _Launched | None = None
+        self._inflight: LaunchedStep | None = None
         # pipeline parallel: micro-batches in flight between the stages (1: one step at a time)
         pp = self.mapping.pp_size if split else 1
         self.num_micro_batches = (config.num_micro_batches or pp) if pp > 1 else 1
@@ -353,12 +340,12 @@ class PyExecutor:
         self.num_steps += 1
         return updates
 
-    def _launch_micro(self, batch: ScheduledBatch, prev: _Launched | None) -> _MicroBatch:
+    def _launch_micro(self, batch: ScheduledBatch, prev: LaunchedStep | None) -> _MicroBatch:
         handle = self.runner.launch(batch, prev.pending if prev is not None else None)
         rows = self._sampling_rows(batch, handle.sample_rows)
         return _MicroBatch(batch, handle, self.scheduler.commit(batch), rows)
 
-    def _finish_micro(self, mb: _MicroBatch, to_cpu: bool) -> _Launched:
+    def _finish_micro(self, mb: _MicroBatch, to_cpu: bool) -> LaunchedStep:
         out = self.runner.finish(mb.handle)
         return self._sampled(mb.batch, out, mb.rows, mb.reqs, to_cpu)
 
@@ -372,82 +359,27 @@ class PyExecutor:
                                     r.eos_token_ids, r.logits_processors or None))
         return rows
 
-    def _launch(self, batch: ScheduledBatch, prev: _Launched | None, to_cpu: bool) -> _Launched:
+    def _launch(self, batch: ScheduledBatch, prev: LaunchedStep | None, to_cpu: bool) -> LaunchedStep:
         """Run the model and the sampler for ``batch`` (asynchronously on a GPU when to_cpu is
         False) and commit the step to the scheduler."""
         out = self.runner.execute(batch, prev.pending if prev is not None else None)
         rows = self._sampling_rows(batch, out.sample_rows)
         sampled = self.sampler.sample(out.sample_logits, rows, to_cpu=to_cpu) if rows else None
-        prompt_lp = self._prompt_logprobs(batch, out)
+        prompt_lp = prompt_logprobs(batch, out)
         reqs = self.scheduler.commit(batch)
-        return self._with_pending(_Launched(batch, reqs, sampled, prompt_lp, rows), out)
+        return track_tokens(LaunchedStep(batch, reqs, sampled, prompt_lp, rows), out)
 
     def _sampled(self, batch: ScheduledBatch, out, rows: list[SamplingRow], reqs: list[Request],
-                 to_cpu: bool) -> _Launched:
+                 to_cpu: bool) -> LaunchedStep:
         """A committed micro-batch's logits sampled (the tokens' copy to the host started)."""
         sampled = self.sampler.sample(out.sample_logits, rows, to_cpu=to_cpu) if rows else None
-        return self._with_pending(_Launched(batch, reqs, sampled, self._prompt_logprobs(batch, out), rows), out)
+        return track_tokens(LaunchedStep(batch, reqs, sampled, prompt_logprobs(batch, out), rows), out)
 
-    @staticmethod
-    def _with_pending(launched: _Launched, out) -> _Launched:
-        sampled, batch = launched.sampled, launched.batch
-        if sampled is not None:
-            tokens = sampled.token_ids
-            launched.pending = PendingTokens(tokens, {batch.requests[i].request_id: j
-                                                      for j, i in enumerate(out.sample_rows)})
-            if tokens.is_cuda:  # start the copy to the host now; wait for it only in _complete
-                launched.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                launched.host.copy_(tokens, non_blocking=True)
-                launched.event = torch.cuda.Event()
-                launched.event.record()
-        return launched
-
-    def _complete(self, launched: _Launched) -> list[RequestUpdate]:
-        """Read a launched step's tokens back and apply them (stop rules, freeing, updates)."""
-        sampled = launched.sampled
-        updates: list[RequestUpdate] = []
-        if sampled is not None:
-            if launched.event is not None:
-                launched.event.synchronize()
-                toks = launched.host.tolist()
-            else:
-                toks = sampled.token_ids.tolist()
-            by_id = {rid: toks[j] for rid, j in launched.pending.row_of.items()}
-            extra: dict[str, tuple] = {}
-            if sampled.logprobs is not None:
-                for rid, j in launched.pending.row_of.items():
-                    if launched.rows[j].params.logprobs is not None:
-                        extra[rid] = (float(sampled.logprobs[j]), sampled.top_logprobs[j])
-            updates = self.scheduler.accept(launched.reqs, [by_id[r.request_id] for r in launched.reqs])
-            for u in updates:
-                if u.request_id in extra:
-                    u.logprob, u.top_logprobs = extra[u.request_id]
-            if sampled.errors:  # a logits processor failed: that request ends with the error, the rest go on
-                failed = {rid: sampled.errors[j] for rid, j in launched.pending.row_of.items() if j in sampled.errors}
-                for rid in failed:
-                    self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
-                updates = [u for u in updates if u.request_id not in failed]
-                updates += [RequestUpdate(rid, [], True, "error", error=msg) for rid, msg in failed.items()]
-        prompt_lp = launched.prompt_lp
-        for u in updates:
-            if u.request_id in prompt_lp:
-                u.prompt_logprobs = prompt_lp.pop(u.request_id)
-        for rid, lp in prompt_lp.items():  # a prefill chunk that did not sample yet
-            updates.append(RequestUpdate(rid, [], False, prompt_logprobs=lp))
-        return updates
+    def _complete(self, launched: LaunchedStep) -> list[RequestUpdate]:
+        return apply_tokens(launched, self.scheduler)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None or bool(self._pipeline)
-
-    def _prompt_logprobs(self, batch, out) -> dict[str, list]:
-        result: dict[str, list] = {}
-        for i, (logits, targets, first) in out.prompt_logits.items():
-            req = batch.requests[i]
-            k = req.sampling_params.prompt_logprobs
-            lps, tops = compute_logprobs(logits, k, torch.tensor(targets, device=logits.device))
-            entries = [(float(lp), top) for lp, top in zip(lps.tolist(), tops)]
-            result[req.request_id] = ([None] if first == 0 else []) + entries
-        return result
 
     def run_loop(self, emit: Callable[[list[RequestUpdate]], None], stop: threading.Event,
                  intake: Callable[[float], None] | None = None) -> None:
