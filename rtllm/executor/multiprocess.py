@@ -17,7 +17,8 @@ Failure paths:
   sentinel with the socket, so it sees the exit at once, fails every pending result with an
   EngineDeadError naming the pid and exit status, and later submits raise it too.
 - shutdown(): Shutdown, join (terminate, then kill, if needed), close sockets, remove the
-  ipc dir. Idempotent; also run at interpreter exit.
+  ipc dir. Idempotent; also run at interpreter exit. An executor dropped without it is finalized
+  when collected: its workers are killed and its sockets released.
 
 A model split across ranks (EngineConfig.mapping, world_size > 1) runs one spawned process per rank,
 joined in one torch.distributed group (a tcp:// rendezvous on a free local port). Rank 0 is the
@@ -96,6 +97,19 @@ def _make_ipc_dir() -> str:
     return path
 
 
+def _release(procs: list, ctx: zmq.Context, sockets: tuple[zmq.Socket, ...], ipc_dir: str) -> None:
+    """Kill worker processes still running (none after a shutdown: it stops them first), close the
+    sockets (pending messages dropped), then the context, then remove the ipc dir."""
+    for proc in procs:
+        if proc.pid is not None and proc.exitcode is None:
+            proc.kill()
+            proc.join(5.0)
+    for sock in sockets:
+        sock.close(linger=0)
+    ctx.term()
+    shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
 class MultiProcessExecutor(GenerationExecutor):
     remote_engine = True  # requests are pickled to the worker
 
@@ -111,10 +125,16 @@ class MultiProcessExecutor(GenerationExecutor):
         self._ipc_dir = _make_ipc_dir()
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PUSH)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._procs: list = []
+        # processes, sockets, context and ipc dir are released by shutdown(), or when this executor is
+        # collected without one: the finalizer holds them, so they never sit in a garbage cycle, where
+        # the context's own __del__ would run term() with the sockets still open and block forever
+        self._finalizer = weakref.finalize(self, _release, self._procs, self._ctx, (self._in, self._out),
+                                           self._ipc_dir)
         self._in.setsockopt(zmq.SNDHWM, 0)
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.bind(f"ipc://{self._ipc_dir}/in")
-        self._out = self._ctx.socket(zmq.PULL)
         self._out.setsockopt(zmq.RCVHWM, 0)
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.bind(f"ipc://{self._ipc_dir}/out")
@@ -130,7 +150,6 @@ class MultiProcessExecutor(GenerationExecutor):
             init_method = f"tcp://127.0.0.1:{free_port()}" if self._world_size > 1 else None
             local_rank, spawned = None, self._world_size
         ctx = multiprocessing.get_context("spawn")
-        self._procs = []
         for rank in range(spawned):
             cfg = WorkerConfig(engine_config, f"ipc://{self._ipc_dir}/in", f"ipc://{self._ipc_dir}/out", eos,
                                self._ipc_dir, logging.getLogger().getEffectiveLevel(), rank=rank,
@@ -177,6 +196,15 @@ class MultiProcessExecutor(GenerationExecutor):
             self._procs[r].join(0)  # reap, so the exit code is known
         signalled = [r for r in dead if (self._procs[r].exitcode or 0) < 0]
         return (signalled or dead)[0]
+
+    def _dead_peer(self, failed_rank: int, wait: float = 1.0) -> int | None:
+        """After a rank reported a failure: a rank that has exited, if any, waiting up to ``wait`` s
+        for one. A peer's death is the usual cause of a failed collective, and its process sentinel
+        can fire a moment after the survivor's report arrives (seen with a SIGKILLed rank 1)."""
+        others = [p.sentinel for r, p in enumerate(self._procs) if r != failed_rank and p.pid is not None]
+        if others:
+            multiprocessing.connection.wait(others, timeout=wait)
+        return self._dead_rank()
 
     def _who(self, rank: int) -> str:
         proc = self._procs[rank]
@@ -282,7 +310,7 @@ class MultiProcessExecutor(GenerationExecutor):
                 self._on_updates(msg.updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker failed:\n%s", msg.traceback)
-                rank = self._dead_rank() if self._world_size > 1 else None
+                rank = self._dead_peer(msg.rank) if self._world_size > 1 else None
                 if rank is not None and rank != msg.rank:  # a rank died: this failure is its peers' reaction
                     self._die(self._death_error(rank=rank))
                 self._die(self._rebuild(msg))
@@ -348,7 +376,4 @@ class MultiProcessExecutor(GenerationExecutor):
             self._receiver.join(5.0)
         self._fail_all(EngineDeadError("the executor was shut down"))
         with self._send_lock:
-            self._in.close(linger=0)
-            self._out.close(linger=0)
-        self._ctx.term()
-        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._finalizer()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rtllm import LLM, KvCacheConfig, SamplingParams
+from rtllm.config import EngineConfig
 from rtllm.errors import ConfigError, EngineDeadError, InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 from rtllm.executor.inprocess import InProcessExecutor
 from rtllm.executor.multiprocess import MultiProcessExecutor
@@ -222,6 +223,25 @@ def test_worker_killed_mid_generation_fails_pending_promptly(ckpt):
     llm.shutdown()
     llm.shutdown()
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(60)
+def test_executor_dropped_without_shutdown_is_released_when_collected(ckpt):
+    """A dead worker ends the receiver thread; an executor then dropped without shutdown() becomes
+    cyclic garbage. Collecting it must not block (pyzmq's own Context.__del__ would run term() with
+    the sockets still open, hanging the process at its next gc), and it releases its ipc dir."""
+    import gc
+    import weakref
+
+    ex = MultiProcessExecutor(EngineConfig(ckpt[0], dtype="float32"), None)
+    ref, ipc_dir, pid = weakref.ref(ex), ex._ipc_dir, ex.worker_pid
+    ex._cycle = ex  # as an executor referenced from its own callbacks is
+    os.kill(pid, signal.SIGKILL)
+    ex._receiver.join(10)
+    assert not ex._receiver.is_alive()
+    del ex
+    gc.collect()
+    assert ref() is None and worker_gone(pid, 5) and not os.path.exists(ipc_dir)
 
 
 @pytest.mark.timeout(60)

@@ -134,20 +134,20 @@ def test_llm_pp2_stop_string_abort_and_shutdown_in_flight(ckpt, reference):
 
 
 def test_llm_pp2_killed_rank_fails_pending_requests(ckpt):
-    llm = LLM(ckpt, pipeline_parallel_size=2, **OPTS)
-    pids = llm.executor.worker_pids
-    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-    results = [llm.generate_async(p, long) for p in PROMPTS[:6]]
-    time.sleep(0.5)
-    os.kill(pids[1], signal.SIGKILL)
-    t0 = time.monotonic()
-    for r in results:
-        with pytest.raises(EngineDeadError, match="rank 1 of 2 .*killed by signal SIGKILL"):
-            r.result(timeout=10)
-    assert time.monotonic() - t0 < 10
-    t1 = time.monotonic()
-    llm.shutdown()
-    assert time.monotonic() - t1 < 10
+    with LLM(ckpt, pipeline_parallel_size=2, **OPTS) as llm:
+        pids = llm.executor.worker_pids
+        long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        results = [llm.generate_async(p, long) for p in PROMPTS[:6]]
+        time.sleep(0.5)
+        os.kill(pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        for r in results:  # named after the killed rank, not rank 0's failed receive that it causes
+            with pytest.raises(EngineDeadError, match="rank 1 of 2 .*killed by signal SIGKILL"):
+                r.result(timeout=10)
+        assert time.monotonic() - t0 < 10
+        t1 = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - t1 < 10
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
