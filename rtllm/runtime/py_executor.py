@@ -29,6 +29,7 @@ from rtllm import logits_processors
 from rtllm.config import EngineConfig
 from rtllm.models.loader import LoadedModel, load_model
 from rtllm.plugins import load_plugins
+from rtllm.runtime.engine_info import engine_info
 from rtllm.runtime.kv_cache_manager import KVCacheManager
 from rtllm.runtime.model_runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from rtllm.runtime.request import Request, RequestStatus
@@ -169,42 +170,8 @@ class PyExecutor:
         return int(torch.cuda.max_memory_reserved(self.device)) if self.device.type == "cuda" else 0
 
     def info(self) -> dict[str, Any]:
-        """What a client needs to know about this engine without holding it (plain, picklable values):
-        the limits a RequestValidator is built from, the end tokens, and where and how it runs."""
-        sc, kc = self.config.scheduler_config, self.config.kv_cache_config
-        mc = self.model_config
-        embed = self.loaded.model.model.embed_tokens.weight
-        from rtllm.layers.moe import expert_weight_bytes
-
-        return {
-            "model": self.config.model,
-            "architecture": mc.architecture,
-            "num_layers": mc.num_hidden_layers,
-            "num_heads": mc.num_attention_heads,
-            "head_dim": mc.head_dim,
-            "tie_word_embeddings": mc.tie_word_embeddings,
-            "embedding_bytes": embed.numel() * embed.element_size(),
-            "kv_bytes_per_token": kv_bytes_per_token(self.loaded.model, self.kv_dtype),
-            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
-            "startup": dict(self.startup),
-            "device": str(self.device),
-            "tensor_parallel_size": self.mapping.tp_size if self.mapping is not None else 1,
-            "pipeline_parallel_size": self.mapping.pp_size if self.mapping is not None else 1,
-            "num_micro_batches": self.num_micro_batches,
-            "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            "vocab_size": self.model_config.vocab_size,
-            "max_seq_len": sc.max_seq_len,
-            "kv_capacity_tokens": self.kv.capacity_tokens,
-            "num_kv_blocks": self.kv.num_blocks - 1,
-            "tokens_per_block": kc.tokens_per_block,
-            "eos_token_ids": sorted(self.eos_token_ids),
-            "weight_bytes": self.loaded.weight_bytes,
-            # MoE: the routed experts' part of weight_bytes (a decode step reads the experts it routes to)
-            "num_experts": mc.num_experts,
-            "experts_per_tok": mc.num_experts_per_tok,
-            "expert_bytes": expert_weight_bytes(self.loaded.model),
-            "load_seconds": self.loaded.load_seconds,
-        }
+        """What a client needs to know about this engine without holding it: rtllm.runtime.engine_info."""
+        return engine_info(self)
 
     def enqueue(self, new: NewRequest) -> None:
         self._inbox.put(("add", new))
