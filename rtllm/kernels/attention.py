@@ -112,6 +112,7 @@ def paged_decode_attention_torch(
     gather: PagedGather | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    method: str = "auto",
 ) -> torch.Tensor:
     """One query token per sequence. q: [B, Hq, D], the step's own k, v: [B, Hkv, D] -> [B, Hq, D].
     Vectorized over the batch.
@@ -125,8 +126,11 @@ def paged_decode_attention_torch(
 
     A single row (a request decoding alone) takes one SDPA call on [1, H, L, D], as transformers'
     decode step calls it over its cache: the CPU kernel then gives transformers' bits. Several rows
-    take the padded, masked batched matmuls below, which serve 16 rows ~1.5x faster on two CPU cores
-    than one SDPA call a row (bf16, ISL/OSL 64).
+    take the padded batch (K/V gathered to [B, L, Hkv, D]) in one of two ways (``method``, "auto" picks
+    by :func:`padded_sdpa_pays`): "matmul", masked batched matmuls (~1.5x faster than one SDPA call a
+    row for 16 rows, bf16, ISL/OSL 64), or "sdpa", one masked SDPA call over the padded batch (fp32:
+    1.1-3x faster than the matmuls; bf16: slower at every length; scripts/cpu_decode_attention_bench.py,
+    docs/PERF.md).
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -147,6 +151,15 @@ def paged_decode_attention_torch(
     k, v = k.to(q.dtype), v.to(q.dtype)
     # positions past a row's length: p is 0 there, but 0 * NaN is NaN (only those rows are zeroed)
     v.view(B * L, Hkv * D).index_fill_(0, gather.invalid, 0)
+    if method not in ("auto", "matmul", "sdpa"):
+        raise ValueError(f"method={method!r}: must be 'auto', 'matmul' or 'sdpa'")
+    if method == "sdpa" or (method == "auto" and padded_sdpa_pays(q.dtype)):
+        # SDPA adds the mask to q.k: a NaN key (an unwritten slot) would survive it, so zero those too
+        k.view(B * L, Hkv * D).index_fill_(0, gather.invalid, 0)
+        out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=gather.valid[:, None, None, :], scale=scale,
+                                             enable_gqa=Hq != Hkv)[:, :, 0]
+        return out.masked_fill(gather.empty[:, None, None], 0.0) if gather.empty_rows else out
     # GQA without expanding K/V: the G query heads of a KV head form the rows of one small matmul.
     # Scores and softmax in fp32.
     scores = _matmul_per_kv_head(q.view(B, Hkv, G, D), k, transpose=True).float() * scale  # [B, Hkv, G, L]
@@ -158,14 +171,17 @@ def paged_decode_attention_torch(
     return out
 
 
+def padded_sdpa_pays(dtype: torch.dtype) -> bool:
+    """Whether one masked SDPA call beats the batched matmuls for a padded decode batch on the CPU:
+    in fp32 (1.1-3x faster at 4-16 rows and 40-2000 positions, two cores), never in 16-bit, where
+    torch's CPU SDPA kernel runs up to 3.5x slower than the matmuls for one query token."""
+    return dtype == torch.float32
+
+
 def _matmul_per_kv_head(a: torch.Tensor, b: torch.Tensor, transpose: bool) -> torch.Tensor:
     """a [B, Hkv, G, X] times each KV head's b [B, L, Hkv, Y] (b^T when ``transpose``: X == Y, giving
-    [B, Hkv, G, L]; else X == L, giving [B, Hkv, G, Y]). In fp32, one bmm per KV head on strided views
-    of b (BLAS takes them as they are) ran 1.35-1.5x faster on two cores than one batched matmul over
-    [B, Hkv], which copies b first; in bf16 the copy and one matmul stay faster."""
-    if a.dtype == torch.float32:
-        heads = (b[:, :, h].transpose(1, 2) if transpose else b[:, :, h] for h in range(b.shape[2]))
-        return torch.stack([torch.bmm(a[:, h], bh) for h, bh in enumerate(heads)], 1)
+    [B, Hkv, G, L]; else X == L, giving [B, Hkv, G, Y]): GQA without expanding K/V, one batched
+    matmul over [B, Hkv] (b copied to its layout first)."""
     return torch.matmul(a, b.permute(0, 2, 3, 1) if transpose else b.transpose(1, 2))
 
 

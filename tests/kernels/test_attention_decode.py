@@ -10,24 +10,41 @@ from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
 from tests.kernels.paged import BS, DTYPES, HEADS, REF_CASES, Paged, close
 
+METHODS = ["matmul", "sdpa"]  # the CPU reference's two ways of serving a padded batch (auto: by dtype)
 
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", REF_CASES)
-def test_decode_reference_matches_dense_oracle(case) -> None:
+def test_decode_reference_matches_dense_oracle(case, method) -> None:
     ctx, _, hq, hkv, d, bs = case
     p = Paged(ctx, [1] * len(ctx), hq, hkv, d, bs, torch.float32)
     max_len = max(p.seq_lens) + 5  # > every length: rows gather NaN slots that must be masked
     p.poison_new_slots()
     out = ref.paged_decode_attention_torch(
-        p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len
+        p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len, method=method
     )
     torch.testing.assert_close(out.double(), p.dense(), atol=1e-5, rtol=1e-5)
 
 
-def test_decode_reference_padding_row_is_zero() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_reference_padding_row_is_zero(method) -> None:
     p = Paged([4, 0], [1, 1], 4, 2, 16, 8, torch.float32)
+    p.poison_new_slots()
     seq_lens = torch.tensor([5, 0], dtype=torch.int32)
-    out = ref.paged_decode_attention_torch(p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 5)
+    out = ref.paged_decode_attention_torch(p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 5,
+                                           method=method)
     assert out[1].abs().max() == 0 and not out.isnan().any()
+
+
+def test_decode_reference_methods_agree_in_bf16() -> None:
+    p = Paged([30, 7, 18], [1, 1, 1], 8, 2, 32, 8, torch.bfloat16)
+    p.poison_new_slots()
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max(p.seq_lens) + 3)
+    a, b = (ref.paged_decode_attention_torch(*args, method=m) for m in METHODS)
+    torch.testing.assert_close(a.double(), p.dense(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(b.double(), p.dense(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="method='fast'"):
+        ref.paged_decode_attention_torch(*args, method="fast")
 
 
 
