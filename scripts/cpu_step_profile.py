@@ -47,8 +47,11 @@ def main() -> None:
         ids = torch.randint(100, vocab - 100, (args.isl,), generator=g).tolist()
         engine.enqueue(NewRequest(f"r{i}", ids, params))
     engine._drain_inbox(block=False)  # admit them (run_loop does this each iteration)
+    t0, prefill_steps = time.perf_counter(), 0
     while engine.scheduler.waiting:  # prefills
         engine.step()
+        prefill_steps += 1
+    prefill_s = time.perf_counter() - t0
     for _ in range(3):  # warm decode steps
         engine.step()
     times = []
@@ -58,7 +61,8 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     print(f"# {args.dtype} quant={args.quant} rows={args.rows} threads={torch.get_num_threads()}: decode step "
-          f"median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}) = {args.rows / med:.0f} tok/s")
+          f"median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}) = {args.rows / med:.0f} tok/s; prefill of "
+          f"{args.rows} x {args.isl} tokens: {prefill_s * 1e3:.0f} ms in {prefill_steps} steps")
     if args.python:  # where the step's Python time goes (cProfile), instead of the op table
         import cProfile
         import pstats
