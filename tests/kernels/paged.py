@@ -116,6 +116,21 @@ def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> N
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
 
 
+def rope_cache_case(dtype: torch.dtype, cache_dtype: torch.dtype, amplitude: float = 1.0):
+    """Inputs of a fused RoPE + cache write: (positions, q, k, v, kc, vc, kc2, vc2, slots), with
+    9 tokens of 8 query / 2 KV heads (head_dim 64, values ~ N(0, amplitude^2)) at random positions
+    < 100, written to distinct random slots of two identical zeroed caches of 8 blocks of 4."""
+    g = torch.Generator().manual_seed(7)
+    T, Hq, Hkv, D, bs, nb = 9, 8, 2, 64, 4, 8
+    qkv = (torch.randn(T, Hq + 2 * Hkv, D, generator=g) * amplitude).to(dtype)
+    q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
+    positions = torch.randint(0, 100, (T,), generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    kc = torch.zeros(nb, bs, Hkv, D, dtype=cache_dtype)
+    vc = torch.zeros(nb, bs, Hkv, D, dtype=cache_dtype)
+    return positions, q, k, v, kc, vc, kc.clone(), vc.clone(), slots
+
+
 
 
 REF_CASES = [

@@ -9,7 +9,7 @@ import torch
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.rope import apply_rope_torch
-from tests.kernels.paged import DTYPES, NAN, close
+from tests.kernels.paged import DTYPES, NAN, close, rope_cache_case
 from tests.kernels.test_norm_act_rope import cos_sin
 
 
@@ -42,23 +42,16 @@ def test_reshape_and_cache(dtype, cache_dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rot", [64, 32])
 def test_rope_and_cache(dtype, rot) -> None:
-    g = torch.Generator().manual_seed(7)
-    T, Hq, Hkv, D, bs, nb = 9, 8, 2, 64, 4, 8
-    qkv = torch.randn(T, Hq + 2 * Hkv, D, generator=g).to(dtype)
-    q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
-    positions = torch.randint(0, 100, (T,), generator=g)
-    slots = torch.randperm(nb * bs, generator=g)[:T]
+    positions, q, k, v, kc, vc, kc2, vc2, slots = rope_cache_case(dtype, dtype)
     cs = cos_sin(128, rot)
-    kc = torch.zeros(nb, bs, Hkv, D, dtype=dtype)
-    vc = torch.zeros(nb, bs, Hkv, D, dtype=dtype)
-    kc2, vc2 = kc.clone(), vc.clone()
+    q_in, k_in = q.clone(), k.clone()
     qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, kc, vc, slots)
     qe, ke = ref.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots)
     close(qr, qe, dtype)
     close(kr, ke, dtype)
     close(kc, kc2, dtype)
     assert torch.equal(vc, vc2)
-    assert torch.equal(q, qkv[:, :Hq])  # inputs untouched
+    assert torch.equal(q, q_in) and torch.equal(k, k_in)  # inputs untouched
     if dtype == torch.float32:  # the reference itself vs an explicit rotation matrix
         qd = q.double()
         c, s = cs[positions].double().chunk(2, -1)

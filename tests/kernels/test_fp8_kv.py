@@ -13,7 +13,7 @@ import triton.language as tl
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.triton_attention.kv_tiles import e4m3_words_to_f16
-from tests.kernels.paged import BS, HEADS, NAN, Paged, close
+from tests.kernels.paged import BS, HEADS, NAN, Paged, close, rope_cache_case
 from tests.kernels.test_norm_act_rope import cos_sin
 
 FP8 = torch.float8_e4m3fn
@@ -78,16 +78,8 @@ def test_reshape_and_cache_fp8(dtype, k_scale, v_scale) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rot", [64, 32])
 def test_rope_and_cache_fp8(dtype, rot) -> None:
-    g = torch.Generator().manual_seed(7)
-    T, Hq, Hkv, D, bs, nb = 9, 8, 2, 64, 4, 8
-    qkv = (torch.randn(T, Hq + 2 * Hkv, D, generator=g) * 2).to(dtype)
-    q, k, v = qkv[:, :Hq], qkv[:, Hq : Hq + Hkv], qkv[:, Hq + Hkv :]
-    positions = torch.randint(0, 100, (T,), generator=g)
-    slots = torch.randperm(nb * bs, generator=g)[:T]
+    positions, q, k, v, kc, vc, kc2, vc2, slots = rope_cache_case(dtype, FP8, amplitude=2.0)
     cs = cos_sin(128, rot)
-    kc = torch.zeros(nb, bs, Hkv, D, dtype=FP8)
-    vc = torch.zeros(nb, bs, Hkv, D, dtype=FP8)
-    kc2, vc2 = kc.clone(), vc.clone()
     qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, kc, vc, slots, 0.03, 0.07)
     qe, ke = ref.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots, None, 0.03, 0.07)
     close(qr, qe, dtype)
