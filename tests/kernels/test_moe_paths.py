@@ -127,13 +127,13 @@ def test_token_count_integers_are_not_specialized() -> None:
     """Triton specializes integer arguments equal to 1 or divisible by 16 (a new compiled variant);
     the ones that change with the number of tokens are exempt, so no batch size compiles anew.
     Checked on the JIT functions (outside the interpreter, which keeps no such list)."""
-    code = ("from rtllm.kernels import triton_moe as t, triton_moe_routing as r\n"
+    code = ("from rtllm.kernels import triton_moe as t, triton_moe_gemv as v, triton_moe_routing as r\n"
             "names = lambda k: {k.arg_names[i] if isinstance(i, int) else i for i in k.do_not_specialize}\n"
             "assert {'num_pairs', 'num_m_blocks'} <= names(t._moe_gemm_kernel)\n"
             "assert 'T' in names(r._topk_softmax_kernel) and 'T' in names(t._moe_slot_sum_kernel)\n"
             "assert 'N' in names(r._moe_count_kernel)\n"
             "assert {'N', 'num_chunks', 'num_blocks'} <= names(r._moe_place_kernel)\n"
-            "for k in (t._moe_gemv_gate_up_kernel, t._moe_gemv_down_kernel):\n"
+            "for k in (v._moe_gemv_gate_up_kernel, v._moe_gemv_down_kernel):\n"
             "    assert not {'T', 'num_pairs', 'num_tokens'} & set(k.arg_names)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
