@@ -213,7 +213,7 @@ def _decode_split_kernel(
                 DOT,
                 DOT_PREC,
             )
-    else:
+    else:  # the default: decode_tile's fold written out, so that V is loaded only after the scores
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + offs_n
             mask_n = pos < end
