@@ -42,6 +42,9 @@ W4_GRID = W4_CUDA + W4_TC
 W4_GRID_M = W4_CUDA[:3] + W4_TC  # M > 1
 W8_GRID = [(32, 256, 4, True, False, 3), (16, 512, 4, True, False, 3), (64, 256, 8, True, False, 3),
            (32, 512, 8, True, False, 3), (32, 256, 4, False, False, 3), (16, 256, 4, True, False, 3)]
+# fewer rows, longer rows (what won for the dense 16-bit GEMV: 8 rows x 1 KiB); fp8 at M = 1 only
+FP8_GRID = W8_GRID + [(8, 1024, 4, True, False, 3), (16, 1024, 4, True, False, 3), (8, 512, 4, True, False, 3),
+                      (4, 1024, 4, True, False, 3), (16, 1024, 8, True, False, 3), (8, 2048, 8, True, False, 3)]
 W8_GRID_M = [(32, 256, 4, True, False, 3), (16, 256, 4, True, False, 3)]
 # w16: block_k in bf16 elements (the W8 loop, two bytes a weight)
 W16_GRID = [(16, 256, 4, True, False, 3), (32, 128, 4, True, False, 3), (16, 128, 4, True, False, 3),
@@ -66,6 +69,8 @@ def _grid(kind: str, M: int) -> list[tuple[int, int, int, bool, bool, int]]:
         return W4_GRID if M == 1 else W4_GRID_M
     if kind == "w16":
         return W16_GRID if M == 1 else W16_GRID_M
+    if kind == "fp8" and M == 1:
+        return FP8_GRID
     return W8_GRID if M == 1 else W8_GRID_M
 
 

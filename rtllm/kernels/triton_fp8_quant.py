@@ -25,7 +25,7 @@ import triton.language as tl
 
 from rtllm.kernels.triton_activation import silu_mul
 from rtllm.kernels.triton_fp8 import e4m3_bits
-from rtllm.kernels.triton_norm import norm_warps, rms_norm_row
+from rtllm.kernels.triton_norm import norm_warps, norm_weight, rms_norm_row
 
 INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # rounded to fp32 where it multiplies, as in the reference
 MAX_FUSED_ROW = 16384  # the fused kernels hold a row in registers
@@ -124,7 +124,8 @@ def silu_and_mul_fp8_quant_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _rms_norm_fp8_kernel(x_ptr, r_ptr, w_ptr, s_ptr, q_ptr, sc_ptr, stride_x, stride_r, stride_s, stride_q, eps,
                          H: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
+    w = norm_weight(w_ptr, H, BLOCK)
+    y, offs, mask = rms_norm_row(x_ptr, r_ptr, w, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     bits, scale = _quantize_row(y.to(DT).to(tl.float32))
     tl.store(q_ptr + row * stride_q + offs, bits, mask=mask)

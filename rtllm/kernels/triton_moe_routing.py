@@ -115,21 +115,30 @@ def _router_topk_kernel(
     [s * CHUNK, (s + 1) * CHUNK) -> part [SPLIT, BLOCK_T, BLOCK_E]; then bumps the counter (acq_rel).
     The program that arrives last sums the splits in order, rounds the logits to x's dtype (as the
     unfused GEMM stores them), routes every row as _topk_softmax_kernel does, and resets the counter.
-    PDL: launched while the norm before it runs; reads after it ends (the expert GEMV may start)."""
+    PDL: launched while the norm before it runs; requests its first router-weight tile, then waits for the
+    norm before reading x (the expert GEMV may start)."""
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()
     pid = tl.program_id(0)
     e = pid // SPLIT
     s = pid % SPLIT
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     rows = offs_t.to(tl.int64)
+    # the first tile of this program's router weight is requested before the wait (it does not depend
+    # on the kernel before; x does)
+    offs_h0 = s * CHUNK + tl.arange(0, BLOCK_H)
+    g0 = tl.load(gw_ptr + e.to(tl.int64) * stride_g + offs_h0, mask=offs_h0 < H, other=0.0)
+    if PDL:
+        gdc_wait()
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for k0 in tl.static_range(0, CHUNK, BLOCK_H):
         offs_h = s * CHUNK + k0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        g = tl.load(gw_ptr + e.to(tl.int64) * stride_g + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        if k0 == 0:
+            g = g0.to(tl.float32)
+        else:
+            g = tl.load(gw_ptr + e.to(tl.int64) * stride_g + offs_h, mask=mask_h, other=0.0).to(tl.float32)
         xv = tl.load(x_ptr + rows[:, None] * stride_x + offs_h[None, :], mask=mask_t[:, None] & mask_h[None, :],
                      other=0.0).to(tl.float32)
         acc += tl.sum(xv * g[None, :], axis=1)

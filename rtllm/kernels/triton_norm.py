@@ -7,7 +7,8 @@ normalized value rounded to x's dtype before the weight multiply, and the output
 reshape); weight is [H].
 
 One program normalizes one row held entirely in registers (one read, one write per tensor). On Hopper
-the launch is a programmatic dependent one (rtllm.kernels.triton_attention.common.pdl_enabled).
+the launch is a programmatic dependent one (rtllm.kernels.triton_attention.common.pdl_enabled): the
+norm's weight is loaded before the wait for the kernel before, x and the residual after it.
 ``rms_norm_row`` is that arithmetic, shared with the kernel that also quantizes the row to FP8
 (rtllm.kernels.triton_fp8_quant): the same instructions give the same bits.
 """
@@ -24,10 +25,17 @@ from rtllm.kernels.triton_round import round_to
 
 
 @triton.jit
-def rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H: tl.constexpr,
+def norm_weight(w_ptr, H: tl.constexpr, BLOCK: tl.constexpr):
+    """The norm's weight row in fp32 (loaded first: it does not depend on the kernel before)."""
+    offs = tl.arange(0, BLOCK)
+    return tl.load(w_ptr + offs, mask=offs < H, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def rms_norm_row(x_ptr, r_ptr, w, s_ptr, row, stride_x, stride_r, stride_s, eps, H: tl.constexpr,
                  BLOCK: tl.constexpr, ADD: tl.constexpr):  # fmt: skip
-    """(weight * normalized row ``row`` in fp32, to be rounded to the output dtype by the caller; the
-    offsets; their mask). With ADD, x + residual is stored to s first and normalized."""
+    """(weight w (norm_weight's) * normalized row ``row`` in fp32, to be rounded to the output dtype by the
+    caller; the offsets; their mask). With ADD, x + residual is stored to s first and normalized."""
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -42,7 +50,6 @@ def rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, 
         xn = round_to(x * rstd, s_ptr.dtype.element_ty)
     else:
         xn = round_to(x * rstd, x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return xn * w, offs, mask
 
 
@@ -63,11 +70,12 @@ def _rms_norm_kernel(
     ADD: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    w = norm_weight(w_ptr, H, BLOCK)  # requested before the wait, off the critical path
     if PDL:  # launched while the previous kernel runs: the next may start too; x is read after it ends
         gdc_launch_dependents()
         gdc_wait()
     row = tl.program_id(0).to(tl.int64)
-    y, offs, mask = rms_norm_row(x_ptr, r_ptr, w_ptr, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
+    y, offs, mask = rms_norm_row(x_ptr, r_ptr, w, s_ptr, row, stride_x, stride_r, stride_s, eps, H, BLOCK, ADD)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rtllm.kernels import triton_moe_routing as routing
 from rtllm.kernels.moe import fused_topk_torch, route_torch
-from rtllm.kernels.triton_moe_routing import fused_topk_triton, router_topk_triton
+from rtllm.kernels.triton_moe_routing import fused_topk_triton, router_split, router_topk_triton
 
 
 def integer_inputs(T: int, E: int, H: int, dtype: torch.dtype, seed: int = 0):
@@ -46,6 +46,14 @@ def test_router_topk_equals_unfused_bit_for_bit(T, E, H, k, renorm, dtype) -> No
     w_t, ids_t = fused_topk_torch(logits, k, renorm)
     torch.testing.assert_close(logits.gather(1, ids.long()), logits.gather(1, ids_t.long()), atol=0, rtol=0)
     torch.testing.assert_close(weights, w_t, atol=1e-6, rtol=1e-5)
+
+
+def test_router_topk_weight_read_in_tiles() -> None:
+    """8 bf16 rows of 1024 columns against 128 experts: one program per expert reads its router-weight
+    row in two tiles of 512 (the first one requested before the PDL wait, the second in the loop)."""
+    T, E, H = 8, 128, 1024
+    assert router_split(E, H) == 1 and max(256, 4096 // T) < H
+    test_router_topk_equals_unfused_bit_for_bit(T, E, H, 8, True, torch.bfloat16)
 
 
 def test_router_topk_random_fp32() -> None:
