@@ -29,9 +29,8 @@ from rtllm.kernels.triton_round import round_to
 
 
 @triton.jit
-def _norm_scale(x, rstd, nw_ptr, offs, mask, x_ptr, o_ptr):
-    """RMSNorm of channels ``offs`` of the rows x [H, n] (fp32) with their rstd [H], in fp32."""
-    w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _norm_scale(x, rstd, w, x_ptr, o_ptr):
+    """RMSNorm of the rows x [H, n] (fp32) with their rstd [H] and the weight's channels w [n] (fp32)."""
     xn = round_to(x * rstd[:, None], x_ptr.dtype.element_ty)
     return (xn * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)  # as the norm kernel stores it
 
@@ -51,7 +50,7 @@ def _rope_heads(
     sin,
     c_ok,
     c_inv_scale,
-    nw_ptr,
+    nw,
     eps,
     num_heads,
     HEAD_DIM: tl.constexpr,
@@ -66,8 +65,8 @@ def _rope_heads(
     BLOCK_D: tl.constexpr = 1,
 ):
     """Rotate the heads of one token: x [H, D] -> o [H, D]; with TO_CACHE also -> c where c_ok
-    (FP8: c holds e4m3 bytes of o * c_inv_scale). NORM: each head RMS-normalized first, with weight
-    nw [D], rounded as rtllm.kernels.triton_norm rounds (normed value to x's dtype, times the weight
+    (FP8: c holds e4m3 bytes of o * c_inv_scale). NORM: each head RMS-normalized first, with the weight's
+    channels nw = (first rotated half, second rotated half, pass-through) in fp32 (_norm_weight's), rounded as rtllm.kernels.triton_norm rounds (normed value to x's dtype, times the weight
     to o's dtype, which is the normed tensor's promoted dtype), and that value rotated."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
@@ -82,8 +81,8 @@ def _rope_heads(
         xr = tl.load(x_ptr + offs_h[:, None] * stride_xh + offs_d[None, :] * stride_xd,
                      mask=mask_h[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / HEAD_DIM + eps)
-        x1 = _norm_scale(x1, rstd, nw_ptr, offs_r, offs_r < ROT_HALF, x_ptr, o_ptr)
-        x2 = _norm_scale(x2, rstd, nw_ptr, ROT_HALF + offs_r, offs_r < ROT_HALF, x_ptr, o_ptr)
+        x1 = _norm_scale(x1, rstd, nw[0], x_ptr, o_ptr)
+        x2 = _norm_scale(x2, rstd, nw[1], x_ptr, o_ptr)
     # Round as the reference does (cos, sin, each product and the sum to the output dtype), then to
     # the cache dtype.
     dt = o_ptr.dtype.element_ty
@@ -109,7 +108,7 @@ def _rope_heads(
             x_ptr + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd, mask=mask_p, other=0.0
         ).to(tl.float32)
         if NORM:
-            xp = _norm_scale(xp, rstd, nw_ptr, offs_p, offs_p < HEAD_DIM, x_ptr, o_ptr)
+            xp = _norm_scale(xp, rstd, nw[2], x_ptr, o_ptr)
         xp = xp.to(o_ptr.dtype.element_ty)
         tl.store(o_ptr + offs_h[:, None] * stride_oh + offs_p[None, :] * stride_od, xp, mask=mask_p)
         if TO_CACHE:
@@ -118,6 +117,21 @@ def _rope_heads(
                 tl.store(c_ptrs, e4m3_bits(xp.to(tl.float32) * c_inv_scale), mask=mask_p & c_ok)
             else:
                 tl.store(c_ptrs, xp, mask=mask_p & c_ok)
+
+
+@triton.jit
+def _norm_weight(nw_ptr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_P: tl.constexpr, HAS_PASS: tl.constexpr):  # fmt: skip
+    """The q or k norm's weight [D] as fp32 (first rotated half, second rotated half, pass-through channels)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    w1 = tl.load(nw_ptr + offs_r, mask=offs_r < ROT_HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(nw_ptr + ROT_HALF + offs_r, mask=offs_r < ROT_HALF, other=0.0).to(tl.float32)
+    offs_p = 2 * ROT_HALF + tl.arange(0, BLOCK_P)
+    if HAS_PASS:
+        wp = tl.load(nw_ptr + offs_p, mask=offs_p < HEAD_DIM, other=0.0).to(tl.float32)
+    else:
+        wp = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    return w1, w2, wp
 
 
 @triton.jit
@@ -179,10 +193,11 @@ def _rope_kernel(
     PDL: tl.constexpr,
 ):
     """Program (t, j): token t's q heads [j * BLOCK_HQ, (j + 1) * BLOCK_HQ) for j < Q_BLOCKS, its k heads
-    (and v, cached) for j == Q_BLOCKS. PDL: launched while the qkv projection runs; reads after it ends."""
+    (and v, cached) for j == Q_BLOCKS. PDL: launched while the qkv projection runs; what does not depend
+    on it (position, cos / sin, cache slot, norm weight: step inputs and weights, written before this
+    step's first kernel) is loaded first, q / k / v after the wait."""
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -190,23 +205,33 @@ def _rope_kernel(
     mask_r = offs_r < ROT_HALF
     cos = tl.load(cs_ptr + pos * stride_cs + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + ROT_HALF + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    if CACHE:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+    if NORM:
+        if j < Q_BLOCKS:
+            nw = _norm_weight(qw_ptr, HEAD_DIM, ROT_HALF, BLOCK_R, BLOCK_P, HAS_PASS)
+        else:
+            nw = _norm_weight(kw_ptr, HEAD_DIM, ROT_HALF, BLOCK_R, BLOCK_P, HAS_PASS)
+    else:  # unused
+        nw = (cos, sin, tl.zeros((BLOCK_P,), dtype=tl.float32))
+    if PDL:
+        gdc_wait()
 
     if j < Q_BLOCKS:
         h0 = j * BLOCK_HQ
         _rope_heads(
             q_ptr + t * stride_qt + h0 * stride_qh, qo_ptr + t * stride_qot + h0 * stride_qoh, qo_ptr, stride_qh,
-            stride_qd, stride_qoh, stride_qod, 0, 0, cos, sin, False, 1.0, qw_ptr, eps,
+            stride_qd, stride_qoh, stride_qod, 0, 0, cos, sin, False, 1.0, nw, eps,
             HQ - h0, HEAD_DIM, ROT_HALF, BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, False, False, NORM, BLOCK_D,
         )  # fmt: skip
     elif CACHE:
         # A negative slot marks a padding token: it is rotated but not cached.
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         ok = slot >= 0
         slot = tl.maximum(slot, 0)
         kc_tok = kc_ptr + (slot // PAGE) * stride_kcb + (slot % PAGE) * stride_kcs
         _rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kc_tok, stride_kh, stride_kd,
-            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok, k_inv_scale, kw_ptr, eps,
+            stride_koh, stride_kod, stride_kch, stride_kcd, cos, sin, ok, k_inv_scale, nw, eps,
             HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, True, FP8, NORM, BLOCK_D,
         )  # fmt: skip
         offs_h = tl.arange(0, BLOCK_HKV)
@@ -226,7 +251,7 @@ def _rope_kernel(
     else:
         _rope_heads(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, ko_ptr, stride_kh, stride_kd,
-            stride_koh, stride_kod, 0, 0, cos, sin, False, 1.0, kw_ptr, eps,
+            stride_koh, stride_kod, 0, 0, cos, sin, False, 1.0, nw, eps,
             HKV, HEAD_DIM, ROT_HALF, BLOCK_HKV, BLOCK_R, BLOCK_P, HAS_PASS, False, False, NORM, BLOCK_D,
         )  # fmt: skip
 
