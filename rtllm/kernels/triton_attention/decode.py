@@ -16,7 +16,7 @@ from rtllm.kernels.triton_attention.common import (
     sm_count,
 )
 from rtllm.kernels.triton_attention.decode_splits import DECODE_MAX_SPLITS, decode_num_splits, decode_reduce_kernel
-from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, to_dot
+from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, prefetch_kv_rows, to_dot
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 
 __all__ = ["DECODE_MAX_SPLITS", "decode_num_splits", "paged_decode_attention_triton"]
@@ -85,10 +85,13 @@ def _decode_split_kernel(
     decoded from kn / vn (fp32 FMA), then the cached ones before seq_len - 1 in dots of dtype DOT.
     Writes (max, sum, unnormalized out) in the log2 domain, or the final output when there is one split.
     KV_FP8: cached K/V tiles are e4m3, converted (exactly) to DOT (fp16 for a 16-bit q); k_scale is folded
-    into qk_scale_cache, v_scale multiplies the cached part of the sum once."""
-    if PDL:  # launched while RoPE + cache write runs: reads after it ends; the next launch may start
+    into qk_scale_cache, v_scale multiplies the cached part of the sum once.
+    PDL: launched while RoPE + cache write runs (the next launch may start). Before the wait, what does not
+    depend on that kernel: the sequence length, and an L2 prefetch of the first tile's cached rows (written
+    by earlier steps; the token this step writes is read from kn / vn, never from the cache); q, kn and vn
+    after it."""
+    if PDL:
         gdc_launch_dependents()
-        gdc_wait()
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
@@ -97,6 +100,11 @@ def _decode_split_kernel(
     start = s * split_tokens
     last = seq_len - 1  # the token being decoded: fresh in kn / vn, not read from the cache
     end = tl.minimum(start + split_tokens, last)
+    if PDL:
+        ROW_BYTES: tl.constexpr = HEAD_DIM * (1 if KV_FP8 else k_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        prefetch_kv_rows(k_ptr, v_ptr, bt_ptr + b.to(tl.int64) * stride_btb, start + tl.arange(0, BLOCK_N), end, hk,
+                         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, PAGE, ROW_BYTES)
+        gdc_wait()
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)

@@ -1,5 +1,5 @@
-"""The K/V tile steps of flash-decoding (rtllm.kernels.triton_attention.decode): load a tile of cached rows
-through the block table, turn it into the dots' dtype (FP8 caches read as int32 words of four e4m3 codes,
+"""The K/V tile steps of flash-decoding (rtllm.kernels.triton_attention.decode): prefetch (to L2) or load a tile
+of cached rows through the block table, turn it into the dots' dtype (FP8 caches read as int32 words of four e4m3 codes,
 decoded in pairs), and fold it into the online softmax."""
 
 from __future__ import annotations
@@ -53,6 +53,28 @@ def to_dot(x, DOT: tl.constexpr, KV_WORDS: tl.constexpr, CVT_ASM: tl.constexpr):
         return e4m3_words_to_f16(x, CVT_ASM)
     else:
         return x.to(DOT)
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines holding ``ptrs`` (a hint: no value, no fault; compiled kernels only)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_kv_rows(k_ptr, v_ptr, bt_row, pos, end, hk, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                     stride_vh, PAGE: tl.constexpr, ROW_BYTES: tl.constexpr):  # fmt: skip
+    """L2 prefetch of the cached K and V rows of KV head hk at positions pos (< end) through the block table
+    row bt_row (each row ROW_BYTES contiguous bytes)."""
+    blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0).to(tl.int64)
+    row = pos % PAGE
+    EB: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // 8
+    k_rows = k_ptr + hk * stride_kh + blk * stride_kb + row * stride_kt
+    v_rows = v_ptr + hk * stride_vh + blk * stride_vb + row * stride_vt
+    for line in tl.static_range(triton.cdiv(ROW_BYTES, 128)):
+        prefetch_l2(k_rows + line * (128 // EB))
+        prefetch_l2(v_rows + line * (128 // EB))
 
 
 @triton.jit
