@@ -3,10 +3,10 @@
 # what came first):
 # 1. TESTS (default tests/gpu; TESTS=none skips them);
 # 2. batch-1 decode (ISL 128 / OSL 256), each a `rtllm bench latency` run with its bound: Llama-3.1-8B shape in
-#    bf16, then (MOE=1, the default) the Qwen3-30B-A3B shape; with BEFORE=dir (a tree of repo paths holding the
+#    each weight format of QUANT (default "none fp8 w4a16"), then (MOE=1, the default) the Qwen3-30B-A3B shape; with BEFORE=dir (a tree of repo paths holding the
 #    files as they were before a change) each also with those files swapped in, in the same command;
 # 3. TUNE=1 (default): the FP8 decode GEMV's tiles at M = 1 (scripts/quant_kernel_tune.py --kinds fp8, its grid
-#    with the 8 / 16-row x 1-2 KiB tiles), then FP8 Llama with the committed table and with the tuned one;
+#    with the 8 / 16-row x 1-2 KiB tiles), then FP8 Llama with the tuned table;
 # 4. PROBES=1 (default): the launches' cost on the critical path (scripts/launch_probe.py: outputs wrong, timing
 #    only): Llama and the MoE without the RMSNorm launches, the MoE without the router.
 set -uo pipefail
@@ -33,8 +33,10 @@ before() {  # run "$@" with the files under $BEFORE swapped in
 }
 L=configs/llama-3.1-8b.json
 M=configs/qwen3-30b-a3b.json
-lat llama_bf16 "" $L 2
-[ -n "${BEFORE:-}" ] && before lat llama_bf16_before "" $L 2
+for q in ${QUANT:-none fp8 w4a16}; do
+    lat "llama_$q" "" $L 2 --quant "$q"
+    [ -n "${BEFORE:-}" ] && before lat "llama_${q}_before" "" $L 2 --quant "$q"
+done
 if [ "${MOE:-1}" = 1 ]; then
     lat moe "" $M 4
     [ -n "${BEFORE:-}" ] && before lat moe_before "" $M 4
@@ -43,7 +45,6 @@ if [ "${TUNE:-1}" = 1 ]; then
     timeout 200 python3 scripts/quant_kernel_tune.py --kinds fp8 --m 1 --jobs 14 --out "$OUT" --verbose \
         > "$OUT/tune_fp8.log" 2>&1
     tail -6 "$OUT/tune_fp8.log"
-    lat llama_fp8 "" $L 2 --quant fp8
     [ -f "$OUT/gemv_tuned.json" ] && RTLLM_QUANT_GEMV_CONFIG="$OUT/gemv_tuned.json" lat llama_fp8_tuned "" $L 2 --quant fp8
 fi
 if [ "${PROBES:-1}" = 1 ]; then
