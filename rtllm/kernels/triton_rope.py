@@ -66,8 +66,9 @@ def _rope_heads(
 ):
     """Rotate the heads of one token: x [H, D] -> o [H, D]; with TO_CACHE also -> c where c_ok
     (FP8: c holds e4m3 bytes of o * c_inv_scale). NORM: each head RMS-normalized first, with the weight's
-    channels nw = (first rotated half, second rotated half, pass-through) in fp32 (_norm_weight's), rounded as rtllm.kernels.triton_norm rounds (normed value to x's dtype, times the weight
-    to o's dtype, which is the normed tensor's promoted dtype), and that value rotated."""
+    channels nw = (first rotated half, second rotated half, pass-through) in fp32 (_norm_weight's),
+    rounded as rtllm.kernels.triton_norm rounds (normed value to x's dtype, times the weight to o's
+    dtype, which is the normed tensor's promoted dtype), and that value rotated."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     mask_h = offs_h < num_heads
