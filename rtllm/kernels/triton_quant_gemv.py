@@ -132,10 +132,6 @@ def _w8_gemv_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     q_next = _w8_load(qw_ptr, offs_n, mask_n, k_lo + cols, k_hi, stride_qn, EVEN_K)
-    if W16:
-        sc = 1.0
-    else:  # requested with the first tile: loaded after the loop, its latency ended every program
-        sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if PDL:
         gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -154,6 +150,10 @@ def _w8_gemv_kernel(
             t2 = _w8_row(t2, w, xk + 2 * stride_xm, k_hi - k0, EVEN_K)
         if M > 3:
             t3 = _w8_row(t3, w, xk + 3 * stride_xm, k_hi - k0, EVEN_K)
+    if W16:
+        sc = 1.0
+    else:
+        sc = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     finish_row(tl.sum(t0, axis=1) * sc, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M,
             PARTIAL, GATED)
     if M > 1:

@@ -62,14 +62,6 @@ def _w4_row(t, xs, qf, xk):
 
 
 @triton.jit
-def _w4_scale_zero(s_ptr, z_ptr, g, stride_sg, offs_n, mask_n):
-    """Group g's scales and zeros of the columns offs_n, fp32."""
-    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    return s, z
-
-
-@triton.jit
 def _w4_group_sum(acc, t, xs, s, z):
     return acc + tl.sum(t, axis=0) * s + tl.sum(xs, axis=0) * z
 
@@ -108,9 +100,6 @@ def w4_gemv_kernel(
     t_lo = pid_k * T_PER_SPLIT
     t_hi = tl.minimum(t_lo + T_PER_SPLIT, NUM_T)
     w_next = _w4_load(qw_ptr, t_lo * BLOCK_K, rows, offs_n, mask_n, stride_qk)
-    # a group's scale and zero are requested a group before they are used (the first group's with the
-    # first tile): loaded where the group ends, their latency stalled the program once a group
-    s, z = _w4_scale_zero(s_ptr, z_ptr, t_lo // TPG, stride_sg, offs_n, mask_n)
     if PDL:
         gdc_wait()
     for tile in range(t_lo, t_hi):
@@ -132,6 +121,9 @@ def w4_gemv_kernel(
             if M > 3:
                 t3, xs3 = _w4_row(t3, xs3, qf, xk + 3 * stride_xm)
         if (tile + 1) % TPG == 0:  # the group ends: its scale and zero apply once
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc0 = _w4_group_sum(acc0, t0, xs0, s, z)
             t0 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
             xs0 = tl.zeros((R,), dtype=tl.float32)
@@ -147,8 +139,6 @@ def w4_gemv_kernel(
                 acc3 = _w4_group_sum(acc3, t3, xs3, s, z)
                 t3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
                 xs3 = tl.zeros((R,), dtype=tl.float32)
-            # the next group of this split (the last one's again at the split's end: unused)
-            s, z = _w4_scale_zero(s_ptr, z_ptr, tl.minimum(tile + 1, t_hi - 1) // TPG, stride_sg, offs_n, mask_n)
     finish_row(acc0, 0, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
     if M > 1:
         finish_row(acc1, 1, out_ptr, ws_ptr, offs_n, mask_n, offs_o, mask_o, pid_k, N, stride_om, M, PARTIAL, GATED)
