@@ -4,7 +4,9 @@
 # 1. TESTS (default tests/gpu; TESTS=none skips them);
 # 2. batch-1 decode (ISL 128 / OSL 256), each a `rtllm bench latency` run with its bound: Llama-3.1-8B shape in
 #    each weight format of QUANT (default "none fp8 w4a16"), then (MOE=1, the default) the Qwen3-30B-A3B shape; with BEFORE=dir (a tree of repo paths holding the
-#    files as they were before a change) each also with those files swapped in, in the same command;
+#    files as they were before a change) each also with those files swapped in, in the same command; make one with
+#    `for f in $(git diff --name-only REV -- rtllm); do mkdir -p B/$(dirname $f); git show REV:$f > B/$f; done`
+#    under .gpucache/ (ignored by git) and carry it;
 # 3. TUNE=1 (default): the FP8 decode GEMV's tiles at M = 1 (scripts/quant_kernel_tune.py --kinds fp8, its grid
 #    with the 8 / 16-row x 1-2 KiB tiles), then FP8 Llama with the tuned table;
 # 4. PROBES=1 (default): the launches' cost on the critical path (scripts/launch_probe.py: outputs wrong, timing
