@@ -6,7 +6,8 @@ fusing them into a neighbour. The outputs are wrong; only the timings mean anyth
 
 --skip (comma list):
 - ``norms``: every RMSNorm layer returns its input (and the residual unchanged): no norm launch, no
-  residual add (q/k norms run inside the RoPE kernel and stay);
+  residual add (q/k norms run inside the RoPE kernel and stay). For 16-bit layers: an FP8 layer that
+  took its input quantized by the norm would quantize it in a launch of its own;
 - ``router``: a MoE router returns fixed top-k ids and weights, prepared once per token count (no router
   launch; the experts still read the weights those ids pick).
 """

@@ -203,6 +203,8 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     if cnt is None:
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
+    # the router weight is read before the PDL wait: a copy made just now (a kernel before this one) must not be
+    pdl = pdl_enabled(x) and weight.stride(-1) == 1
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
@@ -219,8 +221,8 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     _router_topk_kernel[(E * split,)](
         x, weight, part, cnt, weights, ids, T, E, H, x.stride(0), weight.stride(0), weights.stride(0), ids.stride(0),
         SPLIT=split, CHUNK=chunk, TOP_K=top_k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_H=block_h,
-        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), PDL=pdl_enabled(x), num_warps=num_warps,
-        launch_pdl=pdl_enabled(x),
+        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), PDL=pdl, num_warps=num_warps,
+        launch_pdl=pdl,
     )  # fmt: skip
     return weights, ids
 

@@ -103,7 +103,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     R = x2.shape[0]
     if R > 0:
         block = triton.next_power_of_2(H)
-        pdl = pdl_enabled(x2)
+        # the weight is read before the PDL wait: a copy made just now (a kernel before this one) must not be
+        pdl = pdl_enabled(x2) and w is weight
         _rms_norm_kernel[(R,)](
             x2, r2, w, y, s, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), eps,
             H=H, BLOCK=block, ADD=residual is not None, PDL=pdl, num_warps=norm_warps(block),

@@ -334,6 +334,8 @@ def rope_launch(
     block_hq = min(triton.next_power_of_2(Hq), triton.next_power_of_2(q_heads_per_program))
     block_hkv = triton.next_power_of_2(Hkv)
     q_blocks = triton.cdiv(Hq, block_hq)
+    # positions, cos / sin and the slots are read before the PDL wait: a cos / sin copy made just now must not be
+    pdl = pdl_enabled(q) and cs is cos_sin_cache
     _rope_kernel[(T, q_blocks + 1)](
         positions, cs, q, k, q_out, k_out, vv, kc, vc, sm,
         cs.stride(0),
@@ -345,7 +347,7 @@ def rope_launch(
         BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_R=block_r, BLOCK_P=block_p,
         BLOCK_D=block_d, HAS_PASS=rot < D, CACHE=cache, PAGE=page, FP8=fp8,
         NORM=qk_norm is not None, Q_BLOCKS=q_blocks, num_warps=_num_warps(max(block_hq, block_hkv) * block_d),
-        enable_fp_fusion=False, PDL=pdl_enabled(q), launch_pdl=pdl_enabled(q),
+        enable_fp_fusion=False, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return q_out, k_out
 

@@ -55,7 +55,10 @@ def pdl_enabled(t: torch.Tensor | torch.device) -> bool:
     RTLLM_PDL=0 turns it off, read once per device). A kernel launched with ``launch_pdl=True`` may
     start while the kernel before it in the stream still runs, so it calls ``gdc_wait()`` before it
     reads anything an earlier kernel wrote (or writes anything); what comes before the wait touches
-    only data no kernel of the step writes (weights). A kernel that calls ``gdc_launch_dependents()``
+    only data no kernel of the step writes: weights, and the step's inputs (positions, slots, sequence
+    lengths, block tables), which are copied before the step's first kernel starts and never written by
+    a kernel of the forward. A launcher that copies such an input itself (``.contiguous()``) launches
+    without PDL, since the copy is the kernel right before. A kernel that calls ``gdc_launch_dependents()``
     lets the next PDL launch start once all of its programs have started. The interpreter has no grid
     dependency control: CPU tensors never use it."""
     dev = t if isinstance(t, torch.device) else t.device

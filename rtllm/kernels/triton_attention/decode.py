@@ -87,9 +87,9 @@ def _decode_split_kernel(
     KV_FP8: cached K/V tiles are e4m3, converted (exactly) to DOT (fp16 for a 16-bit q); k_scale is folded
     into qk_scale_cache, v_scale multiplies the cached part of the sum once.
     PDL: launched while RoPE + cache write runs (the next launch may start). Before the wait, what does not
-    depend on that kernel: the sequence length, and an L2 prefetch of the first tile's cached rows (written
-    by earlier steps; the token this step writes is read from kn / vn, never from the cache); q, kn and vn
-    after it."""
+    depend on that kernel: the sequence length and the first tile's block-table entries (step inputs), and
+    an L2 prefetch of that tile's cached rows (a hint; the rows were written by earlier steps, and the
+    token this step writes is read from kn / vn, never from the cache); q, kn and vn after it."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)

@@ -65,8 +65,9 @@ def prefetch_l2(ptrs):
 @triton.jit
 def prefetch_kv_rows(k_ptr, v_ptr, bt_row, pos, end, hk, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                      stride_vh, PAGE: tl.constexpr, ROW_BYTES: tl.constexpr):  # fmt: skip
-    """L2 prefetch of the cached K and V rows of KV head hk at positions pos (< end) through the block table
-    row bt_row (each row ROW_BYTES contiguous bytes)."""
+    """L2 prefetch of the cached K and V rows of KV head hk at positions pos through the block table row bt_row
+    (each row ROW_BYTES contiguous bytes, 128-byte aligned; positions >= end prefetch rows of block 0, a
+    harmless hint). A prefetch returns nothing, so it cannot read stale data whatever runs meanwhile."""
     blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0).to(tl.int64)
     row = pos % PAGE
     EB: tl.constexpr = k_ptr.dtype.element_ty.primitive_bitwidth // 8
