@@ -50,11 +50,14 @@ def test_graphs_and_overlap_on_equal_both_off_bf16(tmp_path):
     assert outs[0] == outs[1]
 
 
-def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch):
-    """bf16, one request at a time (the decode GEMVs at M = 1, the norms and the attention launched with
-    PDL), CUDA graphs on and off: RTLLM_PDL=1 and RTLLM_PDL=0 (each engine's worker process reads it)
-    give the same tokens; PDL changes when kernels start, never what they compute."""
-    make_checkpoint(str(tmp_path), "qwen3", dtype=torch.bfloat16)
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch, arch):
+    """bf16, one request at a time (the decode GEMVs at M = 1, the norms, RoPE + cache write and the
+    attention launched with PDL, and for the MoE the fused router and the expert GEMVs), CUDA graphs on
+    and off: RTLLM_PDL=1 and RTLLM_PDL=0 (each engine's worker process reads it) give the same tokens;
+    PDL changes when kernels start, never what they compute."""
+    # 16 experts, top 4: a decode token's 4 pairs take the expert GEMV launches (pairs <= experts / 4)
+    make_checkpoint(str(tmp_path), arch, dtype=torch.bfloat16, **({"num_experts": 16} if arch == "qwen3_moe" else {}))
     prompts = ramp_prompts(4, seed=23, lo=3, hi=100)
     outs = {}
     for pdl in ("1", "0"):
