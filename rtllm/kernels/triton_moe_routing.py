@@ -105,6 +105,12 @@ _ROUTER_MIN_CHUNK = 512  # elements of H per program at least (a split smaller t
 _router_counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
+@triton.jit
+def _router_weight_tile(gw_ptr, e, stride_g, offs_h, H):
+    """Columns offs_h of expert e's router-weight row (zeros past H)."""
+    return tl.load(gw_ptr + e.to(tl.int64) * stride_g + offs_h, mask=offs_h < H, other=0.0)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _router_topk_kernel(
     x_ptr, gw_ptr, part_ptr, cnt_ptr, w_ptr, ids_ptr, T, E, H, stride_x, stride_g, stride_w, stride_i,
@@ -127,18 +133,14 @@ def _router_topk_kernel(
     rows = offs_t.to(tl.int64)
     # the first tile of this program's router weight is requested before the wait (it does not depend
     # on the kernel before; x does)
-    offs_h0 = s * CHUNK + tl.arange(0, BLOCK_H)
-    g0 = tl.load(gw_ptr + e.to(tl.int64) * stride_g + offs_h0, mask=offs_h0 < H, other=0.0)
+    g0 = _router_weight_tile(gw_ptr, e, stride_g, s * CHUNK + tl.arange(0, BLOCK_H), H)
     if PDL:
         gdc_wait()
     acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for k0 in tl.static_range(0, CHUNK, BLOCK_H):
         offs_h = s * CHUNK + k0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        if k0 == 0:
-            g = g0.to(tl.float32)
-        else:
-            g = tl.load(gw_ptr + e.to(tl.int64) * stride_g + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+        g = (g0 if k0 == 0 else _router_weight_tile(gw_ptr, e, stride_g, offs_h, H)).to(tl.float32)
         xv = tl.load(x_ptr + rows[:, None] * stride_x + offs_h[None, :], mask=mask_t[:, None] & mask_h[None, :],
                      other=0.0).to(tl.float32)
         acc += tl.sum(xv * g[None, :], axis=1)
@@ -203,9 +205,9 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     if cnt is None:
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
+    gw = weight if weight.stride(-1) == 1 else weight.contiguous()
     # the router weight is read before the PDL wait: a copy made just now (a kernel before this one) must not be
-    pdl = pdl_enabled(x) and weight.stride(-1) == 1
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    pdl = pdl_enabled(x) and gw is weight
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
     if T == 0:
@@ -219,7 +221,7 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     if num_warps is None:
         num_warps = 1 if block_t * block_e <= 256 and block_t * block_h <= 2048 else 4
     _router_topk_kernel[(E * split,)](
-        x, weight, part, cnt, weights, ids, T, E, H, x.stride(0), weight.stride(0), weights.stride(0), ids.stride(0),
+        x, gw, part, cnt, weights, ids, T, E, H, x.stride(0), gw.stride(0), weights.stride(0), ids.stride(0),
         SPLIT=split, CHUNK=chunk, TOP_K=top_k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_H=block_h,
         BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), PDL=pdl, num_warps=num_warps,
         launch_pdl=pdl,
