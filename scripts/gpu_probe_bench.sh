@@ -6,7 +6,8 @@
 #    each weight format of QUANT (default "none fp8 w4a16"), then (MOE=1, the default) the Qwen3-30B-A3B shape; with BEFORE=dir (a tree of repo paths holding the
 #    files as they were before a change) each also with those files swapped in, in the same command; make one with
 #    `for f in $(git diff --name-only REV -- rtllm); do mkdir -p B/$(dirname $f); git show REV:$f > B/$f; done`
-#    under .gpucache/ (ignored by git) and carry it;
+#    under .gpucache/ (ignored by git) and carry it; BEFORE may list several such dirs (runs "_before" for the
+#    first, "_before_<dir name>" for the others);
 # 3. TUNE=1 (default): the FP8 decode GEMV's tiles at M = 1 (scripts/quant_kernel_tune.py --kinds fp8, its grid
 #    with the 8 / 16-row x 1-2 KiB tiles), then FP8 Llama with the tuned table;
 # 4. PROBES=1 (default): the launches' cost on the critical path (scripts/launch_probe.py: outputs wrong, timing
@@ -27,21 +28,26 @@ lat() {  # name, probe skips, model, requests, extra args...
     echo "=== $name: $(grep -E "rtllm:" "$OUT/lat_$name.log" | head -1)"
     grep -E "Error" "$OUT/lat_$name.log" | tail -2
 }
-before() {  # run "$@" with the files under $BEFORE swapped in
-    (cd "$BEFORE" && find . -type f) > /tmp/before_files
-    while read -r f; do cp "$f" "/tmp/now_$(echo "$f" | tr / _)"; cp "$BEFORE/$f" "$f"; done < /tmp/before_files
+before() {  # before DIR CMD...: run CMD with the files under DIR swapped in
+    local dir=$1
+    shift
+    (cd "$dir" && find . -type f) > /tmp/before_files
+    while read -r f; do cp "$f" "/tmp/now_$(echo "$f" | tr / _)"; cp "$dir/$f" "$f"; done < /tmp/before_files
     "$@"
     while read -r f; do cp "/tmp/now_$(echo "$f" | tr / _)" "$f"; done < /tmp/before_files
+}
+suffix() {  # the name suffix of a BEFORE dir: "_before" for the first, "_before_<dir name>" for the others
+    [ "$1" = "${BEFORE%% *}" ] && echo _before || echo "_before_$(basename "$1")"
 }
 L=configs/llama-3.1-8b.json
 M=configs/qwen3-30b-a3b.json
 for q in ${QUANT:-none fp8 w4a16}; do
     lat "llama_$q" "" $L 2 --quant "$q"
-    [ -n "${BEFORE:-}" ] && before lat "llama_${q}_before" "" $L 2 --quant "$q"
+    for b in ${BEFORE:-}; do before "$b" lat "llama_${q}$(suffix "$b")" "" $L 2 --quant "$q"; done
 done
 if [ "${MOE:-1}" = 1 ]; then
     lat moe "" $M 4
-    [ -n "${BEFORE:-}" ] && before lat moe_before "" $M 4
+    for b in ${BEFORE:-}; do before "$b" lat "moe$(suffix "$b")" "" $M 4; done
 fi
 if [ "${TUNE:-1}" = 1 ]; then
     timeout 200 python3 scripts/quant_kernel_tune.py --kinds fp8 --m 1 --jobs 14 --out "$OUT" --verbose \

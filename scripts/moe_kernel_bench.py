@@ -176,7 +176,13 @@ def profile_layer(name, layers, dtype, T: int = 1) -> None:
             per = ev.device_time_total / calls
             total += per
             print(f"  {per:7.2f} us  x{ev.count // calls}  {ev.key[:90]}")
-        print(f"  {total:7.2f} us  kernels in all (the graph's wall time adds the gaps between them)")
+        print(f"  {total:7.2f} us  kernels in all (the graph's wall time adds the gaps between them); graph "
+              f"{median_ms(replay) / len(layers) * 1e3:.2f} us a layer")
+    for fn in (triton_moe_gemv._moe_gemv_gate_up_kernel, triton_moe_gemv._moe_gemv_down_kernel):
+        for cache in fn.device_caches.values():
+            for key, kernel in cache[0].items():
+                print(f"  {fn.fn.__name__}: regs {getattr(kernel, 'n_regs', '?')}, spills "
+                      f"{getattr(kernel, 'n_spills', '?')}  ({str(key)[:60]})")
 
 
 def experts_fn(x, layers, routes, config=None):

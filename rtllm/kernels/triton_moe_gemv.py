@@ -48,14 +48,16 @@ def _moe_gemv_gate_up_kernel(
     Grid (pairs, cdiv(N, BLOCK_N)); w [E, 2N, K] (gate rows, then up rows). The next K tile's gate
     and up rows are loaded before the current tile is reduced (two tiles in flight per program; past
     the last tile the load is masked off). A pair whose expert lies outside [0, E) (another rank's)
-    writes nothing: the down launch skips it. PDL: launched while the router runs (the ids are read
-    after it ends); the down launch may start (and load its first weights) once every program here
-    has started."""
+    writes nothing: the down launch skips it. PDL: launched while the router runs, each program waits
+    for the router to end (it reads the ids) and only then lets the down launch start. The down launch
+    reads the ids and routing weights before its own wait, and a launch's wait covers the launch just
+    before it alone: were the down launch free to start before the router ends (this launch signalling
+    first, as it did until the eleventh session), it could read the previous layer's routing."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if PDL:
+        gdc_wait()
         gdc_launch_dependents()
-        gdc_wait()  # launched while the router runs: its ids are read after it ends
     expert = tl.load(ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return
@@ -103,9 +105,10 @@ def _moe_gemv_down_kernel(
     keeps 2 * k weight tiles in flight (a loop over the slots kept one). Each slot's product is
     rounded to the output dtype and the k of them are added in fp32, rounded once (the reference's
     order of roundings; the sum over slots is a fixed tree, deterministic). Slots of foreign experts
-    (outside [0, E)) load nothing and add zero. PDL: launched while the gate/up launch still runs,
-    the first weight tile is requested before waiting for that launch's h; the next launch (the
-    residual add + norm) may start once every program here has."""
+    (outside [0, E)) load nothing and add zero. PDL: launched while the gate/up launch still runs, the
+    ids, routing weights and first weight tile are read before waiting for that launch's h (the router
+    wrote the ids two launches back: the gate/up launch lets this one start only after the router has
+    ended); the next launch (the residual add + norm) may start once every program here has."""
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0)

@@ -59,8 +59,11 @@ def pdl_enabled(t: torch.Tensor | torch.device) -> bool:
     lengths, block tables), which are copied before the step's first kernel starts and never written by
     a kernel of the forward. A launcher that copies such an input itself (``.contiguous()``) launches
     without PDL, since the copy is the kernel right before. A kernel that calls ``gdc_launch_dependents()``
-    lets the next PDL launch start once all of its programs have started. The interpreter has no grid
-    dependency control: CPU tensors never use it."""
+    lets the next PDL launch start once all of its programs have started. The wait covers the kernel
+    launched just before alone (it ends only after its own wait): a kernel may read before its wait what
+    a kernel two launches back wrote only if the kernel between them signals after its own wait (the MoE
+    down GEMV reads the router's ids so: the gate/up GEMV between them waits, then signals). The
+    interpreter has no grid dependency control: CPU tensors never use it."""
     dev = t if isinstance(t, torch.device) else t.device
     if dev.type != "cuda":
         return False
