@@ -9,7 +9,7 @@ fusing them into a neighbour. The outputs are wrong; only the timings mean anyth
   residual add (q/k norms run inside the RoPE kernel and stay). For 16-bit layers: an FP8 layer that
   took its input quantized by the norm would quantize it in a launch of its own;
 - ``router``: a MoE router returns fixed top-k ids and weights, prepared once per token count (no router
-  launch; the experts, the GEMV launches at decode, still read the weights those ids pick).
+  launch; the experts still read the weights those ids pick).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ def skip_norms() -> None:
 
 
 def skip_router() -> None:
-    from rtllm.kernels import moe, triton_moe
-
-    triton_moe.routed_experts_triton = lambda *args, **kwargs: None  # decode: route (below), then the experts
+    from rtllm.kernels import moe
 
     fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -59,16 +59,11 @@ def copy_bandwidth() -> float:
 
 
 def layers_fn(x, layers, k, renorm, config=None):
-    """One MoE layer per (w13, w2, gate) in ``layers``: without ``config`` as FusedMoE.forward runs it
-    (moe.fused_moe: at decode the router's partial sums and the routed GEMV launches); with one, the
-    router launch with its routing step, then fused_experts_triton under that config."""
+    """One MoE layer per (w13, w2, gate) in ``layers``, each as FusedMoE.forward runs it."""
     def run():
         for w13, w2, gate in layers:
-            if config is None:
-                moe.fused_moe(x, gate, w13, w2, k, renorm)
-            else:
-                w, ids = moe.route(x, gate, k, renorm)
-                triton_moe.fused_experts_triton(x, w13, w2, w, ids, config=config)
+            w, ids = moe.route(x, gate, k, renorm)
+            triton_moe.fused_experts_triton(x, w13, w2, w, ids, config=config)
     return run
 
 
@@ -163,8 +158,7 @@ def profile_layer(name, layers, dtype, T: int = 1) -> None:
 
     E, k, H, inter, renorm = SHAPES[name]
     x = torch.randn(T, H, device="cuda", dtype=dtype)
-    for label, cfg in (("default: routed GEMV", None), ("router with routing + GEMV", dict(GEMV=True)),
-                       ("router + GEMV, no PDL", dict(GEMV=True, PDL=False)), ("pair-block GEMMs", PAIR_GEMM)):
+    for label, cfg in (("default", None), ("default, no PDL", dict(PDL=False)), ("pair-block GEMMs", PAIR_GEMM)):
         replay = graphed(layers_fn(x, layers, k, renorm, cfg))
         replay()
         torch.cuda.synchronize()

@@ -136,26 +136,6 @@ def fused_experts_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     return out.to(x.dtype)
 
 
-def fused_moe(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
-              renormalize: bool, expert_start: int = 0) -> torch.Tensor:
-    """A whole MoE layer: route(x, router_weight, top_k, renormalize), then fused_experts over the
-    experts [expert_start, expert_start + E_local) that w13 / w2 hold (the router's other experts belong
-    to other ranks and contribute zero). On CUDA at decode (few tokens, the GEMV launches) the routing
-    happens inside the expert launches (triton_moe.routed_experts_triton: three launches, no routing
-    step); a plugin's "linear" kernel keeps the router GEMM unfused."""
-    if triton_enabled(x) and custom_kernel("linear", x) is None:
-        from rtllm.kernels import triton_moe
-
-        out = triton_moe.routed_experts_triton(x, router_weight, w13, w2, top_k, renormalize, expert_start)
-        if out is not None:
-            return out
-    topk_weights, topk_ids = route(x, router_weight, top_k, renormalize)
-    foreign = w13.shape[0] < router_weight.shape[0]
-    if foreign:  # global expert ids -> this rank's; other ranks' experts fall outside [0, E_local)
-        topk_ids = topk_ids - expert_start
-    return fused_experts(x, w13, w2, topk_weights, topk_ids, foreign_ids=foreign)
-
-
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, foreign_ids: bool = False) -> torch.Tensor:
     """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t: [T, H] in x.dtype.

@@ -16,9 +16,7 @@ topk_ids (PAIR_BLOCKS).
 
 Decode (``GEMV``, the default when PAIR_BLOCKS would be: T * k <= E / 4): GEMV-shaped launches
 instead of 16-row tiles, in :mod:`rtllm.kernels.triton_moe_gemv`. Config GEMV=False keeps the
-pair-block GEMMs. ``routed_experts_triton`` runs a whole MoE layer at decode in three launches: the
-router GEMM leaves its partial sums, and the two GEMV launches each route their token from them (no
-routing step between the router and the experts).
+pair-block GEMMs.
 
 Integers that change with the number of tokens are not specialized (``do_not_specialize``): a new
 batch size never compiles a new variant; only the block-size tier (moe_gemm_config) does.
@@ -31,11 +29,10 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels.triton_attention.common import interpreting
-from rtllm.kernels.triton_moe_gemv import fused_experts_gemv, moe_gemv_config, routed_experts_gemv
-from rtllm.kernels.triton_moe_routing import fused_topk_triton, moe_align_block_size_triton, router_logits_triton
+from rtllm.kernels.triton_moe_gemv import fused_experts_gemv, moe_gemv_config
+from rtllm.kernels.triton_moe_routing import fused_topk_triton, moe_align_block_size_triton
 
-__all__ = ["fused_experts_triton", "fused_topk_triton", "moe_align_block_size_triton", "moe_gemm_config",
-           "routed_experts_triton"]
+__all__ = ["fused_experts_triton", "fused_topk_triton", "moe_align_block_size_triton", "moe_gemm_config"]
 
 # --------------------------------------------------------------------------------------------
 # grouped expert GEMM
@@ -236,35 +233,3 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     if top_k == 1:
         return y
     return y.view(T, top_k, H).sum(dim=1)  # accumulated in fp32 and rounded once, also for 16-bit y
-
-
-# Above this many router experts the routed decode launches' [E, E] rank comparison would crowd registers.
-ROUTED_MAX_EXPERTS = 256
-
-
-def routed_experts_triton(x: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                          top_k: int, renormalize: bool, expert_start: int = 0,
-                          config: dict | None = None) -> torch.Tensor | None:
-    """fused_experts_triton(x, w13, w2, *route(x, router_weight, top_k, renormalize)) at decode in three
-    launches: the router GEMM (triton_moe_routing.router_logits_triton, its partial sums only), then the
-    GEMV launches, each routing its token from them (triton_moe_gemv.routed_experts_gemv). w13 / w2 hold
-    the experts [expert_start, expert_start + E_local) of the router's E (expert parallel: the others
-    contribute zero). None, for the caller to route and run fused_experts_triton, where the GEMV launches
-    would not run (more pairs; config GEMV=False), the router GEMM is not fused (more tokens), or the
-    router has more than ROUTED_MAX_EXPERTS experts."""
-    T, H = x.shape
-    E, two_i, H2 = w13.shape
-    inter = two_i // 2
-    assert H2 == H and w2.shape == (E, H, inter) and router_weight.shape[1] == H, (x.shape, w13.shape, w2.shape)
-    assert w13.stride(-1) == 1 and w2.stride(-1) == 1 and 0 < top_k <= router_weight.shape[0]
-    if T == 0 or router_weight.shape[0] > ROUTED_MAX_EXPERTS:
-        return None
-    cfg = {**moe_gemm_config(T * top_k, E, interpreting(x)), **moe_gemv_config(H, inter, x.device), **(config or {})}
-    cfg.pop("PAIR_BLOCKS")
-    if not cfg.pop("GEMV", False):
-        return None
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    logits = router_logits_triton(x, router_weight)
-    if logits is None:
-        return None
-    return routed_experts_gemv(x, w13, w2, logits, top_k, renormalize, expert_start, cfg)

@@ -23,9 +23,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rtllm.kernels.triton_attention.common import pdl_enabled
-from rtllm.kernels.triton_moe_routing import RouterLogits
 
-__all__ = ["fused_experts_gemv", "moe_gemv_config", "routed_experts_gemv"]
+__all__ = ["fused_experts_gemv", "moe_gemv_config"]
 
 
 @triton.jit
@@ -39,79 +38,27 @@ def _k_mask(offs_k, rem, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _row_logits(part_ptr, t, E, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                REP: tl.constexpr, dtype):  # fmt: skip
-    """Token t's router logits from the router's partial sums (triton_moe_routing.RouterLogits), as a
-    [REP, BLOCK_E] tile of REP equal rows: the splits added in order and rounded to dtype, as the router
-    launch's routing step does; -inf past E. With REP = the program's warps each warp holds a whole row,
-    so _route_rows reduces within warps (shuffles, no shared memory or barrier). Read through L2 (.cg):
-    the router launch wrote them after this SM may have cached the addresses in an earlier kernel."""
-    offs_e = tl.arange(0, BLOCK_E)[None, :] + tl.zeros((REP, 1), dtype=tl.int32)
-    tot = tl.zeros((REP, BLOCK_E), dtype=tl.float32)
-    for j in tl.static_range(SPLIT):
-        tot += tl.load(part_ptr + (j * BLOCK_T + t) * BLOCK_E + offs_e, mask=offs_e < E, other=0.0,
-                       cache_modifier=".cg")
-    return tl.where(offs_e < E, tot.to(dtype).to(tl.float32), float("-inf"))
-
-
-@triton.jit
-def _route_rows(logits, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(ids [REP, BLOCK_K], weights [REP, BLOCK_K]) of the rows of logits [REP, BLOCK_E] (-inf past E): k
-    rounds of argmax over e = exp(logit - max) (best first, ties to the lower expert id), weights
-    e / sum(e) (the softmax), optionally renormalized over the k; slots >= TOP_K: id 0, weight 0. The
-    selection is a function of the logits' values alone (no sum enters it), so the gate/up and the down
-    launch pick the same experts; as fused_topk_triton picks them, but for exact ties of e between unequal
-    logits (both underflowing to 0, far below the top k). Small tiles: a [BLOCK_E, BLOCK_E] rank
-    comparison doubled the GEMV launches' registers and halved their occupancy."""
-    offs_e = tl.arange(0, BLOCK_E)[None, :]
-    offs_k = tl.arange(0, BLOCK_K)[None, :]
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    rest = e
-    ids = tl.zeros((logits.shape[0], BLOCK_K), dtype=tl.int32)
-    vals = tl.zeros((logits.shape[0], BLOCK_K), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        val, best = tl.max(rest, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        ids = tl.where(offs_k == j, best.to(tl.int32)[:, None], ids)
-        vals = tl.where(offs_k == j, val[:, None], vals)
-        rest = tl.where(offs_e == best[:, None], -1.0, rest)
-    vals = vals / tl.sum(e, axis=1)[:, None]
-    if RENORM:
-        vals = vals / tl.sum(vals, axis=1)[:, None]
-    return ids, vals
-
-
-@triton.jit
 def _moe_gemv_gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, ids_ptr, N, K, num_experts, expert_start, router_experts,
+    x_ptr, w_ptr, h_ptr, ids_ptr, N, K, num_experts,
     stride_xm, stride_we, stride_wn, stride_hm,
-    TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    ROUTED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, REP: tl.constexpr,
-    PDL: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """h[pair, n-block] = silu(x[token] @ gate^T) * (x[token] @ up^T) for the pair's expert.
 
     Grid (pairs, cdiv(N, BLOCK_N)); w [E, 2N, K] (gate rows, then up rows). The next K tile's gate
     and up rows are loaded before the current tile is reduced (two tiles in flight per program; past
     the last tile the load is masked off). A pair whose expert lies outside [0, E) (another rank's)
-    writes nothing: the down launch skips it. ROUTED: ids_ptr holds the router's partial logits
-    (RouterLogits, of router_experts experts) and the program routes its token itself: its expert is
-    slot pair % TOP_K's, less expert_start (this rank's first expert).
-    PDL: launched while the router runs, it waits for the router to end, and only then lets the down
-    launch start: the down launch reads the router's output before its own wait, which covers this
-    launch alone (a launch's wait does not reach the launch two back)."""
+    writes nothing: the down launch skips it. PDL: launched while the router runs, each program waits
+    for the router to end (it reads the ids) and only then lets the down launch start. The down launch
+    reads the ids and routing weights before its own wait, and a launch's wait covers the launch just
+    before it alone: were the down launch free to start before the router ends (this launch signalling
+    first, as it did until the eleventh session), it could read the previous layer's routing."""
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    if ROUTED:
-        logits = _row_logits(ids_ptr, pair // TOP_K, router_experts, SPLIT, BLOCK_T, BLOCK_E, REP,
-                             x_ptr.dtype.element_ty)
-        ids, _ = _route_rows(logits, TOP_K, False, BLOCK_E, SLOTS)  # (the weights are dead code here)
-        expert = tl.max(tl.sum(tl.where(tl.arange(0, SLOTS)[None, :] == pair % TOP_K, ids, 0), axis=1), axis=0)
-        expert -= expert_start
-    else:
-        expert = tl.load(ids_ptr + pair)
+    expert = tl.load(ids_ptr + pair)
     if (expert < 0) | (expert >= num_experts):
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,11 +92,10 @@ def _moe_gemv_gate_up_kernel(
 
 @triton.jit
 def _moe_gemv_down_kernel(
-    h_ptr, w_ptr, out_ptr, topk_w_ptr, ids_ptr, N, K, num_experts, expert_start, router_experts,
+    h_ptr, w_ptr, out_ptr, topk_w_ptr, ids_ptr, N, K, num_experts,
     stride_hm, stride_we, stride_wn, stride_om,
     TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, ROUTED: tl.constexpr, RENORM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr, REP: tl.constexpr, PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[token, n-block] = sum over the token's k slots of round(topk_w * (h[pair] @ w2[expert]^T)).
 
@@ -159,29 +105,19 @@ def _moe_gemv_down_kernel(
     keeps 2 * k weight tiles in flight (a loop over the slots kept one). Each slot's product is
     rounded to the output dtype and the k of them are added in fp32, rounded once (the reference's
     order of roundings; the sum over slots is a fixed tree, deterministic). Slots of foreign experts
-    (outside [0, E)) load nothing and add zero. ROUTED: ids_ptr holds the router's partial logits and
-    the program routes its token as the gate/up launch did (the same slots, and the weights).
-    PDL: launched while the gate/up launch still runs, the ids (or the router's logits) and the first
-    weight tile are read before waiting for that launch's h: the gate/up launch lets this one start
-    only after the router has ended. The next launch (the residual add + norm) may start once every
-    program here has."""
+    (outside [0, E)) load nothing and add zero. PDL: launched while the gate/up launch still runs, the
+    ids, routing weights and first weight tile are read before waiting for that launch's h (the router
+    wrote the ids two launches back: the gate/up launch lets this one start only after the router has
+    ended); the next launch (the residual add + norm) may start once every program here has."""
     if PDL:
         gdc_launch_dependents()
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.arange(0, SLOTS)
     pair = t * TOP_K + slot
-    if ROUTED:
-        logits = _row_logits(ids_ptr, t, router_experts, SPLIT, BLOCK_T, BLOCK_E, REP, h_ptr.dtype.element_ty)
-        ids, weight = _route_rows(logits, TOP_K, RENORM, BLOCK_E, SLOTS)
-        expert = tl.max(ids, axis=0) - expert_start  # the REP rows are equal
-        weight = tl.max(weight, axis=0)
-        valid = (slot < TOP_K) & (expert >= 0) & (expert < num_experts)
-        weight = tl.where(valid, weight, 0.0)
-    else:
-        expert = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=-1)
-        valid = (slot < TOP_K) & (expert >= 0) & (expert < num_experts)
-        weight = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+    expert = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=-1)
+    valid = (slot < TOP_K) & (expert >= 0) & (expert < num_experts)
+    weight = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = (w_ptr + tl.where(valid, expert, 0).to(tl.int64)[:, None, None] * stride_we
@@ -227,42 +163,21 @@ _GEMV_TILES: dict = json.loads(os.environ.get("RTLLM_MOE_GEMV_TILES") or "{}")
 def fused_experts_gemv(x, w13, w2, topk_w, ids, top_k, cfg) -> torch.Tensor:
     """The experts of T tokens with ids [T * k] (token-major) and weights topk_w: gate/up then down,
     two launches, [T, H] in x's dtype (cfg: moe_gemv_config's tiles and PDL)."""
-    return _launch(x, w13, w2, topk_w, ids, top_k, cfg)
-
-
-def routed_experts_gemv(x, w13, w2, logits: RouterLogits, top_k: int, renormalize: bool, expert_start: int,
-                        cfg) -> torch.Tensor:
-    """fused_experts_gemv of the routing in ``logits`` (the router launch's partial sums for x's T
-    tokens): the two launches route each token themselves, so no routing step or ids lie between the
-    router and the experts. ``expert_start``: the global id of w13's first expert (expert parallel;
-    other experts contribute zero)."""
-    assert logits.block_t >= x.shape[0] and logits.dtype == x.dtype, (logits.block_t, x.shape, logits.dtype)
-    return _launch(x, w13, w2, logits.part, logits.part, top_k, cfg, logits, renormalize, expert_start)
-
-
-def _launch(x, w13, w2, topk_w, ids, top_k, cfg, logits: RouterLogits | None = None, renormalize: bool = False,
-            expert_start: int = 0) -> torch.Tensor:
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
-    num_pairs = T * top_k
+    num_pairs = ids.numel()
     pdl = bool(cfg["PDL"])
-    routed = logits is not None
-    router = dict(ROUTED=routed, SPLIT=logits.split if routed else 1, BLOCK_T=logits.block_t if routed else 1,
-                  BLOCK_E=logits.block_e if routed else 1)
-    router_experts = logits.num_experts if routed else E
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _moe_gemv_gate_up_kernel[(num_pairs, triton.cdiv(inter, cfg["BLOCK_N1"]))](
-        x, w13, h, ids, inter, H, E, expert_start, router_experts, x.stride(0), w13.stride(0), w13.stride(1),
-        h.stride(0), TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], EVEN_K=H % cfg["BLOCK_K1"] == 0,
-        PDL=pdl, REP=cfg["WARPS1"], num_warps=cfg["WARPS1"], num_stages=1, launch_pdl=pdl, **router,
+        x, w13, h, ids, inter, H, E, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        TOP_K=top_k, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], EVEN_K=H % cfg["BLOCK_K1"] == 0, PDL=pdl,
+        num_warps=cfg["WARPS1"], num_stages=1, launch_pdl=pdl,
     )  # fmt: skip
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     _moe_gemv_down_kernel[(T, triton.cdiv(H, cfg["BLOCK_N2"]))](
-        h, w2, out, topk_w, ids, H, inter, E, expert_start, router_experts, h.stride(0), w2.stride(0),
-        w2.stride(1), out.stride(0), TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=cfg["BLOCK_N2"],
-        BLOCK_K=cfg["BLOCK_K2"], EVEN_K=inter % cfg["BLOCK_K2"] == 0, RENORM=renormalize, PDL=pdl,
-        REP=cfg["WARPS2"], num_warps=cfg["WARPS2"], num_stages=1, launch_pdl=pdl, **router,
-        **({"maxnreg": cfg["MAXNREG2"]} if cfg.get("MAXNREG2") else {}),
+        h, w2, out, topk_w, ids, H, inter, E, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
+        EVEN_K=inter % cfg["BLOCK_K2"] == 0, PDL=pdl, num_warps=cfg["WARPS2"], num_stages=1, launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -13,8 +13,6 @@ launches per layer made an eager prefill host-bound.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -117,14 +115,12 @@ def _router_weight_tile(gw_ptr, e, stride_g, offs_h, H):
 def _router_topk_kernel(
     x_ptr, gw_ptr, part_ptr, cnt_ptr, w_ptr, ids_ptr, T, E, H, stride_x, stride_g, stride_w, stride_i,
     SPLIT: tl.constexpr, CHUNK: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ROUTE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (e, s) of E * SPLIT: expert e's fp32 dot products with the T rows of x over H columns
-    [s * CHUNK, (s + 1) * CHUNK) -> part [SPLIT, BLOCK_T, BLOCK_E]. ROUTE: then bumps the counter
-    (acq_rel); the program that arrives last sums the splits in order, rounds the logits to x's dtype
-    (as the unfused GEMM stores them), routes every row as _topk_softmax_kernel does, and resets the
-    counter. Without ROUTE the partial sums are the output (the routed expert GEMV launches of
-    triton_moe_gemv sum and route them themselves).
+    [s * CHUNK, (s + 1) * CHUNK) -> part [SPLIT, BLOCK_T, BLOCK_E]; then bumps the counter (acq_rel).
+    The program that arrives last sums the splits in order, rounds the logits to x's dtype (as the
+    unfused GEMM stores them), routes every row as _topk_softmax_kernel does, and resets the counter.
     PDL: launched while the norm before it runs; requests its first router-weight tile, then waits for the
     norm before reading x (the expert GEMV may start)."""
     if PDL:
@@ -149,8 +145,6 @@ def _router_topk_kernel(
                      other=0.0).to(tl.float32)
         acc += tl.sum(xv * g[None, :], axis=1)
     tl.store(part_ptr + (s * BLOCK_T + offs_t) * BLOCK_E + e, acc)
-    if not ROUTE:
-        return
     tl.debug_barrier()  # all of this program's partial stores happen before the release below
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if done == E * SPLIT - 1:
@@ -210,66 +204,29 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     cnt = _router_counter(x.device)
     if cnt is None:
         return None
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
-    if T > 0:
-        _launch_router(x, weight, cnt, weights, ids, top_k, renormalize, num_warps)
-    return weights, ids
-
-
-class RouterLogits(NamedTuple):
-    """The router's logits as router_logits_triton leaves them: fp32 partial sums ``part`` [SPLIT,
-    BLOCK_T, BLOCK_E] (token t's logit of expert e: the sum over the splits, in order, rounded to
-    ``dtype``), read by the routed expert launches of triton_moe_gemv."""
-
-    part: torch.Tensor
-    num_experts: int
-    split: int
-    block_t: int
-    block_e: int
-    dtype: torch.dtype
-
-
-def router_logits_triton(x: torch.Tensor, weight: torch.Tensor, num_warps: int | None = None) -> RouterLogits | None:
-    """The router GEMM of router_topk_triton without its routing step (no arrival counter, no last
-    program): each program stores its partial dot products and ends; the launch that reads them sums
-    and routes them. None where router_topk_triton would return None for want of router_fusable."""
-    T, H = x.shape
-    E = weight.shape[0]
-    assert weight.shape == (E, H), (tuple(weight.shape), H)
-    if T == 0 or not router_fusable(T, E, H, x.element_size()):
-        return None
-    part, split, block_t, block_e = _launch_router(x, weight, None, None, None, 1, False, num_warps)
-    return RouterLogits(part, E, split, block_t, block_e, x.dtype)
-
-
-def _launch_router(x, weight, cnt, weights, ids, top_k, renormalize, num_warps):
-    """One _router_topk_kernel launch (ROUTE when cnt is given: weights and ids written); returns the
-    partial sums and their layout (SPLIT, BLOCK_T, BLOCK_E)."""
-    T, H = x.shape
-    E = weight.shape[0]
-    route = cnt is not None
     x = x if x.stride(-1) == 1 else x.contiguous()
     gw = weight if weight.stride(-1) == 1 else weight.contiguous()
     # the router weight is read before the PDL wait: a copy made just now (a kernel before this one) must not be
     pdl = pdl_enabled(x) and gw is weight
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
+    if T == 0:
+        return weights, ids
     block_t = triton.next_power_of_2(T)
     block_e = triton.next_power_of_2(E)
     split = router_split(E, H)
     chunk = triton.next_power_of_2(triton.cdiv(H, split))
     block_h = min(chunk, max(256, 4096 // block_t))  # x tile [BLOCK_T, BLOCK_H] + weight row in registers
     part = torch.empty(split * block_t * block_e, dtype=torch.float32, device=x.device)
-    if num_warps is None:  # the routing step holds [BLOCK_T, BLOCK_E] logits
-        num_warps = 1 if (not route or block_t * block_e <= 256) and block_t * block_h <= 2048 else 4
-    if not route:  # the kernel's routing outputs are never touched: any tensors will do
-        cnt, weights, ids = part, part.view(1, -1), part.view(1, -1)
+    if num_warps is None:
+        num_warps = 1 if block_t * block_e <= 256 and block_t * block_h <= 2048 else 4
     _router_topk_kernel[(E * split,)](
         x, gw, part, cnt, weights, ids, T, E, H, x.stride(0), gw.stride(0), weights.stride(0), ids.stride(0),
         SPLIT=split, CHUNK=chunk, TOP_K=top_k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_H=block_h,
-        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), ROUTE=route, PDL=pdl, num_warps=num_warps,
+        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), PDL=pdl, num_warps=num_warps,
         launch_pdl=pdl,
     )  # fmt: skip
-    return part, split, block_t, block_e
+    return weights, ids
 
 
 # --------------------------------------------------------------------------------------------

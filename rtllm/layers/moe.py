@@ -55,6 +55,11 @@ class MoeRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gemm.linear(x, self.weight, None)
 
+    def route(self, x: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_weights fp32 [T, k], topk_ids int32 [T, k]): softmax of ``forward(x)``, top k, optionally
+        renormalized; at batch decode the GEMM and the routing run as one kernel."""
+        return moe_kernels.route(x, self.weight, top_k, renormalize)
+
 
 class FusedMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
@@ -81,8 +86,11 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] in x.dtype (summed over the tensor-parallel group when split)."""
-        out = moe_kernels.fused_moe(x, self.gate.weight, self.w13, self.w2, self.top_k, self.renormalize,
-                                    self.expert_start)
+        topk_weights, topk_ids = self.gate.route(x, self.top_k, self.renormalize)
+        foreign = self.num_local_experts < self.num_experts
+        if foreign:  # global expert ids -> this rank's; other ranks' experts fall outside [0, E_local)
+            topk_ids = topk_ids - self.expert_start
+        out = moe_kernels.fused_experts(x, self.w13, self.w2, topk_weights, topk_ids, foreign_ids=foreign)
         return comm.tp_all_reduce(out) if self.tp_size > 1 else out
 
     def is_local(self, expert: int) -> bool:
