@@ -2,7 +2,8 @@
 # Where the last decode microseconds are, on one GPU; logs and JSON to $OUT. In order (a run cut short keeps
 # what came first):
 # 1. TESTS (default tests/gpu; TESTS=none skips them);
-# 2. batch-1 decode (ISL 128 / OSL 256), each a `rtllm bench latency` run with its bound: Llama-3.1-8B shape in
+# 2. batch-1 decode (ISL 128 / OSL 256; EXTRA: more bench flags, e.g. "--max-seq-len 8192"), each a
+#    `rtllm bench latency` run with its bound: Llama-3.1-8B shape in
 #    each weight format of QUANT (default "none fp8 w4a16"), then (MOE=1, the default) the Qwen3-30B-A3B shape; with BEFORE=dir (a tree of repo paths holding the
 #    files as they were before a change) each also with those files swapped in, in the same command; make one with
 #    `for f in $(git diff --name-only REV -- rtllm); do mkdir -p B/$(dirname $f); git show REV:$f > B/$f; done`
@@ -19,7 +20,7 @@ if [ "${TESTS:-tests/gpu}" != none ]; then
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu} > "$OUT/tests.log" 2>&1
     grep -E "passed|failed|error|FAILED|ERROR" "$OUT/tests.log" | tail -6
 fi
-B="--dtype bfloat16 --device cuda --isl 128 --osl 256 --executor inprocess"
+B="--dtype bfloat16 --device cuda --isl 128 --osl 256 --executor inprocess ${EXTRA:-}"
 lat() {  # name, probe skips, model, requests, extra args...
     local name=$1 skip=$2 model=$3 n=$4
     shift 4

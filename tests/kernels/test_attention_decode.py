@@ -65,6 +65,19 @@ def test_decode(heads, dtype) -> None:
     close(out, expected, dtype)
 
 
+def test_decode_splits_follow_each_sequence_not_max_seq_len() -> None:
+    """A CUDA graph is captured at the engine's max_seq_len, which sizes the split grid; a sequence's
+    splits are sized from its own length (one tile each while it has fewer tiles than splits), so the
+    same short sequences give the same bits at max_seq_len 5632 and 67584 (the same 44 splits; sized
+    from max_seq_len they held 2 and 24 tiles), and equal the reference."""
+    p = Paged([40, 150, 7], [1] * 3, 8, 2, 64, BS, torch.float32, seed=6)
+    assert tri.decode_num_splits(3, 2, 5632, 64) == (44, 128) and tri.decode_num_splits(3, 2, 67584, 64) == (44, 1536)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale)
+    outs = [tri.paged_decode_attention_triton(*args, max_len, block_n=64) for max_len in (5632, 67584)]
+    assert torch.equal(outs[0], outs[1])
+    close(outs[0], ref.paged_decode_attention_torch(*args, max(p.seq_lens)), torch.float32)
+
+
 @pytest.mark.parametrize("num_splits,block_n", [(1, 32), (3, 16), (8, 16), (64, 16)])
 def test_decode_split_counts(num_splits, block_n) -> None:
     """One split (direct write), several, and more splits than some sequences have tokens;

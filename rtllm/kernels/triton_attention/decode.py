@@ -15,7 +15,12 @@ from rtllm.kernels.triton_attention.common import (
     pdl_enabled,
     sm_count,
 )
-from rtllm.kernels.triton_attention.decode_splits import DECODE_MAX_SPLITS, decode_num_splits, decode_reduce_kernel
+from rtllm.kernels.triton_attention.decode_splits import (
+    DECODE_MAX_SPLITS,
+    decode_num_splits,
+    decode_reduce_kernel,
+    split_tokens_of,
+)
 from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, prefetch_kv_rows, to_dot
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 
@@ -25,7 +30,7 @@ __all__ = ["DECODE_MAX_SPLITS", "decode_num_splits", "paged_decode_attention_tri
 # Integer arguments that change from step to step are not specialized (Triton would compile one
 # variant per "== 1" / "divisible by 16" class of each, and a compile stalls the step loop for
 # ~1 s whenever serving first meets a new class).
-@triton.jit(do_not_specialize=["split_tokens", "num_splits", "stride_btb", "bt_cols"])
+@triton.jit(do_not_specialize=["num_splits", "stride_btb", "bt_cols"])
 def _decode_split_kernel(
     q_ptr,
     kn_ptr,
@@ -41,7 +46,6 @@ def _decode_split_kernel(
     qk_scale,
     qk_scale_cache,
     v_scale,
-    split_tokens,
     num_splits,
     stride_qb,
     stride_qh,
@@ -81,7 +85,8 @@ def _decode_split_kernel(
     PDL: tl.constexpr = False,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
-    [split * split_tokens, min(+split_tokens, seq_len)): in the split that holds it, the token being
+    [split * split_tokens, min(+split_tokens, seq_len)), split_tokens from sequence b's own length
+    (decode_splits.split_tokens_of: a multiple of BLOCK_N); in the split that holds it, the token being
     decoded from kn / vn (fp32 FMA), then the cached ones before seq_len - 1 in dots of dtype DOT.
     Writes (max, sum, unnormalized out) in the log2 domain, or the final output when there is one split.
     KV_FP8: cached K/V tiles are e4m3, converted (exactly) to DOT (fp16 for a 16-bit q); k_scale is folded
@@ -97,6 +102,7 @@ def _decode_split_kernel(
     s = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + b)
+    split_tokens = split_tokens_of(seq_len, num_splits, BLOCK_N)
     start = s * split_tokens
     last = seq_len - 1  # the token being decoded: fresh in kn / vn, not read from the cache
     end = tl.minimum(start + split_tokens, last)
@@ -294,7 +300,8 @@ def paged_decode_attention_triton(
     split of the sequence's KV in BLOCK_N-token tiles (gathered through the block table, any
     block_size), keeping an online softmax in fp32. Kernel 2 (grid (B, Hq)) merges the splits;
     with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
-    seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`). ``num_splits``,
+    seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`): each sequence's splits
+    hold its own length over the grid's splits, in whole tiles (decode_splits.split_tokens_of). ``num_splits``,
     ``block_n``, ``num_warps``, ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles
     loaded that many ahead in registers), ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3
     cache read as int32 words of four codes, decoded two codes an instruction: the default where the
@@ -337,7 +344,7 @@ def paged_decode_attention_triton(
         else:
             block_n = 64 if block_d <= 128 else 32
     if num_splits is None:
-        num_splits, split_tokens = decode_num_splits(B, Hkv, max_seq_len, block_n, sm_count(q))
+        num_splits, _ = decode_num_splits(B, Hkv, max_seq_len, block_n, sm_count(q))
     else:
         split_tokens = triton.cdiv(triton.cdiv(max(int(max_seq_len), 1), num_splits), block_n) * block_n
         num_splits = triton.cdiv(max(int(max_seq_len), 1), split_tokens)
@@ -358,7 +365,7 @@ def paged_decode_attention_triton(
     stages = num_stages or (1 if prefetch else 2 if tuned_words else 3 if (esize <= 2 and block_d <= 128) else 2)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc,
-        scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), split_tokens, num_splits,
+        scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), num_splits,
         *q.stride(), *k.stride(), *v.stride(), *kc.stride(), *vc.stride(), block_tables.stride(0),
         block_tables.shape[1], *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
@@ -368,8 +375,8 @@ def paged_decode_attention_triton(
     )  # fmt: skip
     if not one:
         decode_reduce_kernel[(B, Hq)](
-            out, m, lsum, acc, seq_lens, split_tokens, num_splits, *out.stride(),
+            out, m, lsum, acc, seq_lens, num_splits, *out.stride(),
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few variants
-            PDL=pdl, num_warps=4, launch_pdl=pdl,
+            ALIGN=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out

@@ -8,14 +8,24 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
-@triton.jit(do_not_specialize=["split_tokens", "num_splits"])
+@triton.jit
+def split_tokens_of(seq_len, num_splits, ALIGN: tl.constexpr):
+    """Tokens a split of sequence b holds: its length over num_splits, rounded up to a multiple of ALIGN
+    (the split kernel's KV tile). So num_splits of them cover the sequence, and a short sequence takes
+    one tile a split in as many splits as it has tiles, whatever max_seq_len sized the grid (a CUDA
+    graph is captured with the engine's max_seq_len: splits sized from it put a 400-token context of a
+    batch-1 step at max_seq_len 8192 in 3-4 splits of 2-4 tiles, one after another)."""
+    per = (seq_len + num_splits - 1) // num_splits
+    return tl.maximum((per + ALIGN - 1) // ALIGN, 1) * ALIGN
+
+
+@triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce_kernel(
     out_ptr,
     m_ptr,
     l_ptr,
     acc_ptr,
     seq_lens_ptr,
-    split_tokens,
     num_splits,
     stride_ob,
     stride_oh,
@@ -23,11 +33,12 @@ def decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Program (b, q head): merge the splits that hold tokens of sequence b. PDL: launched while the
-    splits run (reads after they end); the next launch (the o projection's GEMV) may start and stream
-    its weights meanwhile."""
+    """Program (b, q head): merge the splits that hold tokens of sequence b (split_tokens_of, ALIGN the
+    split kernel's BLOCK_N). PDL: launched while the splits run (reads after they end); the next launch
+    (the o projection's GEMV) may start and stream its weights meanwhile."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -35,6 +46,7 @@ def decode_reduce_kernel(
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + b)
+    split_tokens = split_tokens_of(seq_len, num_splits, ALIGN)
     n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -66,7 +78,8 @@ DECODE_MAX_SPLITS = 64
 def decode_num_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, num_sms: int = 132
 ) -> tuple[int, int]:
-    """(num_splits, split_tokens) for flash-decoding.
+    """(num_splits, split_tokens) for flash-decoding: the grid's splits, and how many tokens each holds
+    at max_seq_len (a sequence's own splits, split_tokens_of, hold at most that many).
 
     Decode is bound by memory bandwidth, which one or two pipelined programs per SM already
     draw near its peak; what hurts is idle SMs. So: with batch * num_kv_heads >= num_sms
