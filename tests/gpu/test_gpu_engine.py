@@ -20,10 +20,12 @@ def greedy(n):
     return SamplingParams(max_tokens=n, min_tokens=n, temperature=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "qwen3_moe"])
 @pytest.mark.parametrize("graphs", [True, False])
 def test_tiny_fp32_greedy_matches_transformers_on_gpu(tmp_path, arch, graphs):
-    hf = make_checkpoint(str(tmp_path), arch).cuda()
+    """qwen3_moe: 16 experts, top 4; its decode steps run the norm + router + routing launch and the
+    expert GEMV launches."""
+    hf = make_checkpoint(str(tmp_path), arch, **({"num_experts": 16} if arch == "qwen3_moe" else {})).cuda()
     prompts = ramp_prompts(6, seed=21, lo=3, hi=120)
     with LLM(str(tmp_path), dtype="float32", device="cuda", max_seq_len=256, max_batch_size=8,
              kv_cache_config=KvCacheConfig(max_tokens=4096, tokens_per_block=16),
