@@ -110,20 +110,6 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     return sorted_ids[:padded_len], block_expert
 
 
-def norm_route(h: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-               router_weight: torch.Tensor, top_k: int, renormalize: bool):
-    """(fused_add_rms_norm(h, residual, norm_weight, eps), then route(...) of its output) in one launch:
-    (normed, h + residual, topk_weights, topk_ids); None where it does not apply, for the caller to run
-    the norm and route: off CUDA, past a decode step's few tokens, or with a plugin's "linear" or
-    "fused_add_rms_norm" kernel registered (which the unfused path runs)."""
-    if not triton_enabled(h) or custom_kernel("linear", h) is not None or \
-            custom_kernel("fused_add_rms_norm", h) is not None:
-        return None
-    from rtllm.kernels import triton_moe_norm_route
-
-    return triton_moe_norm_route.norm_route_triton(h, residual, norm_weight, eps, router_weight, top_k, renormalize)
-
-
 # --------------------------------------------------------------------------------------------
 # experts
 

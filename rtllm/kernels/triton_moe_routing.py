@@ -145,38 +145,22 @@ def _router_topk_kernel(
                      other=0.0).to(tl.float32)
         acc += tl.sum(xv * g[None, :], axis=1)
     tl.store(part_ptr + (s * BLOCK_T + offs_t) * BLOCK_E + e, acc)
-    route_on_arrival(part_ptr, cnt_ptr, w_ptr, ids_ptr, T, E, stride_w, stride_i, x_ptr.dtype.element_ty, SPLIT,
-                     TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
-
-
-@triton.jit
-def route_on_arrival(
-    part_ptr, cnt_ptr, w_ptr, ids_ptr, T, E, stride_w, stride_i, dtype,
-    SPLIT: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The end of each of the E * SPLIT programs that stored partial logits part [SPLIT, BLOCK_T, BLOCK_E]:
-    bump the arrival counter (acq_rel); the program that arrives last sums the splits in order, rounds
-    the logits to dtype (as an unfused GEMM stores them), routes every row as _topk_softmax_kernel does,
-    and resets the counter."""
     tl.debug_barrier()  # all of this program's partial stores happen before the release below
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if done == E * SPLIT - 1:
-        offs_t = tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
         offs_e = tl.arange(0, BLOCK_E)
         mask = mask_t[:, None] & (offs_e < E)[None, :]
         tot = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
         for j in tl.static_range(SPLIT):
             tot += tl.load(part_ptr + (j * BLOCK_T + offs_t[:, None]) * BLOCK_E + offs_e[None, :], mask=mask,
                            other=0.0, cache_modifier=".cg")
-        logits = tot.to(dtype).to(tl.float32)
-        _softmax_topk_store(logits, offs_t.to(tl.int64), mask_t, E, w_ptr, ids_ptr, stride_w, stride_i, TOP_K, RENORM,
-                            BLOCK_T, BLOCK_E, BLOCK_K)
+        logits = tot.to(x_ptr.dtype.element_ty).to(tl.float32)
+        _softmax_topk_store(logits, rows, mask_t, E, w_ptr, ids_ptr, stride_w, stride_i, TOP_K, RENORM, BLOCK_T,
+                            BLOCK_E, BLOCK_K)
         tl.atomic_xchg(cnt_ptr, 0)
 
 
-def router_counter(device: torch.device) -> torch.Tensor | None:
+def _router_counter(device: torch.device) -> torch.Tensor | None:
     """The device's zeroed int32 arrival counter (each launch leaves it at zero), or None during a
     CUDA-graph capture before it exists (a captured graph must point at memory allocated outside it)."""
     key = (device.type, device.index)
@@ -217,7 +201,7 @@ def router_topk_triton(x: torch.Tensor, weight: torch.Tensor, top_k: int, renorm
     assert weight.shape == (E, H) and 0 < top_k <= E, (tuple(weight.shape), H, top_k)
     if not router_fusable(T, E, H, x.element_size()):
         return None
-    cnt = router_counter(x.device)
+    cnt = _router_counter(x.device)
     if cnt is None:
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()

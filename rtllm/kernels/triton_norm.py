@@ -33,10 +33,9 @@ def norm_weight(w_ptr, H: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def rms_norm_row(x_ptr, r_ptr, w, s_ptr, row, stride_x, stride_r, stride_s, eps, H: tl.constexpr,
-                 BLOCK: tl.constexpr, ADD: tl.constexpr, store_s=True):  # fmt: skip
+                 BLOCK: tl.constexpr, ADD: tl.constexpr):  # fmt: skip
     """(weight w (norm_weight's) * normalized row ``row`` in fp32, to be rounded to the output dtype by the
-    caller; the offsets; their mask). With ADD, x + residual is stored to s first (where store_s: one of
-    several programs normalizing the same row) and normalized."""
+    caller; the offsets; their mask). With ADD, x + residual is stored to s first and normalized."""
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -44,7 +43,7 @@ def rms_norm_row(x_ptr, r_ptr, w, s_ptr, row, stride_x, stride_r, stride_s, eps,
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
         # the sum is rounded to its storage dtype first, and the norm is taken of that value
         x = round_to(x + r, s_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * stride_s + offs, x, mask=mask & store_s)
+        tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
     var = tl.sum(x * x, axis=0) / H
     rstd = 1.0 / tl.sqrt(var + eps)
     if ADD:

@@ -27,8 +27,6 @@ A rank reads only its experts' shards of the checkpoint (rtllm.parallel.weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -63,14 +61,6 @@ class MoeRouter(nn.Module):
         return moe_kernels.route(x, self.weight, top_k, renormalize)
 
 
-class RoutedActivation(NamedTuple):
-    """A MoE block's input already routed by the norm before it (FusedMoE.norm_and_route)."""
-
-    x: torch.Tensor
-    topk_weights: torch.Tensor
-    topk_ids: torch.Tensor
-
-
 class FusedMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  renormalize: bool, mapping: Mapping | None = None) -> None:
@@ -94,24 +84,9 @@ class FusedMoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * self.local_intermediate, hidden_size))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, self.local_intermediate))
 
-    def norm_and_route(self, h: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                       eps: float) -> tuple[RoutedActivation, torch.Tensor] | None:
-        """For the RMSNorm whose output this block takes (rtllm.layers.norm.RMSNorm's ``consumer``): the
-        residual add, the norm and this block's routing in one kernel at decode, as (RoutedActivation,
-        h + residual); None elsewhere (the norm runs alone, forward routes)."""
-        fused = moe_kernels.norm_route(h, residual, norm_weight, eps, self.gate.weight, self.top_k, self.renormalize)
-        if fused is None:
-            return None
-        y, summed, topk_weights, topk_ids = fused
-        return RoutedActivation(y, topk_weights, topk_ids), summed
-
-    def forward(self, x: torch.Tensor | RoutedActivation) -> torch.Tensor:
-        """x [T, H] -> [T, H] in x.dtype (summed over the tensor-parallel group when split); a
-        RoutedActivation brings its routing along."""
-        if isinstance(x, RoutedActivation):
-            x, topk_weights, topk_ids = x
-        else:
-            topk_weights, topk_ids = self.gate.route(x, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H] in x.dtype (summed over the tensor-parallel group when split)."""
+        topk_weights, topk_ids = self.gate.route(x, self.top_k, self.renormalize)
         foreign = self.num_local_experts < self.num_experts
         if foreign:  # global expert ids -> this rank's; other ranks' experts fall outside [0, E_local)
             topk_ids = topk_ids - self.expert_start

@@ -21,12 +21,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | FP8Activation | tuple[torch.Tensor | FP8Activation, torch.Tensor]:
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual). ``consumer``: the
         layer the norm's output goes to; an FP8Linear that quantizes its input per token gets the
-        norm as an FP8Activation, normalized and quantized in one kernel; a MoE block that routes in
-        the norm's kernel (``norm_and_route``, at decode) gets a RoutedActivation."""
-        if residual is not None and hasattr(consumer, "norm_and_route"):
-            routed = consumer.norm_and_route(x, residual, self.weight, self.eps)
-            if routed is not None:
-                return routed
+        norm as an FP8Activation, normalized and quantized in one kernel."""
         if takes_fp8_activation(consumer, x):
             q, scale, summed = norm_kernels.rms_norm_fp8(x, residual, self.weight, self.eps)
             out = FP8Activation(q, scale, torch.promote_types(x.dtype, self.weight.dtype))

@@ -78,7 +78,7 @@ class LlamaDecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual, consumer=qkv_proj)
         h = self.self_attn(positions, h, meta)
-        mlp_in = self.mlp.gate_up_proj if isinstance(self.mlp, LlamaMLP) else self.mlp  # a MoE block: routes
+        mlp_in = self.mlp.gate_up_proj if isinstance(self.mlp, LlamaMLP) else None  # (an MoE block: None)
         h, residual = self.post_attention_layernorm(h, residual, consumer=mlp_in)
         return self.mlp(h), residual
 

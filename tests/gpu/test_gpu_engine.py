@@ -23,7 +23,7 @@ def greedy(n):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "qwen3_moe"])
 @pytest.mark.parametrize("graphs", [True, False])
 def test_tiny_fp32_greedy_matches_transformers_on_gpu(tmp_path, arch, graphs):
-    """qwen3_moe: 16 experts, top 4; its decode steps run the norm + router + routing launch and the
+    """qwen3_moe: 16 experts, top 4; its decode steps run the fused router launch (GEMM + top-k) and the
     expert GEMV launches."""
     hf = make_checkpoint(str(tmp_path), arch, **({"num_experts": 16} if arch == "qwen3_moe" else {})).cuda()
     prompts = ramp_prompts(6, seed=21, lo=3, hi=120)
