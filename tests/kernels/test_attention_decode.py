@@ -67,13 +67,12 @@ def test_decode(heads, dtype) -> None:
 
 def test_decode_splits_follow_each_sequence_not_max_seq_len() -> None:
     """A CUDA graph is captured at the engine's max_seq_len, which sizes the split grid; a sequence's
-    splits are sized from its own length (one tile each while it has fewer tiles than splits), so the
-    same short sequences give the same bits at max_seq_len 5632 and 67584 (the same 44 splits; sized
-    from max_seq_len they held 2 and 24 tiles), and equal the reference."""
+    splits are sized from its own length (whole tiles, as few as cover it), so the same short sequences
+    give the same fp32 bits in a grid of 8 splits sized for max_seq_len 1024 or 65536 (sized from
+    max_seq_len, the splits held 128 and 8192 tokens), and equal the reference."""
     p = Paged([40, 150, 7], [1] * 3, 8, 2, 64, BS, torch.float32, seed=6)
-    assert tri.decode_num_splits(3, 2, 5632, 64) == (44, 128) and tri.decode_num_splits(3, 2, 67584, 64) == (44, 1536)
     args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale)
-    outs = [tri.paged_decode_attention_triton(*args, max_len, block_n=64) for max_len in (5632, 67584)]
+    outs = [tri.paged_decode_attention_triton(*args, max_len, num_splits=8, block_n=16) for max_len in (1024, 65536)]
     assert torch.equal(outs[0], outs[1])
     close(outs[0], ref.paged_decode_attention_torch(*args, max(p.seq_lens)), torch.float32)
 
