@@ -108,9 +108,11 @@ def run_bench(args) -> int:
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
     quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
+    # the engine's max_seq_len sizes the CUDA graphs' attention split grid: report it with the figures
+    max_seq_len = args.max_seq_len or args.isl + args.osl + 8
     llm = LLM(model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
-              max_seq_len=args.max_seq_len or args.isl + args.osl + 8,
+              max_seq_len=max_seq_len,
               kv_cache_config=KvCacheConfig(max_tokens=args.kv_cache_tokens), executor_type=args.executor,
               disable_overlap_scheduler=args.no_overlap, tensor_parallel_size=args.tensor_parallel_size,
               pipeline_parallel_size=args.pipeline_parallel_size,
@@ -118,7 +120,8 @@ def run_bench(args) -> int:
     ei = llm.executor.engine_info
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],
-            "workload": wl.__dict__, "startup": ei.get("startup", {}), "kv_capacity_tokens": ei["kv_capacity_tokens"],
+            "workload": wl.__dict__, "max_seq_len": max_seq_len, "startup": ei.get("startup", {}),
+            "kv_capacity_tokens": ei["kv_capacity_tokens"],
             "kv_cache_dtype": ei.get("kv_cache_dtype"),
             "quant": None if quant is None else (f"{quant.quant_algo or 'bf16'} g{quant.group_size}"
                                                  + (" kv fp8" if quant.kv_cache_quant_algo else "")),
@@ -181,7 +184,8 @@ def _print(res: dict) -> None:
     quant = f"  weights {i['quant']}" if i.get("quant") else ""
     print(f"# rtllm bench  {i['date']}  commit {i['commit']}  {i['device']} {i['dtype']}{quant}"
           f"  ({i['weight_bytes'] / 2**20:.1f} MiB of weights)")
-    print(f"# workload: {w['num_requests']} requests, ISL {w['isl']}, OSL {w['osl']}, concurrency {w['concurrency']}")
+    print(f"# workload: {w['num_requests']} requests, ISL {w['isl']}, OSL {w['osl']}, concurrency {w['concurrency']}"
+          + (f", max_seq_len {i['max_seq_len']}" if "max_seq_len" in i else ""))
     for key in ("rtllm", "transformers"):
         if key not in res:
             continue

@@ -38,6 +38,8 @@ def test_throughput_sweep_json_and_plot(tiny_config, tmp_path):
         assert r["output_tokens"] == 12 * 6  # ignore_eos + min_tokens: every request runs to OSL
         assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"]
     assert res["rtllm"] == res["sweep"][-1] | {"peak_gpu_memory_bytes": 0}
+    # the engine's max_seq_len (it sizes the decode graphs' attention splits), ISL + OSL + 8 by default
+    assert res["info"]["max_seq_len"] == 16 + 6 + 8 and "max_seq_len 30" in p.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "concurrency sweep" in p.stdout
 
