@@ -184,8 +184,8 @@ def _print(res: dict) -> None:
     quant = f"  weights {i['quant']}" if i.get("quant") else ""
     print(f"# rtllm bench  {i['date']}  commit {i['commit']}  {i['device']} {i['dtype']}{quant}"
           f"  ({i['weight_bytes'] / 2**20:.1f} MiB of weights)")
-    print(f"# workload: {w['num_requests']} requests, ISL {w['isl']}, OSL {w['osl']}, concurrency {w['concurrency']}"
-          + (f", max_seq_len {i['max_seq_len']}" if "max_seq_len" in i else ""))
+    print(f"# workload: {w['num_requests']} requests, ISL {w['isl']}, OSL {w['osl']}, concurrency {w['concurrency']}, "
+          f"max_seq_len {i['max_seq_len']}")
     for key in ("rtllm", "transformers"):
         if key not in res:
             continue
