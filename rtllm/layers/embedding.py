@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtllm.kernels import gemm
 from rtllm.layers.linear import default_weight_loader
 
 
@@ -28,4 +29,4 @@ class LMHead(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        return gemm.linear(hidden, self.weight)

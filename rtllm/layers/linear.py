@@ -85,19 +85,29 @@ class QKVLinear(MergedLinear):
         super().weight_loader(param, loaded, None if shard_id is None else self._index[shard_id])
 
 
-def use_fast_weight_layouts(model: nn.Module) -> int:
-    """Give each dense Linear, embedding and LM-head weight of ``model`` the memory layout its GEMM
-    reads fastest on the device (rtllm.kernels.gemm.fast_weight_layout; values and shapes unchanged),
-    once, after loading. A tied weight is laid out once. Returns how many weights changed layout."""
+def use_fast_weight_layouts(model: nn.Module) -> tuple[int, int, int]:
+    """Give each dense Linear and LM-head weight of ``model`` what its GEMM reads fastest on the device,
+    once, after loading (values and shapes unchanged): on a CPU a oneDNN-packed copy attached to the
+    parameter as ``cpu_packed`` (rtllm.kernels.gemm.pack_for_cpu; the dense weight stays for everything
+    else, e.g. a tied embedding's lookups), else the memory layout of rtllm.kernels.gemm.fast_weight_layout
+    (embeddings too). A tied weight is handled once. Returns (weights packed, their bytes, weights laid
+    out anew)."""
     from rtllm.layers.embedding import LMHead, VocabEmbedding
+    from rtllm.layers.parallel_linear import ParallelLMHead
 
-    changed, seen = 0, set()
+    gemm_weights = {id(m.weight) for m in model.modules() if isinstance(m, Linear | LMHead | ParallelLMHead)}
+    packed, packed_bytes, laid_out, seen = 0, 0, 0, set()
     for m in model.modules():
-        if not isinstance(m, Linear | VocabEmbedding | LMHead) or id(m.weight) in seen:
+        if not isinstance(m, Linear | VocabEmbedding | LMHead | ParallelLMHead) or id(m.weight) in seen:
             continue
         seen.add(id(m.weight))
+        if id(m.weight) in gemm_weights and (p := gemm.pack_for_cpu(m.weight.data)) is not None:
+            m.weight.cpu_packed = p
+            packed += 1
+            packed_bytes += m.weight.numel() * m.weight.element_size()
+            continue
         laid = gemm.fast_weight_layout(m.weight.data)
         if laid is not m.weight.data:
             m.weight.data = laid
-            changed += 1
-    return changed
+            laid_out += 1
+    return packed, packed_bytes, laid_out

@@ -164,7 +164,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """logits = all_gather(h E_r^T)[:, :vocab]. With tied embeddings the weight is the embedding's shard."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return comm.tp_all_gather(F.linear(hidden, self.weight), dim=-1)[..., : self.vocab_size]
+        return comm.tp_all_gather(gemm.linear(hidden, self.weight), dim=-1)[..., : self.vocab_size]
 
 
 # -- factories: the plain layer at tp_size 1 ------------------------------------------------------

@@ -72,8 +72,12 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
                  kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
-        if n := use_fast_weight_layouts(model):
-            logger.info("%d weights laid out column-major for this CPU's fp32 GEMM", n)
+        packed, packed_bytes, laid_out = use_fast_weight_layouts(model)
+        if packed:
+            logger.info("%d weights packed for oneDNN's CPU GEMM: %.1f MiB of copies beside the weights "
+                        "(RTLLM_CPU_PACKED_WEIGHTS=0: none)", packed, packed_bytes / 2**20)
+        if laid_out:
+            logger.info("%d weights laid out column-major for this CPU's fp32 GEMM", laid_out)
         self.device = device
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype  # the KV pool's (float8_e4m3fn for an FP8 KV cache)
