@@ -9,8 +9,11 @@
 #    `for f in $(git diff --name-only REV -- rtllm); do mkdir -p B/$(dirname $f); git show REV:$f > B/$f; done`
 #    under .gpucache/ (ignored by git) and carry it; BEFORE may list several such dirs (runs "_before" for the
 #    first, "_before_<dir name>" for the others);
-# 3. TUNE=1 (default): the FP8 decode GEMV's tiles at M = 1 (scripts/quant_kernel_tune.py --kinds fp8, its grid
-#    with the 8 / 16-row x 1-2 KiB tiles), then FP8 Llama with the tuned table;
+# 3. TUNE=1 (default), before the benches of 2: the decode GEMVs' tiles at M = 1 (scripts/quant_kernel_tune.py
+#    --kinds $TUNE_KINDS, default fp8); the benches of this tree then use the tuned table, those of BEFORE their
+#    own committed one; TUNE_BEFORE=1 also times the same grid with the first BEFORE dir's files ($OUT/before/);
+# 3b. MOE_DECODE=1: the Qwen3-30B-A3B experts alone at 1-4 tokens (scripts/moe_kernel_bench.py --decode; with
+#    MOE_TUNE=1 --tune, the GEMV launches' tile sweep), and with BEFORE the same with the first dir's files;
 # 4. PROBES=1 (default): the launches' cost on the critical path (scripts/launch_probe.py: outputs wrong, timing
 #    only): Llama and the MoE without the RMSNorm launches, the MoE without the router.
 set -uo pipefail
@@ -34,12 +37,32 @@ before() {  # before DIR CMD...: run CMD with the files under DIR swapped in
     shift
     (cd "$dir" && find . -type f) > /tmp/before_files
     while read -r f; do cp "$f" "/tmp/now_$(echo "$f" | tr / _)"; cp "$dir/$f" "$f"; done < /tmp/before_files
-    "$@"
+    (unset RTLLM_QUANT_GEMV_CONFIG; "$@")
     while read -r f; do cp "/tmp/now_$(echo "$f" | tr / _)" "$f"; done < /tmp/before_files
 }
 suffix() {  # the name suffix of a BEFORE dir: "_before" for the first, "_before_<dir name>" for the others
     [ "$1" = "${BEFORE%% *}" ] && echo _before || echo "_before_$(basename "$1")"
 }
+tune() {  # out dir: the GEMV grid at M = 1, timed, the best configurations to DIR/gemv_tuned.json
+    mkdir -p "$1"
+    timeout 240 python3 scripts/quant_kernel_tune.py --kinds "${TUNE_KINDS:-fp8}" --m 1 --jobs 14 --out "$1" --verbose \
+        > "$1/tune.log" 2>&1
+    grep -E "^(fp8|w8|w4|w16) " "$1/tune.log"
+}
+if [ "${TUNE:-1}" = 1 ]; then
+    tune "$OUT"
+    [ "${TUNE_BEFORE:-0}" = 1 ] && [ -n "${BEFORE:-}" ] && before "${BEFORE%% *}" tune "$OUT/before"
+    [ -f "$OUT/gemv_tuned.json" ] && export RTLLM_QUANT_GEMV_CONFIG="$OUT/gemv_tuned.json"
+fi
+moe_decode() {  # log name
+    timeout 200 python3 scripts/moe_kernel_bench.py --only qwen3 --tokens 1 --decode --no-fusions \
+        $([ "${MOE_TUNE:-0}" = 1 ] && echo --tune) > "$OUT/$1.log" 2>&1
+    grep -E "gemv|best|Error|FAIL" "$OUT/$1.log" | head -40
+}
+if [ "${MOE_DECODE:-0}" = 1 ]; then
+    moe_decode moe_decode
+    [ -n "${BEFORE:-}" ] && before "${BEFORE%% *}" moe_decode moe_decode_before
+fi
 L=configs/llama-3.1-8b.json
 M=configs/qwen3-30b-a3b.json
 for q in ${QUANT:-none fp8 w4a16}; do
@@ -49,12 +72,6 @@ done
 if [ "${MOE:-1}" = 1 ]; then
     lat moe "" $M 4
     for b in ${BEFORE:-}; do before "$b" lat "moe$(suffix "$b")" "" $M 4; done
-fi
-if [ "${TUNE:-1}" = 1 ]; then
-    timeout 200 python3 scripts/quant_kernel_tune.py --kinds fp8 --m 1 --jobs 14 --out "$OUT" --verbose \
-        > "$OUT/tune_fp8.log" 2>&1
-    tail -6 "$OUT/tune_fp8.log"
-    [ -f "$OUT/gemv_tuned.json" ] && RTLLM_QUANT_GEMV_CONFIG="$OUT/gemv_tuned.json" lat llama_fp8_tuned "" $L 2 --quant fp8
 fi
 if [ "${PROBES:-1}" = 1 ]; then
     lat llama_bf16_skip_norms norms $L 2

@@ -1,4 +1,5 @@
-"""FP8 (e4m3fn) encoding inside Triton kernels: the FP8 KV-cache writes and the activation quantization.
+"""FP8 (e4m3fn) inside Triton kernels: the encoding of the FP8 KV-cache writes and the activation quantization,
+and the decoding of e4m3 words (FP8 KV-cache tiles, FP8 weights in the decode GEMV).
 
 Triton's own fp32 -> float8e4nv conversion is round-to-nearest-even on the GPU (sm_89+: one
 ``cvt.rn.satfinite.e4m3x2.f32`` per two values), but the CPU interpreter (TRITON_INTERPRET=1, where
@@ -46,3 +47,28 @@ def _e4m3_bits_int(x):
     sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
     code = tl.where(a < 0.015625, sub, normal)
     return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def e4m3_words_to_f16(w, CVT_ASM: tl.constexpr):
+    """int32 words of four e4m3 codes [R, C] -> fp16 [R, 4 C] (code i of word j -> column 4 j + i), exact.
+    CVT_ASM (compiled kernels): two cvt.rn.f16x2.e4m3x2 on the word's halves; Triton's own conversion of a
+    byte tile repacks the bytes into 16-bit pairs first (~4 PRMT a pair on sm_90, more than the rest of
+    the loop). Else (the interpreter) each byte through Triton's conversion."""
+    if CVT_ASM:
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
+            "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+            "=h,=h,=h,=h,r",
+            [w],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        o0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        o3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [R, C, 2, 2]: [..., a, b] = code 2 a + b
+    return tl.reshape(x, (w.shape[0], 4 * w.shape[1]))

@@ -14,7 +14,10 @@ Why not ``tl.dot``: at M = 1 a tensor-core tile pads M to 16 and the dequantized
 moved into the MMA operand layout through shared memory; a GEMV needs neither. Each program owns
 BLOCK_N output features and a range of K (split-K when N alone gives too few programs), loads the
 packed weights with 16-byte loads that are contiguous across the warp, decodes them in registers
-and keeps per-thread fp32 partial sums; the reduction over K happens once at the end.
+and keeps per-thread fp32 partial sums; the reduction over K happens once at the end. (Folding each
+16-byte load's products into one partial, BLOCK_K / 16 partials a row instead of BLOCK_K, halved the
+registers but measured slower end to end on an H100: FP8 Llama TPOT 3.64 against 3.29 ms, the MoE's
+expert GEMVs likewise 3.048 against 3.005 ms; docs/PERF.md.)
 
 Decoding costs about 3 instructions per weight (sm_90 SASS of the W4 loop: ~4.3 per int4 weight with
 the activation loads, so on an H100 its ALU and memory times are of the same size; W8 / FP8 decode
@@ -22,7 +25,12 @@ a byte for about the same and are memory-bound; figures in docs/PERF.md):
 
 - W4: see rtllm.kernels.triton_w4_gemv (a word decoded without a shift per nibble).
 - W8 int8: ``q + 0x4B000080`` (integer add on the sign-extended byte) is the fp32 ``2^23 + 128 + q``;
-  an FADD gives q exactly. e4m3: Hopper's paired e4m3 -> f16 conversion (exact), then f16 -> f32.
+  an FADD gives q exactly. e4m3: Hopper's paired e4m3 -> f16 conversion (exact), then f16 -> f32; rows
+  of whole 4-byte words are read as int32 words and each decoded by two conversions of its halves
+  (rtllm.kernels.triton_fp8.e4m3_words_to_f16): Triton's conversion of a byte tile first regroups the
+  bytes into pairs (sm_90 SASS of the 16 x 512 prefetching loop: 374 instructions, 90 of them PRMT,
+  against 235 read as words), which kept the prefetching tiles from winning; read as words they win on
+  qkv, o and down (H100: Llama-3.1-8B FP8 TPOT 3.29 -> 3.12 ms with the retuned tiles).
   The per-channel scale multiplies the finished sum.
 
 W4 also runs on tensor cores (swap-AB, ``GemvConfig.tc``): rtllm.kernels.triton_w4_gemv.
@@ -59,8 +67,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rtllm.kernels.triton_activation import silu_and_mul_triton
 from rtllm.kernels.triton_attention.common import interpreting, pdl_enabled, sm_count
+from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
 from rtllm.kernels.triton_gemv_epilogue import finish_row, gemv_columns, reduce_splits
 from rtllm.kernels.triton_quant_gemv_config import TUNED, GemvConfig, gemv_config
+from rtllm.kernels.triton_round import COMPILED
 from rtllm.kernels.triton_w4_gemv import W4_MAGIC, w4_gemv_kernel, w4_tc_kernel
 
 __all__ = ["TUNED", "GemvConfig", "gemv_config", "w4_gemv", "w8_gemv", "w16_gemv"]
@@ -82,12 +92,16 @@ INTERPRETED = GemvConfig(64, 128, 1, 4)
 
 
 @triton.jit
-def _w8_decode(q, MAGIC, FP8: tl.constexpr, W16: tl.constexpr):
+def _w8_decode(q, MAGIC, FP8: tl.constexpr, W16: tl.constexpr, WORDS: tl.constexpr):
     if W16:  # a 16-bit weight: exact in fp32
-        return q.to(tl.float32)
-    if FP8:
-        return q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    return (q.to(tl.int32) + MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+        w = q.to(tl.float32)
+    elif WORDS:  # int32 words of four e4m3 codes: Hopper's paired conversion on each half (compiled)
+        w = e4m3_words_to_f16(q, COMPILED).to(tl.float32)
+    elif FP8:
+        w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        w = (q.to(tl.int32) + MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+    return w
 
 
 @triton.jit
@@ -114,34 +128,37 @@ def _w8_gemv_kernel(
     stride_xm, stride_qn, stride_om,
     M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     PARTIAL: tl.constexpr, REDUCE: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-    W16: tl.constexpr, PDL: tl.constexpr,
+    W16: tl.constexpr, WORDS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), n_splits); qw [N, K] bytes (int8, or e4m3 read as uint8), or with W16
-    the 16-bit weight itself (no scales). K range [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of
+    the 16-bit weight itself (no scales), or with WORDS e4m3 codes read as int32 words [N, K / 4] (K a
+    multiple of 4; stride_qn in words). K range [split * K_PER_SPLIT, ...), K_PER_SPLIT a multiple of
     BLOCK_K. PDL: triton_quant_gemv's docstring."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if PDL:
         gdc_launch_dependents()
     offs_n, mask_n, offs_o, mask_o = gemv_columns(pid_n, N, HALF, BLOCK_N, GATED)
+    KW: tl.constexpr = 4 if WORDS else 1  # weights a loaded element
     cols = tl.arange(0, BLOCK_K)
+    wcols = tl.arange(0, BLOCK_K // KW)
     t0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     t1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     t2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     t3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    q_next = _w8_load(qw_ptr, offs_n, mask_n, k_lo + cols, k_hi, stride_qn, EVEN_K)
+    q_next = _w8_load(qw_ptr, offs_n, mask_n, k_lo // KW + wcols, k_hi // KW, stride_qn, EVEN_K)
     if PDL:
         gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
             q = q_next
             k_next = tl.where(k0 + BLOCK_K < k_hi, k0 + BLOCK_K, k0)  # the last tile loads itself again
-            q_next = _w8_load(qw_ptr, offs_n, mask_n, k_next + cols, k_hi, stride_qn, EVEN_K)
+            q_next = _w8_load(qw_ptr, offs_n, mask_n, k_next // KW + wcols, k_hi // KW, stride_qn, EVEN_K)
         else:
-            q = _w8_load(qw_ptr, offs_n, mask_n, k0 + cols, k_hi, stride_qn, EVEN_K)
-        w = _w8_decode(q, MAGIC, FP8, W16)
+            q = _w8_load(qw_ptr, offs_n, mask_n, k0 // KW + wcols, k_hi // KW, stride_qn, EVEN_K)
+        w = _w8_decode(q, MAGIC, FP8, W16, WORDS)
         xk = x_ptr + k0 + cols
         t0 = _w8_row(t0, w, xk, k_hi - k0, EVEN_K)
         if M > 1:
@@ -275,6 +292,13 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     return _result(out, partial, reduce, x.dtype, silu_and_mul)
 
 
+def _e4m3_words(q: torch.Tensor, kind: str, block_k: int) -> bool:
+    """Whether an FP8 launch reads its codes as int32 words (four a load element, decoded in pairs by the
+    hardware conversion): rows of whole words, 4-byte aligned, and K tiles of whole words."""
+    return (kind == "fp8" and q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
+            and block_k % 4 == 0)
+
+
 def _row_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor | None, kind: str, config: GemvConfig | None,
               silu_and_mul: bool) -> torch.Tensor:
     """One _w8_gemv_kernel launch over the row-major weight q [N, K]: bytes (kind "w8" int8, "fp8" e4m3 read
@@ -290,11 +314,13 @@ def _row_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor | None, kin
     out, ws, cnt, partial, reduce = _plan(x, M, N, n_tiles, splits, silu_and_mul)
     pdl = pdl_enabled(x)
     w16 = scales is None
+    words = _e4m3_words(q, kind, bk)
+    qw = q.view(torch.int32) if words else q
     _w8_gemv_kernel[(n_tiles, splits)](
-        x, q, q if w16 else scales, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits,
-        _W8_MAGIC, x.stride(0), q.stride(0), out.stride(0),
+        x, qw, q if w16 else scales, out, ws, cnt, N, N // 2 if silu_and_mul else 0, K, t_per * bk, splits,
+        _W8_MAGIC, x.stride(0), qw.stride(0), out.stride(0),
         M=M, BLOCK_N=cfg.block_n, BLOCK_K=bk, PREFETCH=cfg.prefetch, PARTIAL=partial, REDUCE=reduce,
-        FP8=kind == "fp8", EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=w16, PDL=pdl,
+        FP8=kind == "fp8", EVEN_K=K % bk == 0, GATED=silu_and_mul, W16=w16, WORDS=words, PDL=pdl,
         num_warps=cfg.num_warps, launch_pdl=pdl,
     )  # fmt: skip
     return _result(out, partial, reduce, x.dtype, silu_and_mul)

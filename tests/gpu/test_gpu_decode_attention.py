@@ -10,7 +10,7 @@ import triton.language as tl
 
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
-from rtllm.kernels.triton_attention.kv_tiles import e4m3_words_to_f16
+from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8 = torch.float8_e4m3fn

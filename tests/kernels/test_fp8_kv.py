@@ -12,7 +12,7 @@ import triton.language as tl
 
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
-from rtllm.kernels.triton_attention.kv_tiles import e4m3_words_to_f16
+from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
 from tests.kernels.paged import BS, HEADS, NAN, Paged, close, rope_cache_case
 from tests.kernels.test_norm_act_rope import cos_sin
 

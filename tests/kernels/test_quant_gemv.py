@@ -169,6 +169,18 @@ def test_w8_gemv_matches_exact(fp8, M, cfg):
         _check(w8_gemv(x, q, s, config), (x.double() @ wq.t()) * s.double(), dtype)
 
 
+@pytest.mark.parametrize("K", [200, 198], ids=["words", "bytes"])
+def test_fp8_gemv_reads_codes_as_words_where_rows_allow(K):
+    """e4m3 rows of whole 4-byte words are read as int32 words (four codes a load element, decoded in pairs);
+    other rows byte by byte. Both against the exact product, with a masked K tail and a split."""
+    N = 24
+    q, s = _w8(N, K, True, seed=K)
+    assert gv._e4m3_words(q.view(torch.uint8), "fp8", 64) == (K % 4 == 0)
+    x = torch.randn(2, K, generator=_gen(K))
+    exact = (x.double() @ qg.fp8_to_float(q).double().t()) * s.double()
+    _check(w8_gemv(x, q, s, GemvConfig(16, 64, 2, 4, True)), exact, torch.float32)
+
+
 def test_split_k_workspace_is_reset_between_launches():
     """The counters the last program resets serve the next launch (other shapes, other configs)."""
     _, qweight, scales, zeros = _w4(256, 72, 32, seed=5)

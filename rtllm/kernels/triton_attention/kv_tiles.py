@@ -7,6 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
+
 
 @triton.jit
 def decode_tile(qc, k, v, mask_n, m_i, l_i, acc, qk_scale_cache, DOT: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -19,31 +21,6 @@ def decode_tile(qc, k, v, mask_n, m_i, l_i, acc, qk_scale_cache, DOT: tl.constex
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
-
-
-@triton.jit
-def e4m3_words_to_f16(w, CVT_ASM: tl.constexpr):
-    """int32 words of four e4m3 codes [R, C] -> fp16 [R, 4 C] (code i of word j -> column 4 j + i), exact.
-    CVT_ASM (compiled kernels): two cvt.rn.f16x2.e4m3x2 on the word's halves; Triton's own conversion of a
-    byte tile repacks the bytes into 16-bit pairs first (~4 PRMT a pair on sm_90, more than the rest of
-    the loop). Else (the interpreter) each byte through Triton's conversion."""
-    if CVT_ASM:
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
-            "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
-            "=h,=h,=h,=h,r",
-            [w],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        o0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        o1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        o2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        o3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [R, C, 2, 2]: [..., a, b] = code 2 a + b
-    return tl.reshape(x, (w.shape[0], 4 * w.shape[1]))
 
 
 @triton.jit
