@@ -58,6 +58,16 @@ def test_auto_measures_and_decides():
     torch.testing.assert_close(F.linear(x, gemm.fast_weight_layout(w)), F.linear(x, w))
 
 
+def _matches_transformers(engine, hf, seed: int) -> None:
+    """fp32 greedy tokens equal to transformers' generate (3 prompts, 24 tokens), last logits within 1e-4."""
+    prompts = ramp_prompts(3, seed=seed, lo=3, hi=60)
+    greedy = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
+    for p, o in zip(prompts, run_engine(engine, prompts, greedy)):
+        assert o == hf_greedy(hf, p, 24)
+    ref = hf(torch.tensor([prompts[0]])).logits[0, -1]
+    torch.testing.assert_close(engine_last_logits(engine, prompts[0]), ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["row", "column"], indirect=True)
 def test_engine_with_each_layout_matches_transformers(tmp_path, layout, monkeypatch):
     monkeypatch.setenv("RTLLM_CPU_PACKED_WEIGHTS", "0")  # the layouts serve where weights are not packed
@@ -69,12 +79,7 @@ def test_engine_with_each_layout_matches_transformers(tmp_path, layout, monkeypa
     want_col = layout == "column"
     for w in [m.weight for m in linears] + [model.lm_head.weight]:
         assert (w.stride(0) == 1 and w.stride(1) == w.shape[0]) == want_col
-    prompts = ramp_prompts(3, seed=11, lo=3, hi=60)
-    greedy = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
-    for p, o in zip(prompts, run_engine(engine, prompts, greedy)):
-        assert o == hf_greedy(hf, p, 24)
-    ref = hf(torch.tensor([prompts[0]])).logits[0, -1]
-    torch.testing.assert_close(engine_last_logits(engine, prompts[0]), ref, atol=1e-4, rtol=0)
+    _matches_transformers(engine, hf, seed=11)
 
 
 # -- oneDNN-packed CPU weights (rtllm.kernels.gemm.pack_for_cpu) --------------------------------------
@@ -173,9 +178,4 @@ def test_fp32_engine_with_packed_weights_matches_transformers(tmp_path):
     assert all(getattr(m.weight, "cpu_packed", None) is not None for m in model.modules() if isinstance(m, Linear))
     assert getattr(model.lm_head.weight, "cpu_packed", None) is not None
     assert getattr(model.model.embed_tokens.weight, "cpu_packed", None) is None  # lookups only
-    prompts = ramp_prompts(3, seed=13, lo=3, hi=60)
-    greedy = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
-    for p, o in zip(prompts, run_engine(engine, prompts, greedy)):
-        assert o == hf_greedy(hf, p, 24)
-    ref = hf(torch.tensor([prompts[0]])).logits[0, -1]
-    torch.testing.assert_close(engine_last_logits(engine, prompts[0]), ref, atol=1e-4, rtol=0)
+    _matches_transformers(engine, hf, seed=13)
