@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Where the last decode microseconds are, on one GPU; logs and JSON to $OUT. In order (a run cut short keeps
-# what came first):
+# Where the last decode microseconds are, on one GPU; logs and JSON to $OUT. Run in the order 1, 3, 3b, 2, 4 (a
+# run cut short keeps what came first):
 # 1. TESTS (default tests/gpu; TESTS=none skips them);
 # 2. batch-1 decode (ISL 128 / OSL 256; EXTRA: more bench flags, e.g. "--max-seq-len 8192"), each a
 #    `rtllm bench latency` run with its bound: Llama-3.1-8B shape in
