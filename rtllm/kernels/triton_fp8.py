@@ -11,6 +11,7 @@ ALU-bound quantization kernels need (e.g. SiLU-and-mul + quantization of a 14336
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -72,3 +73,11 @@ def e4m3_words_to_f16(w, CVT_ASM: tl.constexpr):
         o3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
     x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [R, C, 2, 2]: [..., a, b] = code 2 a + b
     return tl.reshape(x, (w.shape[0], 4 * w.shape[1]))
+
+
+def readable_as_words(t: torch.Tensor) -> bool:
+    """Whether a tensor of e4m3 codes can be read as int32 words of four (``t.view(torch.int32)``, for
+    :func:`e4m3_words_to_f16`): last dimension contiguous and a multiple of 4, every other stride and the
+    storage offset multiples of 4."""
+    return (t.stride(-1) == 1 and t.shape[-1] % 4 == 0 and t.storage_offset() % 4 == 0
+            and all(s % 4 == 0 for s in t.stride()[:-1]))

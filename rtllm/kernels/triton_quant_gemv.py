@@ -67,7 +67,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rtllm.kernels.triton_activation import silu_and_mul_triton
 from rtllm.kernels.triton_attention.common import interpreting, pdl_enabled, sm_count
-from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
+from rtllm.kernels.triton_fp8 import e4m3_words_to_f16, readable_as_words
 from rtllm.kernels.triton_gemv_epilogue import finish_row, gemv_columns, reduce_splits
 from rtllm.kernels.triton_quant_gemv_config import TUNED, GemvConfig, gemv_config
 from rtllm.kernels.triton_round import COMPILED
@@ -295,8 +295,7 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 def _e4m3_words(q: torch.Tensor, kind: str, block_k: int) -> bool:
     """Whether an FP8 launch reads its codes as int32 words (four a load element, decoded in pairs by the
     hardware conversion): rows of whole words, 4-byte aligned, and K tiles of whole words."""
-    return (kind == "fp8" and q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
-            and block_k % 4 == 0)
+    return kind == "fp8" and readable_as_words(q) and block_k % 4 == 0
 
 
 def _row_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor | None, kind: str, config: GemvConfig | None,

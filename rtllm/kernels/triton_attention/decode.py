@@ -23,6 +23,7 @@ from rtllm.kernels.triton_attention.decode_splits import (
 )
 from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, prefetch_kv_rows, to_dot
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
+from rtllm.kernels.triton_fp8 import readable_as_words
 
 __all__ = ["DECODE_MAX_SPLITS", "decode_num_splits", "paged_decode_attention_triton"]
 
@@ -323,8 +324,8 @@ def paged_decode_attention_triton(
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     dot_dtype = cache_dot or cache_dot_dtype(q.dtype, k_cache.dtype)
     esize = torch.tensor([], dtype=dot_dtype).element_size()
-    words = (True if fp8_words is None else fp8_words) and fp8 and dot_dtype == torch.float16 and D % 4 == 0
-    words = words and all(c.stride(-1) == 1 and c.storage_offset() % 4 == 0 for c in (k_cache, v_cache))
+    words = ((True if fp8_words is None else fp8_words) and fp8 and dot_dtype == torch.float16
+             and readable_as_words(k_cache) and readable_as_words(v_cache))
     tuned_words = words and block_d <= 128 and block_n is None and num_warps is None and num_stages is None
     if tuned_words and max_regs is None:
         # e4m3 words (H100, 512 sequences of ~194 tokens, scripts/fp8_kv_attention_bench.py --sweep): 64-token
