@@ -7,8 +7,9 @@ Pre-packed CPU weights (:func:`pack_for_cpu`): ``F.linear`` on a CPU hands oneDN
 weight, which they reorder into their blocked layout on every call, reading and writing the whole weight
 again when it is not in cache (a decode step streams every weight from DRAM). Reordered once at load
 (``torch.ops.mkldnn._reorder_linear_weight``, run by ``torch.ops.mkldnn._linear_pointwise``), the default
-model's 30 layers of GEMMs took 11.7 / 19.0 ms at 1 / 16 rows in bf16 against 22.1 / 28.7 ms, and its
-49152-row LM head 3.8 / 5.3 ms against 7.0 / 9.8 ms (2-core AMD EPYC, AVX-512 BF16; docs/PERF.md). In
+model's 30 layers of GEMMs took 11.4 / 15.9 ms at 1 / 16 rows in bf16 against 19.0 / 29.5 ms, and its
+49152-row LM head 2.5 / 3.6 ms against 4.5 / 6.6 ms (2-core AMD EPYC, AVX-512 BF16;
+scripts/cpu_gemm_bench.py, docs/PERF.md). In
 bf16 and fp16 the packed GEMM gives F.linear's bits (the same oneDNN kernel, without the per-call
 reorder). fp32 F.linear runs MKL, whose sums the oneDNN kernel adds in another order (relative
 differences ~1e-6; greedy outputs and the 1e-4 logit parity with transformers hold in the tests): the
