@@ -64,6 +64,7 @@ from rtllm.executor.messages import (
 from rtllm.executor.worker import worker_main
 from rtllm.parallel.comm import free_port
 from rtllm.runtime.kv_cache_manager import KVCacheStats
+from rtllm.runtime.scheduler import RequestUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n(in the engine worker process)\n" + self.args[0]
+
+
+def _step_failed(u: RequestUpdate) -> bool:
+    """An update the engine loop sends when a whole step failed (every request aborted with the error)."""
+    return u.error is not None and u.finish_reason == "abort"
 
 
 def _describe_exit(code: int | None) -> str:
@@ -307,6 +313,10 @@ class MultiProcessExecutor(GenerationExecutor):
                 self._stats = msg.stats  # first: a caller woken by the updates sees the freed blocks
                 self._num_requests = (msg.num_running, msg.num_waiting)
                 self._peak_memory = msg.peak_memory
+                # rank 0's step failed (a Fatal follows): name the peer whose death caused it, if one died
+                if (self._world_size > 1 and any(_step_failed(u) for u in msg.updates)
+                        and (rank := self._dead_peer(0)) not in (None, 0)):
+                    self._die(self._death_error(rank=rank))
                 self._on_updates(msg.updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker failed:\n%s", msg.traceback)
