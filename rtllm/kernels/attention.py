@@ -93,10 +93,24 @@ class PagedGather:
         self.valid = torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None].long()
         self.empty = seq_lens == 0
         self.empty_rows = bool(self.empty.any())
+        self._seq_lens = seq_lens
 
     @functools.cached_property
     def invalid(self) -> torch.Tensor:
         return (~self.valid).reshape(-1).nonzero().squeeze(1)
+
+    @functools.cached_property
+    def last(self) -> torch.Tensor:
+        """Flat index into [B * L] of each row's newest position (a padding row's: its position 0)."""
+        B = self.valid.shape[0]
+        rows = torch.arange(B, device=self.valid.device)
+        return rows * self.max_len + (self._seq_lens.long() - 1).clamp_min(0)
+
+    @functools.cached_property
+    def additive_mask(self) -> torch.Tensor:
+        """[B, 1, L] fp32: 0 where a position is valid, -inf past the row's length."""
+        mask = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        return mask.masked_fill_(~self.valid, float("-inf"))[:, None, :]
 
 
 def paged_decode_attention_torch(
@@ -127,10 +141,9 @@ def paged_decode_attention_torch(
     A single row (a request decoding alone) takes one SDPA call on [1, H, L, D], as transformers'
     decode step calls it over its cache: the CPU kernel then gives transformers' bits. Several rows
     take the padded batch (K/V gathered to [B, L, Hkv, D]) in one of two ways (``method``, "auto" picks
-    by :func:`padded_sdpa_pays`): "matmul", masked batched matmuls (~1.5x faster than one SDPA call a
-    row for 16 rows, bf16, ISL/OSL 64), or "sdpa", one masked SDPA call over the padded batch (fp32:
-    1.1-3x faster than the matmuls; bf16: slower at every length; scripts/cpu_decode_attention_bench.py,
-    docs/PERF.md).
+    by :func:`padded_sdpa_pays`): "matmul", masked batched matmuls (block-diagonal up to
+    BLOCK_DIAGONAL_MAX_KV_HEADS KV heads, else one per KV head), or "sdpa", one masked SDPA call over the
+    padded batch (slower in bf16 at every length; scripts/cpu_decode_attention_bench.py, docs/PERF.md).
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -139,6 +152,12 @@ def paged_decode_attention_torch(
     if B == 1 and gather.max_len > 0:
         return _decode_one_sdpa(q, k, v, k_cache, v_cache, int(seq_lens[0]), gather, scale, k_scale, v_scale)
     L = gather.max_len
+    if method not in ("auto", "matmul", "sdpa"):
+        raise ValueError(f"method={method!r}: must be 'auto', 'matmul' or 'sdpa'")
+    if method == "auto":
+        method = "sdpa" if padded_sdpa_pays(q.dtype, Hkv) else "matmul"
+    if method == "matmul" and Hkv <= BLOCK_DIAGONAL_MAX_KV_HEADS:
+        return _decode_block_diagonal(q, k, v, k_cache, v_cache, gather, scale, k_scale, v_scale)
     G = Hq // Hkv
     k_new, v_new = k, v
     k = _select_rows(k_cache.view(-1, Hkv, D), gather.slots).view(B, L, Hkv, D)
@@ -151,9 +170,7 @@ def paged_decode_attention_torch(
     k, v = k.to(q.dtype), v.to(q.dtype)
     # positions past a row's length: p is 0 there, but 0 * NaN is NaN (only those rows are zeroed)
     v.view(B * L, Hkv * D).index_fill_(0, gather.invalid, 0)
-    if method not in ("auto", "matmul", "sdpa"):
-        raise ValueError(f"method={method!r}: must be 'auto', 'matmul' or 'sdpa'")
-    if method == "sdpa" or (method == "auto" and padded_sdpa_pays(q.dtype)):
+    if method != "matmul":
         # SDPA adds the mask to q.k: a NaN key (an unwritten slot) would survive it, so zero those too
         k.view(B * L, Hkv * D).index_fill_(0, gather.invalid, 0)
         out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
@@ -171,11 +188,53 @@ def paged_decode_attention_torch(
     return out
 
 
-def padded_sdpa_pays(dtype: torch.dtype) -> bool:
+#: At most this many KV heads take the block-diagonal matmuls (_decode_block_diagonal), whose work grows
+#: with the KV head count; more take one matmul per KV head over K/V copied to head-major order.
+BLOCK_DIAGONAL_MAX_KV_HEADS = 4
+
+
+def _decode_block_diagonal(q, k, v, k_cache, v_cache, gather: PagedGather, scale: float, k_scale: float,
+                           v_scale: float) -> torch.Tensor:
+    """The padded decode batch in two batched matmuls that read the gathered K/V [B, L, Hkv * D] in place
+    (no head-major copy). Each query head is spread over all Hkv * D channels with zeros outside its KV
+    head's D, so q_e [B, Hq, Hkv * D] @ K^T gives every head's scores at once (the zeros add nothing), and
+    probs @ V [B, Hq, Hkv * D] holds each head's output in its own KV head's D channels (the diagonal
+    blocks, read as a view). Hkv times the multiply-adds of per-head matmuls, but on the CPU these tiny
+    matmuls cost their call overhead, not their FLOPs: 1.3-1.8x faster than copying K/V head-major at
+    Hkv = 3 (scripts/cpu_decode_attention_bench.py). Scores and softmax in fp32."""
+    B, Hq, D = q.shape
+    Hkv, L = k_cache.shape[2], gather.max_len
+    G, C = Hq // Hkv, Hkv * D
+    kf = _select_rows(k_cache.view(-1, C), gather.slots)  # [B * L, C]
+    vf = _select_rows(v_cache.view(-1, C), gather.slots)
+    if kf.dtype == FP8_KV_DTYPE:
+        kf, vf = dequantize_kv(kf, k_scale, q.dtype), dequantize_kv(vf, v_scale, q.dtype)
+    kf, vf = kf.to(q.dtype), vf.to(q.dtype)
+    if L > 0:  # the step's own K/V (a padding row's position 0 is overwritten but masked)
+        kf.index_copy_(0, gather.last, k.reshape(B, C).to(q.dtype))
+        vf.index_copy_(0, gather.last, v.reshape(B, C).to(q.dtype))
+    # positions past a row's length may hold NaN (an unwritten slot): the additive mask keeps a NaN score,
+    # and p * NaN is NaN even where p is 0, so both are zeroed there
+    kf.index_fill_(0, gather.invalid, 0)
+    vf.index_fill_(0, gather.invalid, 0)
+    qe = q.new_zeros(B, Hkv, G, Hkv, D)
+    qe.diagonal(dim1=1, dim2=3).copy_(q.view(B, Hkv, G, D).permute(0, 2, 3, 1))
+    scores = torch.bmm(qe.view(B, Hq, C), kf.view(B, L, C).transpose(1, 2))  # [B, Hq, L]
+    probs = torch.add(gather.additive_mask, scores, alpha=scale).softmax(dim=-1).to(q.dtype)
+    o = torch.bmm(probs, vf.view(B, L, C)).view(B, Hkv, G, Hkv, D)
+    out = o.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(B, Hq, D)
+    if gather.empty_rows:
+        out = out.masked_fill(gather.empty[:, None, None], 0.0)
+    return out
+
+
+def padded_sdpa_pays(dtype: torch.dtype, num_kv_heads: int) -> bool:
     """Whether one masked SDPA call beats the batched matmuls for a padded decode batch on the CPU:
-    in fp32 (1.1-3x faster at 4-16 rows and 40-2000 positions, two cores), never in 16-bit, where
-    torch's CPU SDPA kernel runs up to 3.5x slower than the matmuls for one query token."""
-    return dtype == torch.float32
+    never in 16-bit, where torch's CPU SDPA kernel runs 1.5-7x slower than the matmuls for one query
+    token; in fp32 only against the per-KV-head matmuls (SDPA was 1.1-3x faster than those at 4-16
+    rows and 40-2000 positions, two cores), not against the block-diagonal ones (within 0.8-1.1x of
+    SDPA; scripts/cpu_decode_attention_bench.py, docs/PERF.md)."""
+    return dtype == torch.float32 and num_kv_heads > BLOCK_DIAGONAL_MAX_KV_HEADS
 
 
 def _matmul_per_kv_head(a: torch.Tensor, b: torch.Tensor, transpose: bool) -> torch.Tensor:
