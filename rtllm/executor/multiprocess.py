@@ -37,6 +37,7 @@ import multiprocessing
 import multiprocessing.connection
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -92,6 +93,18 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _bootstrap_hint(code: int | None) -> str:
+    """Why a worker can exit with code 1 without sending its start-up error: it failed before rtllm's
+    worker code ran, most often re-importing a main script that starts an LLM without a main guard."""
+    if code != 1:
+        return ""
+    hint = " before it reached rtllm's worker code (its stderr says why)"
+    if getattr(sys.modules.get("__main__"), "__file__", None):
+        hint += ("; the worker is a spawned process that re-imports the main script, so a script that creates "
+                 "the LLM must do so under `if __name__ == '__main__':`")
+    return hint
 
 
 def _make_ipc_dir() -> str:
@@ -258,7 +271,7 @@ class MultiProcessExecutor(GenerationExecutor):
                 if isinstance(msg, Fatal):
                     raise self._rebuild(msg)
             if (rank := self._dead_rank()) is not None:
-                raise self._death_error(" during start-up", rank)
+                raise self._death_error(" during start-up" + _bootstrap_hint(self._procs[rank].exitcode), rank)
         raise EngineDeadError(f"the engine worker process (pid {self._proc.pid}) did not start within {timeout:.0f} s")
 
     def _last_words(self) -> list[object]:

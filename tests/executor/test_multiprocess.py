@@ -302,3 +302,22 @@ def test_no_orphan_worker_when_the_parent_goes(tmp_path, ckpt, how):
     assert proc.wait(timeout=30) in (0, -signal.SIGKILL)
     assert worker_gone(int(pid), 10)
     assert not os.path.exists(ipc_dir)  # removed by the parent's exit hook, or by the worker
+
+
+@pytest.mark.timeout(90)
+def test_script_without_main_guard_is_told_to_add_one(tmp_path, ckpt):
+    """The worker is spawned: it re-imports the main script, whose module-level LLM() then fails in the
+    worker before rtllm's code runs there (exit code 1, no start-up message): the error says what to do."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from rtllm import LLM
+
+        LLM(sys.argv[1], dtype="float32", executor_type="multiprocess")
+    """))
+    proc = subprocess.run([sys.executable, str(script), ckpt[0]], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=80)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "exited with code 1 during start-up before it reached rtllm's worker code" in last, proc.stderr[-2000:]
+    assert "under `if __name__ == '__main__':`" in last
