@@ -31,6 +31,10 @@ def add_bench_parser(sub, engine_args) -> None:
         else:
             p.add_argument("--num-requests", type=int, default=4)
         p.add_argument("--baseline", choices=["none", "hf"], default="none")
+        p.add_argument("--rounds", type=_positive_int, default=1,
+                       help="run the engine (and the baseline) this many times, alternating, a fresh engine each "
+                            "round, and report each round's figures and ratio with their median: on a machine "
+                            "whose speed drifts, alternating runs keep the ratio honest")
         p.add_argument("--random-weights", action="store_true",
                        help="random weights from the model's config.json (a checkpoint directory or a bare "
                             "config .json, which always gets random weights); no tokenizer: prompts are token ids")
@@ -49,6 +53,16 @@ def _int_list(text: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: concurrencies must be >= 1")
     return sorted(set(vals))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return n
 
 
 def _random_weights_config(model: str | None) -> str:
@@ -84,8 +98,7 @@ def _commit() -> str:
 def run_bench(args) -> int:
     import torch
 
-    from rtllm import LLM, KvCacheConfig, QuantConfig
-    from rtllm.bench.throughput import bench_engine, bench_hf
+    from rtllm import QuantConfig
     from rtllm.bench.workload import Workload
 
     concs = getattr(args, "concurrency", [1])
@@ -110,6 +123,32 @@ def run_bench(args) -> int:
     quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
     # the engine's max_seq_len sizes the CUDA graphs' attention split grid: report it with the figures
     max_seq_len = args.max_seq_len or args.isl + args.osl + 8
+    rounds = [_round(args, model, wl, concs, hw, graphs, quant, max_seq_len) for _ in range(args.rounds)]
+    res = rounds[-1]
+    if len(rounds) > 1:
+        res["rounds"] = [{"rtllm_output_tok_s": r["rtllm"]["output_tok_s"],
+                          "rtllm_tpot_p50_s": r["rtllm"]["tpot_s"]["p50"],
+                          **({"transformers_output_tok_s": r["transformers"]["output_tok_s"],
+                              "ratio_vs_hf": r["ratio_vs_hf"]} if "transformers" in r else {})} for r in rounds]
+    _print(res)
+    if getattr(args, "plot", None):
+        _plot(res, args.plot)
+        print(f"  plot: {args.plot}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def _round(args, model, wl, concs: list[int], hw, graphs, quant, max_seq_len: int) -> dict:
+    """One engine (a fresh LLM) through the concurrency sweep, then the baseline if asked: their figures."""
+    import torch
+
+    from rtllm import LLM, KvCacheConfig
+    from rtllm.bench.throughput import bench_engine, bench_hf
+    from rtllm.bench.workload import Workload
+
+    conc = max(concs)
     llm = LLM(model, dtype=args.dtype, cuda_graph_config=graphs, device=args.device, quant_config=quant,
               max_batch_size=max(args.max_batch_size, conc), max_num_tokens=max(args.max_num_tokens, conc),
               max_seq_len=max_seq_len,
@@ -168,14 +207,7 @@ def run_bench(args) -> int:
     if args.baseline == "hf":
         res["transformers"] = bench_hf(model_path, wl, dtype, device, vocab, eos)
         res["ratio_vs_hf"] = res["rtllm"]["output_tok_s"] / res["transformers"]["output_tok_s"]
-    _print(res)
-    if getattr(args, "plot", None):
-        _plot(res, args.plot)
-        print(f"  plot: {args.plot}")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(res, f, indent=2)
-    return 0
+    return res
 
 
 def _print(res: dict) -> None:
@@ -227,6 +259,22 @@ def _print(res: dict) -> None:
                   f"{r['ttft_s']['p50'] * 1e3:11.1f}  {ratio:>14s}")
     if "ratio_vs_hf" in res:
         print(f"  ratio rtllm / transformers: {res['ratio_vs_hf']:.2f}x")
+    if "rounds" in res:
+        import statistics
+
+        rounds = res["rounds"]
+        print("  rounds (alternating; the figures above are the last round's):")
+        for k, r in enumerate(rounds, 1):
+            line = f"    {k}: rtllm {r['rtllm_output_tok_s']:.1f} tok/s (TPOT p50 {r['rtllm_tpot_p50_s']*1e3:.1f} ms)"
+            if "ratio_vs_hf" in r:
+                line += (f", transformers {r['transformers_output_tok_s']:.1f} tok/s,"
+                         f" ratio {r['ratio_vs_hf']:.2f}x")
+            print(line)
+        tok_s = statistics.median(r["rtllm_output_tok_s"] for r in rounds)
+        line = f"  median of {len(rounds)} rounds: rtllm {tok_s:.1f} tok/s"
+        if "ratio_vs_hf" in rounds[0]:
+            line += f", ratio {statistics.median(r['ratio_vs_hf'] for r in rounds):.2f}x"
+        print(line)
 
 
 def _plot(res: dict, path: str) -> None:

@@ -68,3 +68,26 @@ def test_commit_names_this_checkout_or_the_override(monkeypatch):
     except (OSError, subprocess.CalledProcessError):
         head = "unknown"
     assert _commit() == head
+
+
+def test_rounds_alternate_engine_and_baseline(tiny_config, tmp_path):
+    """--rounds N: N fresh engines each followed by the baseline; every round's ratio is its own figures'
+    ratio, the printed median is theirs, and the top-level figures are the last round's."""
+    import statistics
+
+    out = tmp_path / "r.json"
+    p = _bench("throughput", "--model", tiny_config, "--dtype", "float32", "--num-requests", "4", "--isl", "8",
+               "--osl", "4", "--concurrency", "2", "--baseline", "hf", "--rounds", "2", "--output-json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    rounds = res["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert r["rtllm_output_tok_s"] > 0 and r["transformers_output_tok_s"] > 0
+        assert r["ratio_vs_hf"] == pytest.approx(r["rtllm_output_tok_s"] / r["transformers_output_tok_s"])
+    assert rounds[-1]["rtllm_output_tok_s"] == res["rtllm"]["output_tok_s"]
+    assert rounds[-1]["ratio_vs_hf"] == res["ratio_vs_hf"]
+    median = statistics.median(r["ratio_vs_hf"] for r in rounds)
+    assert "median of 2 rounds" in p.stdout and f"ratio {median:.2f}x" in p.stdout.splitlines()[-1]
+    p = _bench("throughput", "--model", tiny_config, "--rounds", "0")
+    assert p.returncode != 0 and "'0': must be >= 1" in p.stderr
