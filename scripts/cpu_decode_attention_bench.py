@@ -82,5 +82,6 @@ def _run(variant: str, inputs: tuple) -> torch.Tensor:
     finally:
         att.BLOCK_DIAGONAL_MAX_KV_HEADS = limit
 
+
 if __name__ == "__main__":
     main()

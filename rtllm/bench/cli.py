@@ -128,6 +128,7 @@ def run_bench(args) -> int:
     if len(rounds) > 1:
         res["rounds"] = [{"rtllm_output_tok_s": r["rtllm"]["output_tok_s"],
                           "rtllm_tpot_p50_s": r["rtllm"]["tpot_s"]["p50"],
+                          "kv_capacity_tokens": r["info"]["kv_capacity_tokens"],
                           **({"transformers_output_tok_s": r["transformers"]["output_tok_s"],
                               "ratio_vs_hf": r["ratio_vs_hf"]} if "transformers" in r else {})} for r in rounds]
     _print(res)
@@ -207,6 +208,9 @@ def _round(args, model, wl, concs: list[int], hw, graphs, quant, max_seq_len: in
     if args.baseline == "hf":
         res["transformers"] = bench_hf(model_path, wl, dtype, device, vocab, eos)
         res["ratio_vs_hf"] = res["rtllm"]["output_tok_s"] / res["transformers"]["output_tok_s"]
+        gc.collect()
+        if torch.cuda.is_available():  # the next round's engine sizes its KV cache from free memory
+            torch.cuda.empty_cache()
     return res
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -80,6 +80,9 @@ class Fatal:
     traceback: str = ""
     during_startup: bool = False
     rank: int = 0  # the rank that failed (the model split across ranks)
+    # when it failed (time.time()): of several ranks' reports, the earliest is the cause, the others
+    # their failed collectives (a rank's peers fail only once it has stopped, after it made its report)
+    failed_at: float = field(default_factory=time.time)
 
 
 def dumps(msg: object) -> bytes:

@@ -102,8 +102,8 @@ def _bootstrap_hint(code: int | None) -> str:
         return ""
     hint = " before it reached rtllm's worker code (its stderr says why)"
     if getattr(sys.modules.get("__main__"), "__file__", None):
-        hint += ("; the worker is a spawned process that re-imports the main script, so a script that creates "
-                 "the LLM must do so under `if __name__ == '__main__':`")
+        hint += ("; the worker is a spawned process that re-imports the main script: if that script creates "
+                 "the LLM at module level, move it under `if __name__ == '__main__':`")
     return hint
 
 
@@ -204,26 +204,27 @@ class MultiProcessExecutor(GenerationExecutor):
         """Thread-safe and non-reaping: the sentinel becomes readable when the process ends."""
         return not multiprocessing.connection.wait([self._proc.sentinel], timeout=0)
 
-    def _dead_rank(self) -> int | None:
-        """A rank whose process has exited, if any: one killed by a signal first (the others then fail
-        in a collective and exit with an error of their own), else the lowest."""
+    def _dead_ranks(self) -> list[int]:
+        """Ranks whose process has exited: those killed by a signal first (the others then fail in a
+        collective and exit with an error of their own), each group lowest first."""
         ended = set(multiprocessing.connection.wait([p.sentinel for p in self._procs], timeout=0))
         dead = [r for r, p in enumerate(self._procs) if p.sentinel in ended]
-        if not dead:
-            return None
         for r in dead:
             self._procs[r].join(0)  # reap, so the exit code is known
-        signalled = [r for r in dead if (self._procs[r].exitcode or 0) < 0]
-        return (signalled or dead)[0]
+        return sorted(dead, key=lambda r: (self._procs[r].exitcode or 0) >= 0)
+
+    def _dead_rank(self) -> int | None:
+        dead = self._dead_ranks()
+        return dead[0] if dead else None
 
     def _dead_peer(self, failed_rank: int, wait: float = 1.0) -> int | None:
-        """After a rank reported a failure: a rank that has exited, if any, waiting up to ``wait`` s
+        """After a rank reported a failure: another rank that has exited, if any, waiting up to ``wait`` s
         for one. A peer's death is the usual cause of a failed collective, and its process sentinel
         can fire a moment after the survivor's report arrives (seen with a SIGKILLed rank 1)."""
         others = [p.sentinel for r, p in enumerate(self._procs) if r != failed_rank and p.pid is not None]
         if others:
             multiprocessing.connection.wait(others, timeout=wait)
-        return self._dead_rank()
+        return next((r for r in self._dead_ranks() if r != failed_rank), None)
 
     def _who(self, rank: int) -> str:
         proc = self._procs[rank]
@@ -306,8 +307,8 @@ class MultiProcessExecutor(GenerationExecutor):
                 events = dict(poller.poll(100))
                 if any(s in events for s in sentinels):
                     rank = self._dead_rank()
-                    if rank is not None and rank > 0 and not self._closed:  # name the rank that died first
-                        self._die(self._death_error(rank=rank))
+                    if rank is not None and rank > 0 and not self._closed and (self._procs[rank].exitcode or 0) < 0:
+                        self._die(self._death_error(rank=rank))  # killed: name it, not its peers' failed receives
                     self._handle(self._last_words())
                     if not self._closed:
                         self._die(self._death_error(rank=rank or 0))
@@ -326,17 +327,32 @@ class MultiProcessExecutor(GenerationExecutor):
                 self._stats = msg.stats  # first: a caller woken by the updates sees the freed blocks
                 self._num_requests = (msg.num_running, msg.num_waiting)
                 self._peak_memory = msg.peak_memory
-                # rank 0's step failed (a Fatal follows): name the peer whose death caused it, if one died
-                if (self._world_size > 1 and any(_step_failed(u) for u in msg.updates)
-                        and (rank := self._dead_peer(0)) not in (None, 0)):
-                    self._die(self._death_error(rank=rank))
-                self._on_updates(msg.updates)
+                updates = msg.updates
+                if self._world_size > 1:
+                    # rank 0's step failed and its Fatal follows: that (or a peer's own Fatal, or the
+                    # peer's death that caused it) fails the requests, named after the rank at fault
+                    updates = [u for u in updates if not _step_failed(u)]
+                self._on_updates(updates)
             elif isinstance(msg, Fatal):
-                logger.error("engine worker failed:\n%s", msg.traceback)
-                rank = self._dead_peer(msg.rank) if self._world_size > 1 else None
-                if rank is not None and rank != msg.rank:  # a rank died: this failure is its peers' reaction
-                    self._die(self._death_error(rank=rank))
-                self._die(self._rebuild(msg))
+                logger.error("engine worker of rank %d failed:\n%s", msg.rank, msg.traceback)
+                self._die(self._blame(msg) if self._world_size > 1 else self._rebuild(msg))
+
+    def _blame(self, report: Fatal) -> BaseException:
+        """The error the requests fail with after a rank's failure report, the model split across ranks:
+        a rank that stops makes its peers fail in their next collective, so the cause is a peer killed
+        by a signal (which reports nothing), else the earliest of the ranks' reports (``failed_at``;
+        a peer's, if it exited, arrives a moment after this one at most)."""
+        rank = self._dead_peer(report.rank)
+        if rank is None:
+            return self._rebuild(report)
+        if (self._procs[rank].exitcode or 0) < 0:
+            return self._death_error(rank=rank)
+        later = self._last_words()
+        reports = [m for m in later if isinstance(m, Fatal)]
+        for r in reports:
+            logger.error("engine worker of rank %d failed:\n%s", r.rank, r.traceback)
+        self._handle([m for m in later if not isinstance(m, Fatal)])
+        return self._rebuild(min([report, *reports], key=lambda r: r.failed_at))
 
     def _die(self, error: EngineDeadError) -> None:
         if self._dead is None:

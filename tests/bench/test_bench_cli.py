@@ -85,6 +85,7 @@ def test_rounds_alternate_engine_and_baseline(tiny_config, tmp_path):
     for r in rounds:
         assert r["rtllm_output_tok_s"] > 0 and r["transformers_output_tok_s"] > 0
         assert r["ratio_vs_hf"] == pytest.approx(r["rtllm_output_tok_s"] / r["transformers_output_tok_s"])
+        assert r["kv_capacity_tokens"] == res["info"]["kv_capacity_tokens"] > 0  # the baseline left no less
     assert rounds[-1]["rtllm_output_tok_s"] == res["rtllm"]["output_tok_s"]
     assert rounds[-1]["ratio_vs_hf"] == res["ratio_vs_hf"]
     median = statistics.median(r["ratio_vs_hf"] for r in rounds)

@@ -320,4 +320,4 @@ def test_script_without_main_guard_is_told_to_add_one(tmp_path, ckpt):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "exited with code 1 during start-up before it reached rtllm's worker code" in last, proc.stderr[-2000:]
-    assert "under `if __name__ == '__main__':`" in last
+    assert "at module level, move it under `if __name__ == '__main__':`" in last

@@ -151,3 +151,48 @@ def test_llm_pp2_killed_rank_fails_pending_requests(ckpt):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+_FAILING_PLUGIN = '''
+import os
+
+import torch
+
+from rtllm.kernels.dispatch import register_kernel
+from rtllm.kernels.norm import fused_add_rms_norm_torch
+
+
+@register_kernel("fused_add_rms_norm", device="cpu")
+def norm_failing_on_rank1(x, residual, weight, eps):
+    dist = torch.distributed
+    if dist.is_initialized() and dist.get_rank() == 1 and os.path.exists(os.environ["FAIL_RANK1_FLAG"]):
+        raise RuntimeError("injected failure on rank 1")
+    return fused_add_rms_norm_torch(x, residual, weight, eps)
+'''
+
+
+def test_llm_pp2_rank_that_raises_is_named_with_its_error(ckpt, tmp_path, monkeypatch):
+    """Rank 1 raises mid-generation: rank 0 then fails in its next receive and reports too; every pending
+    request fails with rank 1's own error (the earlier report), not rank 0's failed receive."""
+    (tmp_path / "failing_rank1_plugin.py").write_text(_FAILING_PLUGIN)
+    flag = tmp_path / "fail-now"
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("RTLLM_PLUGINS", "failing_rank1_plugin")
+    monkeypatch.setenv("FAIL_RANK1_FLAG", str(flag))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with LLM(ckpt, pipeline_parallel_size=2, **OPTS) as llm:  # the parent loads the plugin too
+            long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+            results = [llm.generate_async(p, long, streaming=True) for p in PROMPTS[:6]]
+            next(iter(results[0]))  # generation is under way
+            flag.touch()
+            t0 = time.monotonic()
+            own_error = "rank 1 of 2 .*failed: RuntimeError: injected failure on rank 1"
+            for r in results:
+                with pytest.raises(EngineDeadError, match=own_error):
+                    r.result(timeout=10)
+            assert time.monotonic() - t0 < 10
+    finally:
+        from rtllm.kernels import dispatch
+
+        dispatch.unregister_kernel("fused_add_rms_norm", device="cpu")
