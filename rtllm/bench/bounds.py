@@ -4,11 +4,15 @@ Decode is bound by memory bandwidth (weights + KV read per step); prefill by ten
 A mixture-of-experts model counts active parameters only: a token runs k of the E experts, and a
 decode step reads the weights of the experts its batch routes to (k of E at batch 1).
 Both ceilings are measured on the device the benchmark runs on: a large device-to-device copy
-(bytes read + written) and a large bf16 matmul.
+(bytes read + written) and a large matmul in the model's dtype (on a CPU through the engine's own
+packed GEMM, so the bound is what this CPU's cores reach, not a datasheet figure).
 """
 
 from __future__ import annotations
 
+import platform
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +58,44 @@ def cuda_graphed(fn, calls: int = 1):
     return g.replay
 
 
+def time_cpu(fn, iters: int = 5) -> float:
+    """Median seconds per call of ``fn`` on the CPU (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def measure_cpu(dtype: torch.dtype) -> Hardware:
+    """The CPU's ceilings as the engine meets them: a 256 MiB copy (read + written) and a 2048^3 GEMM in
+    ``dtype`` through the engine's own CPU GEMM (oneDNN-packed weight where this CPU packs the dtype)."""
+    from rtllm.kernels.gemm import linear, pack_for_cpu
+
+    src = torch.ones(1 << 27, dtype=torch.bfloat16)  # 256 MiB
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * src.element_size() / time_cpu(lambda: dst.copy_(src))
+    m = 2048
+    x, w = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
+    w.cpu_packed = pack_for_cpu(w)
+    flops = 2 * m**3 / time_cpu(lambda: linear(x, w))
+    return Hardware(_cpu_name(), bw, flops)
+
+
 def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware | None:
+    if device.type == "cpu":
+        return measure_cpu(dtype)
     if device.type != "cuda":
         return None
     n = 1 << 28  # 512 MiB of bf16 in, as much out
@@ -81,6 +122,12 @@ class ModelCost:
     expert_bytes: int = 0  # MoE: the routed experts' part of weight_bytes
     num_experts: int = 0
     experts_per_tok: int = 0
+    head_params: int = 0  # the LM head's part of active_params: a prefill runs it on each prompt's last token only
+
+    def prompt_params(self, isl: int) -> int:
+        """Multiply-adds of a prompt of ``isl`` tokens in the linear layers: all of them for every token,
+        but the LM head for the last one only (the only position sampled)."""
+        return (self.active_params - self.head_params) * isl + self.head_params
 
     def step_weight_bytes(self, batch: int) -> float:
         """Weight bytes one decode step of ``batch`` sequences reads: all but the routed experts, plus the
@@ -104,7 +151,8 @@ def active_params(weight_bytes: int, element_size: int, expert_bytes: int = 0, n
 def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, osl: int, concurrency: int) -> dict:
     """Lower bound on the time of the whole workload, run in waves of ``concurrency`` requests.
 
-    Prefill: 2*params*tokens + causal attention FLOPs at matmul peak. Each decode step of a wave of
+    Prefill: 2*params*tokens (the LM head on each prompt's last token only) + causal attention FLOPs at
+    matmul peak. Each decode step of a wave of
     B sequences: max(bytes / bandwidth, FLOPs / peak), where bytes = weights + KV of the B contexts.
     """
     waves = []
@@ -117,7 +165,7 @@ def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, o
     decode_s = 0.0
     for b in waves:
         attn = 2 * 2 * cost.num_layers * cost.num_heads * cost.head_dim * (isl * isl / 2)  # QK^T and PV, causal
-        p = b * (2 * cost.active_params * isl + attn) / hw.matmul_flops
+        p = b * (2 * cost.prompt_params(isl) + attn) / hw.matmul_flops
         prefill_s += p
         for step in range(osl):
             ctx = isl + step
@@ -128,5 +176,5 @@ def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, o
     return {"bound_s": total, "prefill_bound_s": prefill_s, "decode_bound_s": decode_s,
             "bound_output_tok_s": num_requests * osl / total,
             "decode_weight_bytes_batch1": cost.step_weight_bytes(1),
-            "bound_ttft_s": (2 * cost.active_params * isl + 2 * 2 * cost.num_layers * cost.num_heads
+            "bound_ttft_s": (2 * cost.prompt_params(isl) + 2 * 2 * cost.num_layers * cost.num_heads
                              * cost.head_dim * isl * isl / 2) / hw.matmul_flops}

@@ -4,6 +4,7 @@ and the client-side benchmark of a running server (rtllm.bench.serve)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -119,11 +120,19 @@ def run_bench(args) -> int:
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     hw_dtype = torch.float32 if args.dtype in ("float32", "fp32") else torch.bfloat16
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
+
+    @functools.cache
+    def hw_for(dtype: str):
+        """The ceilings: the GPU's (measured above), or the CPU's in the engine's own dtype ("auto" resolves
+        at load), measured once beside the idle engine."""
+        if on_gpu or args.device not in ("auto", "cpu"):
+            return hw
+        return measure_hardware(torch.device("cpu"), getattr(torch, dtype))
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
     quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
     # the engine's max_seq_len sizes the CUDA graphs' attention split grid: report it with the figures
     max_seq_len = args.max_seq_len or args.isl + args.osl + 8
-    rounds = [_round(args, model, wl, concs, hw, graphs, quant, max_seq_len) for _ in range(args.rounds)]
+    rounds = [_round(args, model, wl, concs, hw_for, graphs, quant, max_seq_len) for _ in range(args.rounds)]
     res = rounds[-1]
     if len(rounds) > 1:
         res["rounds"] = [{"rtllm_output_tok_s": r["rtllm"]["output_tok_s"],
@@ -141,7 +150,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def _round(args, model, wl, concs: list[int], hw, graphs, quant, max_seq_len: int) -> dict:
+def _round(args, model, wl, concs: list[int], hw_for, graphs, quant, max_seq_len: int) -> dict:
     """One engine (a fresh LLM) through the concurrency sweep, then the baseline if asked: their figures."""
     import torch
 
@@ -158,6 +167,7 @@ def _round(args, model, wl, concs: list[int], hw, graphs, quant, max_seq_len: in
               pipeline_parallel_size=args.pipeline_parallel_size,
               moe_expert_parallel_size=args.moe_expert_parallel_size)
     ei = llm.executor.engine_info
+    hw = hw_for(ei["dtype"])
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],
             "workload": wl.__dict__, "max_seq_len": max_seq_len, "startup": ei.get("startup", {}),
@@ -173,7 +183,7 @@ def _round(args, model, wl, concs: list[int], hw, graphs, quant, max_seq_len: in
     # MoE: a token runs k of the E experts, a batch-1 decode step reads only those (bounds.ModelCost)
     moe = {k: ei.get(k, 0) for k in ("expert_bytes", "num_experts", "experts_per_tok")}
     cost = ModelCost(per_forward, active_params(per_forward, elt, **moe), ei["kv_bytes_per_token"], ei["num_layers"],
-                     ei["num_heads"], ei["head_dim"], **moe)
+                     ei["num_heads"], ei["head_dim"], **moe, head_params=ei.get("lm_head_params", 0))
     if moe["num_experts"]:
         info["moe"] = dict(moe, active_params=cost.active_params)
     res: dict = {"info": info}
@@ -242,8 +252,8 @@ def _print(res: dict) -> None:
         b, hw, r = res["bound"], i["hardware"], res["rtllm"]
         if "moe" in i:
             print(f"  weights read per batch-1 decode step (active): {b['decode_weight_bytes_batch1'] / 2**20:.1f} MiB")
-        print(f"  hardware: {hw['name']}, copy {hw['copy_bandwidth']/1e12:.2f} TB/s, "
-              f"matmul {hw['matmul_flops']/1e12:.0f} TFLOP/s (measured in this run)")
+        print(f"  hardware: {hw['name']}, copy {_rate(hw['copy_bandwidth'], 'B/s')}, "
+              f"matmul {_rate(hw['matmul_flops'], 'FLOP/s')} (measured in this run)")
         print(f"  bound: {b['bound_output_tok_s']:.1f} output tok/s (decode {b['decode_bound_s']:.2f} s, prefill "
               f"{b['prefill_bound_s']:.3f} s); rtllm at {r['ratio_to_bound']:.1%} of it")
         print(f"  TTFT bound {b['bound_ttft_s']*1e3:.2f} ms; rtllm p50 at {r['ttft_ratio_to_bound']:.1%} of it")
@@ -279,6 +289,13 @@ def _print(res: dict) -> None:
         if "ratio_vs_hf" in rounds[0]:
             line += f", ratio {statistics.median(r['ratio_vs_hf'] for r in rounds):.2f}x"
         print(line)
+
+
+def _rate(x: float, unit: str) -> str:
+    """2.80 TB/s, 29.4 GB/s, 412 GFLOP/s: three significant figures in T or G."""
+    scale, prefix = (1e12, "T") if x >= 1e12 else (1e9, "G")
+    v = x / scale
+    return f"{v:.3g} {prefix}{unit}" if v < 100 else f"{v:.0f} {prefix}{unit}"
 
 
 def _plot(res: dict, path: str) -> None:

@@ -26,6 +26,7 @@ def engine_info(ex: PyExecutor) -> dict[str, Any]:
         "head_dim": mc.head_dim,
         "tie_word_embeddings": mc.tie_word_embeddings,
         "embedding_bytes": embed.numel() * embed.element_size(),
+        "lm_head_params": mc.vocab_size * mc.hidden_size,
         "kv_bytes_per_token": kv_bytes_per_token(ex.loaded.model, ex.kv_dtype),
         "kv_cache_dtype": str(ex.kv_dtype).removeprefix("torch."),
         "startup": dict(ex.startup),

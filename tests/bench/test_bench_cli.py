@@ -42,6 +42,10 @@ def test_throughput_sweep_json_and_plot(tiny_config, tmp_path):
     assert res["info"]["max_seq_len"] == 16 + 6 + 8 and "max_seq_len 30" in p.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "concurrency sweep" in p.stdout
+    # on the CPU the bound comes from this CPU's own copy and GEMM rates, measured in the run
+    hw = res["info"]["hardware"]
+    assert hw["copy_bandwidth"] > 1e8 and hw["matmul_flops"] > 1e8 and "threads)" in hw["name"]
+    assert res["rtllm"]["ratio_to_bound"] > 0 and "bound:" in p.stdout
 
 
 def test_bad_concurrency_and_plot_without_a_sweep(tiny_config, tmp_path):

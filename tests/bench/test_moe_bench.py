@@ -76,3 +76,13 @@ def test_random_weights_needs_a_config(tmp_path):
     p = subprocess.run([sys.executable, "-m", "rtllm.cli", "bench", "latency", "--model", str(tmp_path),
                         "--random-weights"], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "--random-weights needs --model" in p.stdout + p.stderr
+
+
+def test_prefill_bound_counts_the_lm_head_once_a_prompt():
+    """Hand-checked: 1000 multiply-adds a token of which 400 are the LM head, a 10-token prompt: 600 x 10 +
+    400 multiply-adds (x2 FLOPs) + causal attention 2 * 2 * 1 * 1 * 1 * 10^2 / 2 = 200 FLOPs, at 1 kFLOP/s."""
+    cost = ModelCost(2000, 1000, 0, 1, 1, 1, head_params=400)
+    hw = Hardware("test", copy_bandwidth=1e30, matmul_flops=1e3)
+    b = workload_bound(cost, hw, num_requests=2, isl=10, osl=1, concurrency=2)
+    assert b["bound_ttft_s"] == pytest.approx((2 * (600 * 10 + 400) + 200) / 1e3)
+    assert b["prefill_bound_s"] == pytest.approx(2 * b["bound_ttft_s"])  # one wave of two prompts
