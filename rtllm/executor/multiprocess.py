@@ -23,9 +23,9 @@ Failure paths:
 A model split across ranks (EngineConfig.mapping, world_size > 1) runs one spawned process per rank,
 joined in one torch.distributed group (a tcp:// rendezvous on a free local port). Rank 0 is the
 worker described above; the other ranks take no messages and follow rank 0's steps, sending only a
-Fatal when they fail. Every rank's sentinel is watched: when any rank exits, pending results fail at
-once with an EngineDeadError naming the rank, and the other ranks are terminated (they would
-otherwise wait in a collective for the dead one).
+Fatal when they fail. Every rank's sentinel is watched: when any rank exits or reports a failure,
+pending results fail at once with an EngineDeadError naming the rank at fault (failures.py says
+which), and the other ranks are terminated (they would otherwise wait in a collective for the dead one).
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 import time
@@ -49,6 +47,7 @@ from rtllm import errors
 from rtllm.config import EngineConfig
 from rtllm.errors import EngineDeadError
 from rtllm.executor.base import GenerationExecutor
+from rtllm.executor.failures import RemoteTraceback, bootstrap_hint, describe_exit, step_failed
 from rtllm.executor.launcher import launch_for
 from rtllm.executor.messages import (
     Abort,
@@ -65,46 +64,10 @@ from rtllm.executor.messages import (
 from rtllm.executor.worker import worker_main
 from rtllm.parallel.comm import free_port
 from rtllm.runtime.kv_cache_manager import KVCacheStats
-from rtllm.runtime.scheduler import RequestUpdate
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0  # loading a large checkpoint from a cold disk can take minutes
-
-
-class _RemoteTraceback(Exception):
-    """The worker's traceback, attached as __cause__ of an error re-raised here."""
-
-    def __str__(self) -> str:
-        return "\n(in the engine worker process)\n" + self.args[0]
-
-
-def _step_failed(u: RequestUpdate) -> bool:
-    """An update the engine loop sends when a whole step failed (every request aborted with the error)."""
-    return u.error is not None and u.finish_reason == "abort"
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exited (status unknown)"
-    if code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _bootstrap_hint(code: int | None) -> str:
-    """Why a worker can exit with code 1 without sending its start-up error: it failed before rtllm's
-    worker code ran, most often re-importing a main script that starts an LLM without a main guard."""
-    if code != 1:
-        return ""
-    hint = " before it reached rtllm's worker code (its stderr says why)"
-    if getattr(sys.modules.get("__main__"), "__file__", None):
-        hint += ("; the worker is a spawned process that re-imports the main script: if that script creates "
-                 "the LLM at module level, move it under `if __name__ == '__main__':`")
-    return hint
 
 
 def _make_ipc_dir() -> str:
@@ -235,7 +198,7 @@ class MultiProcessExecutor(GenerationExecutor):
     def _death_error(self, when: str = "", rank: int = 0) -> EngineDeadError:
         proc = self._procs[rank]
         proc.join(timeout=1.0)  # reap it, so the exit code is known
-        return EngineDeadError(f"{self._who(rank)} {_describe_exit(proc.exitcode)}{when}")
+        return EngineDeadError(f"{self._who(rank)} {describe_exit(proc.exitcode)}{when}")
 
     def _stop_group(self, join_timeout: float = 2.0) -> None:
         """Terminate every rank still running (after one died: the rest would wait on it forever),
@@ -272,7 +235,7 @@ class MultiProcessExecutor(GenerationExecutor):
                 if isinstance(msg, Fatal):
                     raise self._rebuild(msg)
             if (rank := self._dead_rank()) is not None:
-                raise self._death_error(" during start-up" + _bootstrap_hint(self._procs[rank].exitcode), rank)
+                raise self._death_error(" during start-up" + bootstrap_hint(self._procs[rank].exitcode), rank)
         raise EngineDeadError(f"the engine worker process (pid {self._proc.pid}) did not start within {timeout:.0f} s")
 
     def _last_words(self) -> list[object]:
@@ -292,7 +255,7 @@ class MultiProcessExecutor(GenerationExecutor):
         else:
             what = "failed to start" if f.during_startup else "failed"
             exc = EngineDeadError(f"{self._who(f.rank)} {what}: {f.error_type}: {f.message}")
-        exc.__cause__ = _RemoteTraceback(f.traceback)
+        exc.__cause__ = RemoteTraceback(f.traceback)
         return exc
 
     # -- receiver thread --------------------------------------------------------------------
@@ -331,7 +294,7 @@ class MultiProcessExecutor(GenerationExecutor):
                 if self._world_size > 1:
                     # rank 0's step failed and its Fatal follows: that (or a peer's own Fatal, or the
                     # peer's death that caused it) fails the requests, named after the rank at fault
-                    updates = [u for u in updates if not _step_failed(u)]
+                    updates = [u for u in updates if not step_failed(u)]
                 self._on_updates(updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker of rank %d failed:\n%s", msg.rank, msg.traceback)
