@@ -318,6 +318,7 @@ def test_script_without_main_guard_is_told_to_add_one(tmp_path, ckpt):
     proc = subprocess.run([sys.executable, str(script), ckpt[0]], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": REPO}, timeout=80)
     assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "exited with code 1 during start-up before it reached rtllm's worker code" in last, proc.stderr[-2000:]
-    assert "at module level, move it under `if __name__ == '__main__':`" in last
+    raised = [line for line in proc.stderr.splitlines() if line.startswith("rtllm.errors.EngineDeadError: ")]
+    assert len(raised) == 1, proc.stderr[-2000:]
+    assert "exited with code 1 during start-up before it reached rtllm's worker code" in raised[0]
+    assert "at module level, move it under `if __name__ == '__main__':`" in raised[0]
