@@ -32,6 +32,8 @@ from torch import nn
 
 from rtllm.kernels import gemm
 from rtllm.kernels import moe as moe_kernels
+from rtllm.layers.linear import Linear
+from rtllm.layers.quant.base import QuantizedLinear
 from rtllm.parallel import comm
 from rtllm.parallel.mapping import Mapping
 from rtllm.parallel.weights import LazyTensor, narrow
@@ -138,6 +140,24 @@ class FusedMoE(nn.Module):
         else:  # down [H, I]: columns [start, start + local)
             dst.copy_(narrow(loaded, 1, start, local))
         return name
+
+
+def linear_params(model: nn.Module) -> tuple[int, int]:
+    """(all, routed experts'): the logical weights of ``model``'s linear layers, in_features x out_features
+    each whatever their storage (a 4-bit or FP8 weight counts its logical shape), the routers and the
+    experts' stacked weights included. Pass the decoder stack: a quantized LM head is a linear layer
+    too, and callers count the head apart. A token's multiply-adds are all of them but the experts it is
+    not routed to."""
+    total = experts = 0
+    for m in model.modules():
+        if isinstance(m, FusedMoE):
+            n = m.num_local_experts * 3 * m.local_intermediate * m.hidden_size
+            total, experts = total + n, experts + n
+        elif isinstance(m, Linear | QuantizedLinear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, MoeRouter):
+            total += m.weight.numel()
+    return total, experts
 
 
 def expert_weight_bytes(model: nn.Module) -> int:

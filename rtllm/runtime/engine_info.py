@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rtllm.layers.moe import expert_weight_bytes
+from rtllm.layers.moe import expert_weight_bytes, linear_params
 from rtllm.runtime.model_runner import kv_bytes_per_token
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ def engine_info(ex: PyExecutor) -> dict[str, Any]:
     sc, kc = ex.config.scheduler_config, ex.config.kv_cache_config
     mc = ex.model_config
     embed = ex.loaded.model.model.embed_tokens.weight
+    linears, expert_params = linear_params(ex.loaded.model.model)  # the decoder stack: the LM head apart
     return {
         "model": ex.config.model,
         "architecture": mc.architecture,
@@ -27,6 +28,10 @@ def engine_info(ex: PyExecutor) -> dict[str, Any]:
         "tie_word_embeddings": mc.tie_word_embeddings,
         "embedding_bytes": embed.numel() * embed.element_size(),
         "lm_head_params": mc.vocab_size * mc.hidden_size,
+        # the linear layers' logical weights (all experts'), what a FLOP bound counts: weight bytes / element
+        # size undercounts a quantized model
+        "linear_params": linears,
+        "expert_params": expert_params,
         "kv_bytes_per_token": kv_bytes_per_token(ex.loaded.model, ex.kv_dtype),
         "kv_cache_dtype": str(ex.kv_dtype).removeprefix("torch."),
         "startup": dict(ex.startup),
