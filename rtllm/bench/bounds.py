@@ -151,9 +151,9 @@ def active_params(weight_bytes: int, element_size: int, expert_bytes: int = 0, n
 def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, osl: int, concurrency: int) -> dict:
     """Lower bound on the time of the whole workload, run in waves of ``concurrency`` requests.
 
-    Prefill: 2*params*tokens (the LM head on each prompt's last token only) + causal attention FLOPs at
-    matmul peak. Each decode step of a wave of
-    B sequences: max(bytes / bandwidth, FLOPs / peak), where bytes = weights + KV of the B contexts.
+    Prefill: 2*params*tokens (the LM head on each prompt's last token only, which samples the first
+    output token) + causal attention FLOPs at matmul peak. Then OSL - 1 decode steps, each of a wave of
+    B sequences max(bytes / bandwidth, FLOPs / peak), where bytes = weights + KV of the B contexts.
     """
     waves = []
     left = num_requests
@@ -167,7 +167,7 @@ def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, o
         attn = 2 * 2 * cost.num_layers * cost.num_heads * cost.head_dim * (isl * isl / 2)  # QK^T and PV, causal
         p = b * (2 * cost.prompt_params(isl) + attn) / hw.matmul_flops
         prefill_s += p
-        for step in range(osl):
+        for step in range(1, osl):  # the prefill samples the first output token
             ctx = isl + step
             bytes_ = cost.step_weight_bytes(b) + b * ctx * cost.kv_bytes_per_token
             flops = b * (2 * cost.active_params + 4 * cost.num_layers * cost.num_heads * cost.head_dim * ctx)

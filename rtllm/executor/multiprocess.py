@@ -285,6 +285,7 @@ class MultiProcessExecutor(GenerationExecutor):
             self._die(EngineDeadError(f"the executor's receiver thread failed: {type(e).__name__}: {e}"))
 
     def _handle(self, msgs: list[object]) -> None:
+        reports = []
         for msg in msgs:
             if isinstance(msg, UpdateBatch):
                 self._stats = msg.stats  # first: a caller woken by the updates sees the freed blocks
@@ -298,24 +299,27 @@ class MultiProcessExecutor(GenerationExecutor):
                 self._on_updates(updates)
             elif isinstance(msg, Fatal):
                 logger.error("engine worker of rank %d failed:\n%s", msg.rank, msg.traceback)
-                self._die(self._blame(msg) if self._world_size > 1 else self._rebuild(msg))
+                reports.append(msg)
+        if reports:  # all of this batch's reports at once: the socket takes the ranks' in turns, not by time
+            self._die(self._blame(reports) if self._world_size > 1 else self._rebuild(reports[0]))
 
-    def _blame(self, report: Fatal) -> BaseException:
-        """The error the requests fail with after a rank's failure report, the model split across ranks:
+    def _blame(self, reports: list[Fatal]) -> BaseException:
+        """The error the requests fail with after ranks' failure reports, the model split across ranks:
         a rank that stops makes its peers fail in their next collective, so the cause is a peer killed
-        by a signal (which reports nothing), else the earliest of the ranks' reports (``failed_at``;
-        a peer's, if it exited, arrives a moment after this one at most)."""
-        rank = self._dead_peer(report.rank)
+        by a signal (which reports nothing), else the earliest report (``failed_at``), this batch's or
+        one a dead peer sent just before it exited (read here)."""
+        first = min(reports, key=lambda r: r.failed_at)
+        rank = self._dead_peer(first.rank)
         if rank is None:
-            return self._rebuild(report)
+            return self._rebuild(first)
         if (self._procs[rank].exitcode or 0) < 0:
             return self._death_error(rank=rank)
         later = self._last_words()
-        reports = [m for m in later if isinstance(m, Fatal)]
-        for r in reports:
-            logger.error("engine worker of rank %d failed:\n%s", r.rank, r.traceback)
+        for r in later:
+            if isinstance(r, Fatal):
+                logger.error("engine worker of rank %d failed:\n%s", r.rank, r.traceback)
         self._handle([m for m in later if not isinstance(m, Fatal)])
-        return self._rebuild(min([report, *reports], key=lambda r: r.failed_at))
+        return self._rebuild(min([*reports, *(m for m in later if isinstance(m, Fatal))], key=lambda r: r.failed_at))
 
     def _die(self, error: EngineDeadError) -> None:
         if self._dead is None:

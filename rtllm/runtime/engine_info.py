@@ -27,7 +27,7 @@ def engine_info(ex: PyExecutor) -> dict[str, Any]:
         "head_dim": mc.head_dim,
         "tie_word_embeddings": mc.tie_word_embeddings,
         "embedding_bytes": embed.numel() * embed.element_size(),
-        "lm_head_params": mc.vocab_size * mc.hidden_size,
+        "lm_head_params": _lm_head_params(ex.loaded.model),
         # the linear layers' logical weights (all experts'), what a FLOP bound counts: weight bytes / element
         # size undercounts a quantized model
         "linear_params": linears,
@@ -54,3 +54,13 @@ def engine_info(ex: PyExecutor) -> dict[str, Any]:
         "load_seconds": ex.loaded.load_seconds,
     }
 
+
+def _lm_head_params(model) -> int:
+    """The LM head's logical weights on this rank, as ``linear_params`` counts the rest: none on a pipeline
+    stage without it, this rank's vocabulary shard when it is split, a quantized head's logical shape."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        return 0
+    if hasattr(head, "in_features"):
+        return head.in_features * head.out_features
+    return head.weight.numel()

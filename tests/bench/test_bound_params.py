@@ -38,3 +38,23 @@ def test_moe_linear_params_count_every_expert_and_the_router(tmp_path):
     assert info["expert_params"] == c.num_hidden_layers * experts
     assert info["linear_params"] == c.num_hidden_layers * (
         _attention(c) + experts + c.num_local_experts * c.hidden_size)
+
+
+def test_lm_head_params_are_this_ranks(tmp_path):
+    """Counted as linear_params counts the decoder: per rank (a tensor-parallel head's vocabulary shard,
+    none on a pipeline stage without it), in the logical shape of a quantized head."""
+    from rtllm.layers.moe import linear_params
+    from rtllm.models.loader import load_model
+    from rtllm.parallel.mapping import Mapping
+    from rtllm.runtime.engine_info import _lm_head_params
+
+    make_checkpoint(str(tmp_path), "llama")
+    c = hf_config("llama")
+    full = c.vocab_size * c.hidden_size
+    assert make_engine(str(tmp_path), dtype="float32", quant_config=QuantConfig("W4A16", group_size=32)
+                       ).info()["lm_head_params"] == full  # an INT8 head, counted in its logical shape
+    for mapping, head in ((Mapping(2, 2, 1, rank=1), full // 2), (Mapping(2, 1, 2, rank=0), 0)):
+        model = load_model(str(tmp_path), dtype="float32", device="cpu", mapping=mapping).model
+        assert _lm_head_params(model) == head
+        assert linear_params(model.model)[0] == c.num_hidden_layers * (
+            _attention(c) + 3 * c.hidden_size * c.intermediate_size) // 2  # half the layers' width, or half the layers
