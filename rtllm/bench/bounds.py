@@ -78,24 +78,30 @@ def _cpu_name() -> str:
     return f"{model or platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def measure_cpu(dtype: torch.dtype) -> Hardware:
+def measure_cpu(dtype: torch.dtype, threads: int | None = None) -> Hardware:
     """The CPU's ceilings as the engine meets them: a 256 MiB copy (read + written) and a 2048^3 GEMM in
-    ``dtype`` through the engine's own CPU GEMM (oneDNN-packed weight where this CPU packs the dtype)."""
+    ``dtype`` through the engine's own CPU GEMM (oneDNN-packed weight where this CPU packs the dtype), on
+    ``threads`` threads (a rank's share of the cores when the model is split; default: this process's)."""
     from rtllm.kernels.gemm import linear, pack_for_cpu
 
-    src = torch.ones(1 << 27, dtype=torch.bfloat16)  # 256 MiB
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * src.element_size() / time_cpu(lambda: dst.copy_(src))
-    m = 2048
-    x, w = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
-    w.cpu_packed = pack_for_cpu(w)
-    flops = 2 * m**3 / time_cpu(lambda: linear(x, w))
-    return Hardware(_cpu_name(), bw, flops)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        src = torch.ones(1 << 27, dtype=torch.bfloat16)  # 256 MiB
+        dst = torch.empty_like(src)
+        bw = 2 * src.numel() * src.element_size() / time_cpu(lambda: dst.copy_(src))
+        m = 2048
+        x, w = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
+        w.cpu_packed = pack_for_cpu(w)
+        flops = 2 * m**3 / time_cpu(lambda: linear(x, w))
+        return Hardware(_cpu_name(), bw, flops)
+    finally:
+        torch.set_num_threads(before)
 
 
-def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware | None:
+def measure_hardware(device: torch.device, dtype: torch.dtype, threads: int | None = None) -> Hardware | None:
     if device.type == "cpu":
-        return measure_cpu(dtype)
+        return measure_cpu(dtype, threads)
     if device.type != "cuda":
         return None
     n = 1 << 28  # 512 MiB of bf16 in, as much out

@@ -122,12 +122,15 @@ def run_bench(args) -> int:
     hw = measure_hardware(torch.device("cuda"), hw_dtype) if on_gpu else None
 
     @functools.cache
-    def hw_for(dtype: str):
+    def hw_for(dtype: str, world_size: int):
         """The ceilings: the GPU's (measured above), or the CPU's in the engine's own dtype ("auto" resolves
-        at load), measured once beside the idle engine."""
+        at load) on one rank's share of the cores (as each rank's worker takes it), measured once beside the
+        idle engine."""
         if on_gpu or args.device not in ("auto", "cpu"):
             return hw
-        return measure_hardware(torch.device("cpu"), getattr(torch, dtype))
+        from rtllm.parallel.comm import cpu_threads_per_rank
+
+        return measure_hardware(torch.device("cpu"), getattr(torch, dtype), cpu_threads_per_rank(world_size))
     graphs = None if args.no_cuda_graphs else CudaGraphConfig(max_batch_size=max(args.max_batch_size, conc))
     quant = QuantConfig.from_name(args.quant, args.quant_group_size, args.kv_cache_dtype)
     # the engine's max_seq_len sizes the CUDA graphs' attention split grid: report it with the figures
@@ -167,7 +170,7 @@ def _round(args, model, wl, concs: list[int], hw_for, graphs, quant, max_seq_len
               pipeline_parallel_size=args.pipeline_parallel_size,
               moe_expert_parallel_size=args.moe_expert_parallel_size)
     ei = llm.executor.engine_info
-    hw = hw_for(ei["dtype"])
+    hw = hw_for(ei["dtype"], ei["tensor_parallel_size"] * ei["pipeline_parallel_size"])
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "machine": platform.processor()
             or platform.machine(), "device": ei["device"], "dtype": ei["dtype"], "model": ei["model"],
             "workload": wl.__dict__, "max_seq_len": max_seq_len, "startup": ei.get("startup", {}),

@@ -171,7 +171,7 @@ def join_group(cfg: WorkerConfig) -> EngineConfig:
         local = cfg.local_rank if cfg.local_rank is not None else cfg.rank
         device = f"cuda:{local % torch.cuda.device_count()}"
     else:  # the host's cores shared between the ranks, not oversubscribed (nor above OMP_NUM_THREADS)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // mapping.world_size)))
+        torch.set_num_threads(comm.cpu_threads_per_rank(mapping.world_size))
     comm.init_distributed(mapping, cfg.dist_init_method, device)
     return dataclasses.replace(ec, mapping=mapping, device=device)
 

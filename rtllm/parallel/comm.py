@@ -19,6 +19,7 @@ point-to-point order per pair), which is what keeps every rank's micro-batches i
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import socket
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ class _State:
 
 
 _state: _State | None = None
+
+
+def cpu_threads_per_rank(world_size: int) -> int:
+    """Torch threads of one rank on a CPU host: its share of the cores, not oversubscribed (nor above the
+    process's own OMP_NUM_THREADS / torch setting)."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // world_size))
 
 
 def free_port() -> int:
