@@ -145,13 +145,12 @@ class ModelCost:
         return self.weight_bytes - self.expert_bytes + self.expert_bytes * hit
 
 
-def active_params(weight_bytes: int, element_size: int, expert_bytes: int = 0, num_experts: int = 0,
-                  experts_per_tok: int = 0) -> int:
-    """Multiply-adds per token: every weight once, except that a token runs only k of the E experts."""
+def active_params(weights: int, expert_weights: int = 0, num_experts: int = 0, experts_per_tok: int = 0) -> int:
+    """Multiply-adds per token of a model with ``weights`` logical linear weights, ``expert_weights`` of them
+    the routed experts': every weight once, except that a token runs only k of the E experts."""
     if not num_experts:
-        return weight_bytes // element_size
-    return (weight_bytes - expert_bytes) // element_size + expert_bytes * experts_per_tok // (
-        num_experts * element_size)
+        return weights
+    return weights - expert_weights + expert_weights * experts_per_tok // num_experts
 
 
 def workload_bound(cost: ModelCost, hw: Hardware, num_requests: int, isl: int, osl: int, concurrency: int) -> dict:

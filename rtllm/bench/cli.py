@@ -181,17 +181,14 @@ def _round(args, model, wl, concs: list[int], hw_for, graphs, quant, max_seq_len
             "weight_bytes": ei["weight_bytes"]}
     from rtllm.bench.bounds import ModelCost, active_params, workload_bound
 
-    elt = torch.tensor([], dtype=getattr(torch, ei["dtype"])).element_size()
     per_forward = ei["weight_bytes"] - (0 if ei["tie_word_embeddings"] else ei["embedding_bytes"])
     # MoE: a token runs k of the E experts, a batch-1 decode step reads only those (bounds.ModelCost)
     moe = {k: ei.get(k, 0) for k in ("expert_bytes", "num_experts", "experts_per_tok")}
-    active = active_params(per_forward, elt, **moe)
-    if "linear_params" in ei:  # the logical weights: bytes / element size undercounts a quantized model
-        active = ei["linear_params"] + ei["lm_head_params"] - ei["expert_params"]
-        if moe["num_experts"]:
-            active += ei["expert_params"] * moe["experts_per_tok"] // moe["num_experts"]
+    # the logical weights (weight bytes / element size would undercount a quantized model)
+    active = active_params(ei["linear_params"] + ei["lm_head_params"], ei["expert_params"], moe["num_experts"],
+                           moe["experts_per_tok"])
     cost = ModelCost(per_forward, active, ei["kv_bytes_per_token"], ei["num_layers"],
-                     ei["num_heads"], ei["head_dim"], **moe, head_params=ei.get("lm_head_params", 0))
+                     ei["num_heads"], ei["head_dim"], **moe, head_params=ei["lm_head_params"])
     if moe["num_experts"]:
         info["moe"] = dict(moe, active_params=cost.active_params)
     res: dict = {"info": info}

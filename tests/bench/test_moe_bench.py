@@ -32,7 +32,7 @@ def test_active_parameters_of_qwen3_30b_a3b():
     experts = expert_weight_bytes(model)
     assert abs(total / elt / 30.5e9 - 1) < 0.01
     per_forward = total - embed  # the input embedding is a gather, not a read of the whole table
-    active = active_params(per_forward, elt, experts, cfg.num_experts, cfg.num_experts_per_tok)
+    active = active_params(per_forward // elt, experts // elt, cfg.num_experts, cfg.num_experts_per_tok)
     assert abs((active + embed / elt) / 3.3e9 - 1) < 0.03
     cost = ModelCost(per_forward, active, 0, 48, 32, 128, experts, 128, 8)
     assert cost.step_weight_bytes(1) == pytest.approx(active * elt)
@@ -44,7 +44,7 @@ def test_active_parameters_of_qwen3_30b_a3b():
 
 
 def test_dense_cost_is_unchanged():
-    cost = ModelCost(1000, active_params(1000, 2), 10, 2, 4, 16)
+    cost = ModelCost(1000, active_params(1000 // 2), 10, 2, 4, 16)
     assert cost.active_params == 500 and cost.step_weight_bytes(1) == cost.step_weight_bytes(64) == 1000
 
 
