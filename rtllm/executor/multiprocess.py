@@ -315,11 +315,11 @@ class MultiProcessExecutor(GenerationExecutor):
         if (self._procs[rank].exitcode or 0) < 0:
             return self._death_error(rank=rank)
         later = self._last_words()
-        for r in later:
-            if isinstance(r, Fatal):
-                logger.error("engine worker of rank %d failed:\n%s", r.rank, r.traceback)
+        late_reports = [m for m in later if isinstance(m, Fatal)]
+        for r in late_reports:
+            logger.error("engine worker of rank %d failed:\n%s", r.rank, r.traceback)
         self._handle([m for m in later if not isinstance(m, Fatal)])
-        return self._rebuild(min([*reports, *(m for m in later if isinstance(m, Fatal))], key=lambda r: r.failed_at))
+        return self._rebuild(min([*reports, *late_reports], key=lambda r: r.failed_at))
 
     def _die(self, error: EngineDeadError) -> None:
         if self._dead is None:
