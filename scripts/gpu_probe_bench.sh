@@ -15,7 +15,8 @@
 # 3b. MOE_DECODE=1: the Qwen3-30B-A3B experts alone at 1-4 tokens (scripts/moe_kernel_bench.py --decode; with
 #    MOE_TUNE=1 --tune, the GEMV launches' tile sweep), and with BEFORE the same with the first dir's files;
 # 4. PROBES=1 (default): the launches' cost on the critical path (scripts/launch_probe.py: outputs wrong, timing
-#    only): Llama and the MoE without the RMSNorm launches, the MoE without the router.
+#    only): Llama and the MoE without each launch of PROBE_LIST (default "norms router"; router: the MoE only;
+#    also rope, attn_reduce, attn_one_split).
 set -uo pipefail
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -74,11 +75,10 @@ if [ "${MOE:-1}" = 1 ]; then
     for b in ${BEFORE:-}; do before "$b" lat "moe$(suffix "$b")" "" $M 4; done
 fi
 if [ "${PROBES:-1}" = 1 ]; then
-    lat llama_bf16_skip_norms norms $L 2
-    if [ "${MOE:-1}" = 1 ]; then
-        lat moe_skip_norms norms $M 4
-        lat moe_skip_router router $M 4
-    fi
+    for p in ${PROBE_LIST:-norms router}; do
+        [ "$p" != router ] && lat "llama_bf16_skip_$p" "$p" $L 2
+        [ "${MOE:-1}" = 1 ] && lat "moe_skip_$p" "$p" $M 4
+    done
 fi
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys

@@ -9,7 +9,12 @@ fusing them into a neighbour. The outputs are wrong; only the timings mean anyth
   residual add (q/k norms run inside the RoPE kernel and stay). For 16-bit layers: an FP8 layer that
   took its input quantized by the norm would quantize it in a launch of its own;
 - ``router``: a MoE router returns fixed top-k ids and weights, prepared once per token count (no router
-  launch; the experts still read the weights those ids pick).
+  launch; the experts still read the weights those ids pick);
+- ``rope``: no RoPE + cache-write launch (q and k pass through unrotated, the cache is never written);
+- ``attn_reduce``: the decode attention's split kernel runs, its reduce launch does not (the output is
+  left unwritten);
+- ``attn_one_split``: decode attention in one split a (sequence, KV head) (no reduce launch; each program
+  streams the whole context).
 """
 
 from __future__ import annotations
@@ -46,12 +51,35 @@ def skip_router() -> None:
     moe.route = route
 
 
+def skip_rope() -> None:
+    from rtllm.kernels import attention
+
+    attention.rope_and_cache = lambda positions, q, k, *args, **kwargs: (q, k)
+
+
+def skip_attn_reduce() -> None:
+    from rtllm.kernels.triton_attention import decode
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    decode.decode_reduce_kernel = NoLaunch()
+
+
+def attn_one_split() -> None:
+    from rtllm.kernels.triton_attention import decode
+
+    decode.decode_num_splits = lambda batch, num_kv_heads, max_seq_len, block_n, num_sms=132: (1, max_seq_len)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--skip", default="", help="comma list of norms, router")
+    probes = {"norms": skip_norms, "router": skip_router, "rope": skip_rope, "attn_reduce": skip_attn_reduce,
+              "attn_one_split": attn_one_split}
+    ap.add_argument("--skip", default="", help=f"comma list of {', '.join(probes)}")
     ap.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the rtllm CLI arguments")
     args = ap.parse_args()
-    probes = {"norms": skip_norms, "router": skip_router}
     for name in filter(None, args.skip.split(",")):
         if name not in probes:
             ap.error(f"unknown --skip {name!r}: one of {sorted(probes)}")

@@ -62,3 +62,37 @@ def test_decode_fp8_words_matches_reference(hq, hkv, d, page):
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
         if not kw:  # same values into the same fp16 dots as the byte tiles: fp32 summation order at most
             torch.testing.assert_close(out.float(), bytes_.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 4)])  # Llama-3.1-8B, Qwen3-30B-A3B
+def test_decode_merge_in_last_split_in_a_replayed_graph(hq, hkv):
+    """The splits merged by the last one to finish (arrival counters), compiled: 24 layers' launches back to
+    back in one CUDA graph, replayed three times, each equal to the merge launch's output (the same partials;
+    fp32 sums in another order) and to the torch reference, at batch 1-4 and contexts around the tile."""
+    d, page = 128, 16
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lens = [390, 1, 65, 200]
+    B, nb = len(lens), 4 * 512 // page
+    tables = torch.randperm(nb, generator=g, device="cuda").to(torch.int32).view(B, -1)
+    caches = [(torch.randn(nb, page, hkv, d, generator=g, device="cuda").to(torch.bfloat16),
+               torch.randn(nb, page, hkv, d, generator=g, device="cuda").to(torch.bfloat16)) for _ in range(24)]
+    q = torch.randn(B, hq, d, generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn(B, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
+    v = torch.randn(B, hkv, d, generator=g, device="cuda").to(torch.bfloat16)
+    for b in (1, B):
+        seq_lens = torch.tensor(lens[:b], dtype=torch.int32, device="cuda")
+        args = [(q[:b], k[:b], v[:b], kc, vc, tables[:b], seq_lens, d**-0.5, 512) for kc, vc in caches]
+        launch = [tri.paged_decode_attention_triton(*a, merge="launch") for a in args]
+        [tri.paged_decode_attention_triton(*a) for a in args]  # compile and make the counters outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [tri.paged_decode_attention_triton(*a) for a in args]
+        for _ in range(3):
+            for o in outs:
+                o.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            for o, want in zip(outs, launch):
+                torch.testing.assert_close(o.float(), want.float(), atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(outs[-1].float(), ref.paged_decode_attention_torch(*args[-1]).float(),
+                                       atol=2e-2, rtol=2e-2)

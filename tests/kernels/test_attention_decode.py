@@ -8,6 +8,7 @@ import torch
 
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
+from rtllm.kernels.triton_attention import decode_splits
 from tests.kernels.paged import BS, DTYPES, HEADS, REF_CASES, Paged, close
 
 METHODS = ["matmul", "sdpa"]  # the CPU reference's two ways of serving a padded batch (auto: by dtype)
@@ -77,18 +78,53 @@ def test_decode_splits_follow_each_sequence_not_max_seq_len() -> None:
     close(outs[0], ref.paged_decode_attention_torch(*args, max(p.seq_lens)), torch.float32)
 
 
+@pytest.mark.parametrize("merge", ["last_split", "launch"])
 @pytest.mark.parametrize("num_splits,block_n", [(1, 32), (3, 16), (8, 16), (64, 16)])
-def test_decode_split_counts(num_splits, block_n) -> None:
+def test_decode_split_counts(num_splits, block_n, merge) -> None:
     """One split (direct write), several, and more splits than some sequences have tokens;
-    max_seq_len larger than every length; a padding row (seq_len 0) gives zeros."""
+    max_seq_len larger than every length; a padding row (seq_len 0) gives zeros. The splits merged by the
+    last split to finish (the arrival counters are left at zero for the next launch) or by a launch."""
     p = Paged([0, 20, 66, 99], [1] * 4, 8, 2, 64, BS, torch.float32, seed=4)
     seq_lens = p.seq_lens_t.clone()
     seq_lens[0] = 0
     args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, seq_lens, p.scale, 120)
-    out = tri.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n)
+    out = tri.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n, merge=merge)
     expected = ref.paged_decode_attention_torch(*args)
     close(out, expected, torch.float32)
     assert out[0].abs().max() == 0
+    counters = decode_splits.merge_counters(out.device, 1)
+    assert counters is not None and counters.count_nonzero() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_merge_in_last_split_matches_merge_launch(dtype) -> None:
+    """G = 8 query heads a KV head (as Qwen3-30B-A3B: merged 4 splits a chunk) and G = 3 (padded heads),
+    up to 20 splits, twice in a row on the same counters: both merges equal the reference, and each other
+    to fp32 rounding (they sum the splits in other orders)."""
+    for heads, lens in (((16, 2, 64), [300, 5, 129]), ((9, 3, 64), [70, 1, 33])):
+        p = Paged([n - 1 for n in lens], [1] * len(lens), *heads, BS, dtype, seed=11)
+        args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max(lens))
+        expected = ref.paged_decode_attention_torch(*args)
+        launch = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16, merge="launch")
+        for _ in range(2):
+            fused = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16)
+            close(fused, expected, dtype)
+            torch.testing.assert_close(fused.float(), launch.float(), atol=1e-5 if dtype == torch.float32 else 1e-2,
+                                       rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_merge_falls_back_to_a_launch_without_counters(monkeypatch) -> None:
+    """More (sequence, KV head) pairs than arrival counters: the merge launch serves them; a bad merge
+    name is refused."""
+    monkeypatch.setattr(decode_splits, "MERGE_COUNTERS", 2)
+    monkeypatch.setattr(decode_splits, "_merge_counters", {})
+    p = Paged([30, 40], [1, 1], 8, 2, 32, BS, torch.float32, seed=3)
+    args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 41)
+    assert decode_splits.merge_counters(p.q.device, 4) is None
+    close(tri.paged_decode_attention_triton(*args, num_splits=3, block_n=16), ref.paged_decode_attention_torch(*args),
+          torch.float32)
+    with pytest.raises(ValueError, match="merge='both'"):
+        tri.paged_decode_attention_triton(*args, num_splits=3, merge="both")
 
 
 def test_decode_block_size_32_strided_q() -> None:

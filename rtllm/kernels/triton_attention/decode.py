@@ -19,6 +19,8 @@ from rtllm.kernels.triton_attention.decode_splits import (
     DECODE_MAX_SPLITS,
     decode_num_splits,
     decode_reduce_kernel,
+    merge_counters,
+    merge_in_last_split,
     split_tokens_of,
 )
 from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, prefetch_kv_rows, to_dot
@@ -44,6 +46,7 @@ def _decode_split_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    cnt_ptr,
     qk_scale,
     qk_scale_cache,
     v_scale,
@@ -84,12 +87,17 @@ def _decode_split_kernel(
     KV_WORDS: tl.constexpr = False,
     CVT_ASM: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    MERGE: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 16,
+    MERGE_H: tl.constexpr = 1,
+    MERGE_CHUNK: tl.constexpr = 1,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
     [split * split_tokens, min(+split_tokens, seq_len)), split_tokens from sequence b's own length
     (decode_splits.split_tokens_of: a multiple of BLOCK_N); in the split that holds it, the token being
     decoded from kn / vn (fp32 FMA), then the cached ones before seq_len - 1 in dots of dtype DOT.
-    Writes (max, sum, unnormalized out) in the log2 domain, or the final output when there is one split.
+    Writes (max, sum, unnormalized out) in the log2 domain, or the final output when there is one split;
+    MERGE: then the last split of (b, kv head) to finish merges them (decode_splits.merge_in_last_split).
     KV_FP8: cached K/V tiles are e4m3, converted (exactly) to DOT (fp16 for a 16-bit q); k_scale is folded
     into qk_scale_cache, v_scale multiplies the cached part of the sum once.
     PDL: launched while RoPE + cache write runs (the next launch may start). Before the wait, what does not
@@ -263,6 +271,10 @@ def _decode_split_kernel(
         tl.store(m_ptr + part, m_i, mask=mask_g)
         tl.store(l_ptr + part, l_i, mask=mask_g)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_q)
+        if MERGE:
+            n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
+            merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_heads, num_splits, n_valid,
+                                stride_ob, stride_oh, stride_od, G, MERGE_H, HEAD_DIM, BLOCK_D, BLOCK_S, MERGE_CHUNK)
 
 
 def paged_decode_attention_triton(
@@ -286,6 +298,7 @@ def paged_decode_attention_triton(
     prefetch: int | None = None,
     max_regs: int | None = None,
     fp8_words: bool | None = None,
+    merge: str = "last_split",
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D], with the step's own k, v [B, Hkv, D] -> [B, Hq, D]
     (q's dtype).
@@ -296,22 +309,21 @@ def paged_decode_attention_triton(
     and its prefix (see :func:`paged_prefill_attention_triton`); so a token's attention does not
     depend on whether it ran as a decode or as a one-token chunk.
 
-    Flash-decoding: kernel 1 has grid (B, Hkv, num_splits); each program loads the G = Hq/Hkv
-    query heads of one KV head once (padded to >= 16 rows for tensor cores) and streams its
-    split of the sequence's KV in BLOCK_N-token tiles (gathered through the block table, any
-    block_size), keeping an online softmax in fp32. Kernel 2 (grid (B, Hq)) merges the splits;
-    with one split, kernel 1 writes the output directly. ``max_seq_len`` must be >= every
-    seq_lens[b]; it only sizes the split grid (see :func:`decode_num_splits`): each sequence's splits
-    hold its own length over the grid's splits, in whole tiles (decode_splits.split_tokens_of). ``num_splits``,
-    ``block_n``, ``num_warps``, ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles
-    loaded that many ahead in registers), ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3
-    cache read as int32 words of four codes, decoded two codes an instruction: the default where the
-    dots run in fp16, head_dim % 4 == 0 and the caches are 4-byte aligned) override the heuristics
-    (tests, tuning). A
-    float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles converted to fp16 for the dots
-    (:func:`~rtllm.kernels.triton_attention.prefill.cache_dot_dtype`; ``cache_dot`` overrides it:
-    benchmarks).
-    """
+    Flash-decoding: one launch of grid (B, Hkv, num_splits); each program loads the G = Hq/Hkv query heads
+    of one KV head once (padded to >= 16 rows for tensor cores) and streams its split of the sequence's KV
+    in BLOCK_N-token tiles (gathered through the block table, any block_size), keeping an online softmax
+    in fp32. With one split it writes the output directly; with several, ``merge`` "last_split" (the
+    default) has the last split of each (sequence, KV head) to finish merge them in the same launch,
+    "launch" a second launch of grid (B, Hq) (also the fallback where the arrival counters are not
+    available: decode_splits.merge_counters). ``max_seq_len`` must be >= every seq_lens[b]; it only sizes
+    the split grid (:func:`decode_num_splits`): each sequence's splits hold its own length over the grid's
+    splits, in whole tiles (decode_splits.split_tokens_of). ``num_splits``, ``block_n``, ``num_warps``,
+    ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles loaded that many ahead in registers),
+    ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3 cache read as int32 words of four codes,
+    decoded two codes an instruction: the default where the dots run in fp16, head_dim % 4 == 0 and the
+    caches are 4-byte aligned) override the heuristics
+    (tests, tuning). A float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles
+    converted to fp16 for the dots (prefill.cache_dot_dtype; ``cache_dot`` overrides it: benchmarks)."""
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -353,6 +365,9 @@ def paged_decode_attention_triton(
     block_g = max(16, triton.next_power_of_2(G))
     one = num_splits == 1
     pdl = pdl_enabled(q)
+    if merge not in ("last_split", "launch"):
+        raise ValueError(f"merge={merge!r}: 'last_split' or 'launch'")
+    cnt = None if one or merge == "launch" else merge_counters(q.device, B * Hkv)
     if one:
         m = lsum = acc = out  # unused
     else:
@@ -364,20 +379,22 @@ def paged_decode_attention_triton(
         prefetch = 0
     kc, vc = (k_cache.view(torch.int32), v_cache.view(torch.int32)) if words else (k_cache, v_cache)
     stages = num_stages or (1 if prefetch else 2 if tuned_words else 3 if (esize <= 2 and block_d <= 128) else 2)
+    block_s, merge_h = max(16, triton.next_power_of_2(num_splits)), triton.next_power_of_2(G)  # few variants
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc,
+        q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc, out if cnt is None else cnt,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), num_splits,
         *q.stride(), *k.stride(), *v.stride(), *kc.stride(), *vc.stride(), block_tables.stride(0),
         block_tables.shape[1], *out.stride(),
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
         ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
         PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q), PDL=pdl,
+        MERGE=cnt is not None, BLOCK_S=block_s, MERGE_H=merge_h, MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)),
         num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
-    if not one:
+    if not one and cnt is None:
         decode_reduce_kernel[(B, Hq)](
             out, m, lsum, acc, seq_lens, num_splits, *out.stride(),
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few variants
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=block_s,
             ALIGN=block_n, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out
