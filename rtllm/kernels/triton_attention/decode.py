@@ -375,11 +375,10 @@ def paged_decode_attention_triton(
         lsum = torch.empty_like(m)
         acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     num_warps = num_warps or (4 if block_g * block_d <= 64 * 128 else 8)
-    if prefetch is None:
-        prefetch = 0
+    prefetch = prefetch or 0
     kc, vc = (k_cache.view(torch.int32), v_cache.view(torch.int32)) if words else (k_cache, v_cache)
     stages = num_stages or (1 if prefetch else 2 if tuned_words else 3 if (esize <= 2 and block_d <= 128) else 2)
-    block_s, merge_h = max(16, triton.next_power_of_2(num_splits)), triton.next_power_of_2(G)  # few variants
+    block_s, merge_h = max(16, triton.next_power_of_2(num_splits)), triton.next_power_of_2(G)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc, out if cnt is None else cnt,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), num_splits,
@@ -388,7 +387,8 @@ def paged_decode_attention_triton(
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
         ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
         PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q), PDL=pdl,
-        MERGE=cnt is not None, BLOCK_S=block_s, MERGE_H=merge_h, MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)),
+        MERGE=cnt is not None, BLOCK_S=16 if cnt is None else block_s, MERGE_H=merge_h,
+        MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)),
         num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
     if not one and cnt is None:
