@@ -83,10 +83,10 @@ def test_decode_merge_in_last_split_in_a_replayed_graph(hq, hkv):
         seq_lens = torch.tensor(lens[:b], dtype=torch.int32, device="cuda")
         args = [(q[:b], k[:b], v[:b], kc, vc, tables[:b], seq_lens, d**-0.5, 512) for kc, vc in caches]
         launch = [tri.paged_decode_attention_triton(*a, merge="launch") for a in args]
-        [tri.paged_decode_attention_triton(*a) for a in args]  # compile and make the counters outside capture
+        [tri.paged_decode_attention_triton(*a, merge="last_split") for a in args]  # compile, counters: not captured
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outs = [tri.paged_decode_attention_triton(*a) for a in args]
+            outs = [tri.paged_decode_attention_triton(*a, merge="last_split") for a in args]
         for _ in range(3):
             for o in outs:
                 o.zero_()

@@ -107,7 +107,7 @@ def test_decode_merge_in_last_split_matches_merge_launch(dtype) -> None:
         expected = ref.paged_decode_attention_torch(*args)
         launch = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16, merge="launch")
         for _ in range(2):
-            fused = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16)
+            fused = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16, merge="last_split")
             close(fused, expected, dtype)
             torch.testing.assert_close(fused.float(), launch.float(), atol=1e-5 if dtype == torch.float32 else 1e-2,
                                        rtol=1e-5 if dtype == torch.float32 else 1e-2)
@@ -115,16 +115,27 @@ def test_decode_merge_in_last_split_matches_merge_launch(dtype) -> None:
 
 def test_decode_merge_falls_back_to_a_launch_without_counters(monkeypatch) -> None:
     """More (sequence, KV head) pairs than arrival counters: the merge launch serves them; a bad merge
-    name is refused."""
+    name, as an argument or in the environment, is refused with its name."""
     monkeypatch.setattr(decode_splits, "MERGE_COUNTERS", 2)
     monkeypatch.setattr(decode_splits, "_merge_counters", {})
     p = Paged([30, 40], [1, 1], 8, 2, 32, BS, torch.float32, seed=3)
     args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 41)
     assert decode_splits.merge_counters(p.q.device, 4) is None
-    close(tri.paged_decode_attention_triton(*args, num_splits=3, block_n=16), ref.paged_decode_attention_torch(*args),
-          torch.float32)
-    with pytest.raises(ValueError, match="merge='both'"):
+    close(tri.paged_decode_attention_triton(*args, num_splits=3, block_n=16, merge="last_split"),
+          ref.paged_decode_attention_torch(*args), torch.float32)
+    with pytest.raises(ValueError, match="merge 'both'"):
         tri.paged_decode_attention_triton(*args, num_splits=3, merge="both")
+    monkeypatch.setenv("RTLLM_DECODE_MERGE", "fused")
+    with pytest.raises(ValueError, match="RTLLM_DECODE_MERGE"):
+        tri.paged_decode_attention_triton(*args, num_splits=3)
+
+
+def test_decode_merge_mode_defaults_to_the_launch_and_follows_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("RTLLM_DECODE_MERGE", raising=False)
+    assert decode_splits.merge_mode(None) == "launch"
+    monkeypatch.setenv("RTLLM_DECODE_MERGE", "last_split")
+    assert decode_splits.merge_mode(None) == "last_split"
+    assert decode_splits.merge_mode("launch") == "launch"
 
 
 def test_decode_block_size_32_strided_q() -> None:

@@ -21,6 +21,7 @@ from rtllm.kernels.triton_attention.decode_splits import (
     decode_reduce_kernel,
     merge_counters,
     merge_in_last_split,
+    merge_mode,
     split_tokens_of,
 )
 from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, prefetch_kv_rows, to_dot
@@ -298,7 +299,7 @@ def paged_decode_attention_triton(
     prefetch: int | None = None,
     max_regs: int | None = None,
     fp8_words: bool | None = None,
-    merge: str = "last_split",
+    merge: str | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D], with the step's own k, v [B, Hkv, D] -> [B, Hq, D]
     (q's dtype).
@@ -312,18 +313,18 @@ def paged_decode_attention_triton(
     Flash-decoding: one launch of grid (B, Hkv, num_splits); each program loads the G = Hq/Hkv query heads
     of one KV head once (padded to >= 16 rows for tensor cores) and streams its split of the sequence's KV
     in BLOCK_N-token tiles (gathered through the block table, any block_size), keeping an online softmax
-    in fp32. With one split it writes the output directly; with several, ``merge`` "last_split" (the
-    default) has the last split of each (sequence, KV head) to finish merge them in the same launch,
-    "launch" a second launch of grid (B, Hq) (also the fallback where the arrival counters are not
-    available: decode_splits.merge_counters). ``max_seq_len`` must be >= every seq_lens[b]; it only sizes
-    the split grid (:func:`decode_num_splits`): each sequence's splits hold its own length over the grid's
-    splits, in whole tiles (decode_splits.split_tokens_of). ``num_splits``, ``block_n``, ``num_warps``,
-    ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles loaded that many ahead in registers),
-    ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3 cache read as int32 words of four codes,
-    decoded two codes an instruction: the default where the dots run in fp16, head_dim % 4 == 0 and the
-    caches are 4-byte aligned) override the heuristics
-    (tests, tuning). A float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles
-    converted to fp16 for the dots (prefill.cache_dot_dtype; ``cache_dot`` overrides it: benchmarks)."""
+    in fp32. With one split it writes the output directly. Several are merged (``merge``, default
+    decode_splits.merge_mode's) by a second launch of grid (B, Hq) ("launch"), or by the last split of each
+    (sequence, KV head) to finish, in the same launch ("last_split"; a second launch where the arrival
+    counters are not available: decode_splits.merge_counters). ``max_seq_len`` must be >= every
+    seq_lens[b]; it only sizes the split grid (:func:`decode_num_splits`): each sequence's splits hold its
+    own length over the grid's splits, in whole tiles (decode_splits.split_tokens_of). ``num_splits``,
+    ``block_n``, ``num_warps``, ``num_stages``, ``prefetch`` (0: Triton's pipeliner; 1, 2: tiles loaded
+    that many ahead in registers), ``max_regs`` (ptxas register cap) and ``fp8_words`` (an e4m3 cache read
+    as int32 words of four codes, decoded two codes an instruction: the default where the dots run in
+    fp16, head_dim % 4 == 0 and the caches are 4-byte aligned) override the heuristics (tests, tuning). A
+    float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles converted to fp16
+    for the dots (prefill.cache_dot_dtype; ``cache_dot`` overrides it: benchmarks)."""
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -365,9 +366,7 @@ def paged_decode_attention_triton(
     block_g = max(16, triton.next_power_of_2(G))
     one = num_splits == 1
     pdl = pdl_enabled(q)
-    if merge not in ("last_split", "launch"):
-        raise ValueError(f"merge={merge!r}: 'last_split' or 'launch'")
-    cnt = None if one or merge == "launch" else merge_counters(q.device, B * Hkv)
+    cnt = None if one or merge_mode(merge) == "launch" else merge_counters(q.device, B * Hkv)
     if one:
         m = lsum = acc = out  # unused
     else:

@@ -4,6 +4,8 @@ by a launch of their own (decode_reduce_kernel). rtllm.kernels.triton_attention.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -83,8 +85,9 @@ def merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_h
     pair's counter (acq_rel); the program that arrives last merges the n_valid splits of the G query
     heads as decode_reduce_kernel does (weights from the splits' maxima; sums in chunks of CHUNK
     splits, each chunk's loads in flight together), writes the output and resets the counter. This
-    saves the reduce launch: at batch 1 it cost ~3 us a layer on the critical path (H100, Llama-3.1-8B:
-    TPOT 5.43 -> 5.32 ms without it, scripts/launch_probe.py --skip attn_reduce)."""
+    saves the reduce launch, which costs ~3.3 us a layer on the critical path at batch 1 (H100,
+    Llama-3.1-8B: TPOT 5.43 -> 5.32 ms without it, scripts/launch_probe.py --skip attn_reduce); what the
+    counter and the last program's tail cost instead is not yet measured."""
     tl.debug_barrier()  # every partial store of this program happens before the release below
     slot = b * num_kv_heads + hk
     done = tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel", scope="gpu")
@@ -117,6 +120,19 @@ def merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_h
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
         tl.atomic_xchg(cnt_ptr + slot, 0)
+
+
+MERGES = ("launch", "last_split")
+
+
+def merge_mode(merge: str | None) -> str:
+    """The merge a decode launch uses: ``merge``, else ``RTLLM_DECODE_MERGE``, else "launch". The merge in
+    the last split is not yet the default: it passes the interpreter's tests, but has not yet been compiled
+    and timed on a GPU (scripts/gpu_probe_bench.sh with RTLLM_DECODE_MERGE=last_split)."""
+    mode = merge or os.environ.get("RTLLM_DECODE_MERGE") or "launch"
+    if mode not in MERGES:
+        raise ValueError(f"decode attention merge {mode!r} (argument or RTLLM_DECODE_MERGE): one of {MERGES}")
+    return mode
 
 
 MERGE_COUNTERS = 1 << 12  # one a (sequence, KV head); more splits than one only below the SM count
