@@ -8,7 +8,8 @@
 #    files as they were before a change) each also with those files swapped in, in the same command; make one with
 #    `for f in $(git diff --name-only REV -- rtllm); do mkdir -p B/$(dirname $f); git show REV:$f > B/$f; done`
 #    under .gpucache/ (ignored by git) and carry it; BEFORE may list several such dirs (runs "_before" for the
-#    first, "_before_<dir name>" for the others);
+#    first, "_before_<dir name>" for the others); VARIANT="NAME=value ...": each also with that environment
+#    ("_variant");
 # 3. TUNE=1 (default), before the benches of 2: the decode GEMVs' tiles at M = 1 (scripts/quant_kernel_tune.py
 #    --kinds $TUNE_KINDS, default fp8); the benches of this tree then use the tuned table, those of BEFORE their
 #    own committed one; TUNE_BEFORE=1 also times the same grid with the first BEFORE dir's files ($OUT/before/);
@@ -66,12 +67,17 @@ if [ "${MOE_DECODE:-0}" = 1 ]; then
 fi
 L=configs/llama-3.1-8b.json
 M=configs/qwen3-30b-a3b.json
+variant() {  # the same run with the VARIANT environment (e.g. VARIANT="RTLLM_DECODE_MERGE=last_split")
+    [ -n "${VARIANT:-}" ] && (export ${VARIANT?}; lat "$@")
+}
 for q in ${QUANT:-none fp8 w4a16}; do
     lat "llama_$q" "" $L 2 --quant "$q"
+    variant "llama_${q}_variant" "" $L 2 --quant "$q"
     for b in ${BEFORE:-}; do before "$b" lat "llama_${q}$(suffix "$b")" "" $L 2 --quant "$q"; done
 done
 if [ "${MOE:-1}" = 1 ]; then
     lat moe "" $M 4
+    variant moe_variant "" $M 4
     for b in ${BEFORE:-}; do before "$b" lat "moe$(suffix "$b")" "" $M 4; done
 fi
 if [ "${PROBES:-1}" = 1 ]; then
