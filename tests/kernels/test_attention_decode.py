@@ -98,16 +98,22 @@ def test_decode_split_counts(num_splits, block_n, merge) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_merge_in_last_split_matches_merge_launch(dtype) -> None:
-    """G = 8 query heads a KV head (as Qwen3-30B-A3B: merged 4 splits a chunk) and G = 3 (padded heads),
-    up to 20 splits, twice in a row on the same counters: both merges equal the reference, and each other
-    to fp32 rounding (they sum the splits in other orders)."""
-    for heads, lens in (((16, 2, 64), [300, 5, 129]), ((9, 3, 64), [70, 1, 33])):
+    """G = 8 query heads a KV head (as Qwen3-30B-A3B; head_dim 64: 8 splits a chunk) and G = 3 (padded
+    heads) with 19 splits (three chunks, the last one partial), and 35 splits, all holding tokens of a 1,090-token
+    context (more than 32: the merge's 64-wide tile), twice in a row on the same counters: both merges equal
+    the reference, and each other to fp32 rounding (they sum the splits in other orders); the counters end
+    at zero."""
+    cases = [((16, 2, 64), [300, 5, 129], 20), ((9, 3, 64), [70, 1, 33], 20)]
+    if dtype == torch.float32:  # the merge's arithmetic is fp32 whatever the dtype: the long case once
+        cases.append(((8, 2, 64), [1090, 40], 64))
+    for heads, lens, splits in cases:
         p = Paged([n - 1 for n in lens], [1] * len(lens), *heads, BS, dtype, seed=11)
         args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max(lens))
         expected = ref.paged_decode_attention_torch(*args)
-        launch = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16, merge="launch")
+        launch = tri.paged_decode_attention_triton(*args, num_splits=splits, block_n=16, merge="launch")
         for _ in range(2):
-            fused = tri.paged_decode_attention_triton(*args, num_splits=20, block_n=16, merge="last_split")
+            fused = tri.paged_decode_attention_triton(*args, num_splits=splits, block_n=16, merge="last_split")
+            assert decode_splits.merge_counters(fused.device, 1).count_nonzero() == 0
             close(fused, expected, dtype)
             torch.testing.assert_close(fused.float(), launch.float(), atol=1e-5 if dtype == torch.float32 else 1e-2,
                                        rtol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -127,8 +127,10 @@ def test_decode_fp8(heads, dtype, k_scale, v_scale) -> None:
     max_len = max(p.seq_lens)
     args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, max_len)
     expected = ref.paged_decode_attention_torch(*args, None, k_scale, v_scale)
-    for splits in (None, 1):  # the heuristic (several splits here) and the direct write
-        out = tri.paged_decode_attention_triton(*args, num_splits=splits, k_scale=k_scale, v_scale=v_scale)
+    # the heuristic (several splits here, merged by a launch or by the last split) and the direct write
+    for splits, merge in ((None, "launch"), (None, "last_split"), (1, "launch")):
+        out = tri.paged_decode_attention_triton(*args, num_splits=splits, k_scale=k_scale, v_scale=v_scale,
+                                                merge=merge)
         close(out, expected, dtype)
     if dtype == torch.float32:
         torch.testing.assert_close(expected.double(), p.dense(), atol=1e-5, rtol=1e-5)

@@ -366,7 +366,7 @@ def paged_decode_attention_triton(
     block_g = max(16, triton.next_power_of_2(G))
     one = num_splits == 1
     pdl = pdl_enabled(q)
-    cnt = None if one or merge_mode(merge) == "launch" else merge_counters(q.device, B * Hkv)
+    cnt = None if merge_mode(merge) == "launch" or one else merge_counters(q.device, B * Hkv)
     if one:
         m = lsum = acc = out  # unused
     else:
@@ -386,7 +386,7 @@ def paged_decode_attention_triton(
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
         ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
         PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q), PDL=pdl,
-        MERGE=cnt is not None, BLOCK_S=16 if cnt is None else block_s, MERGE_H=merge_h,
+        MERGE=cnt is not None, BLOCK_S=16 if cnt is None else max(DECODE_MAX_SPLITS, block_s), MERGE_H=merge_h,
         MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)),
         num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
