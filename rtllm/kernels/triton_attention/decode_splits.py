@@ -143,7 +143,8 @@ def merge_counters(device: torch.device, pairs: int) -> torch.Tensor | None:
     """The device's zeroed int32 arrival counters for merge_in_last_split (each launch leaves them at
     zero), or None where a launch of ``pairs`` (sequence, KV head) pairs cannot use them: more pairs than
     counters, or a CUDA-graph capture before they exist (a captured graph must point at memory allocated
-    outside it; the engine runs each batch size once before capturing it)."""
+    outside it; the engine runs each batch size once before capturing it). The launches sharing a device's
+    counters run one after another (one stream), as a model's do."""
     key = (device.type, device.index)
     cnt = _merge_counters.get(key)
     if cnt is None:
