@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rtllm.kernels.device_buffers import device_buffer
 from rtllm.kernels.triton_attention.common import pdl_enabled
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +103,6 @@ def fused_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
 ROUTER_FUSED_MAX_TOKENS = 8
 ROUTER_FUSED_MAX_X_BYTES = 2 << 20
 _ROUTER_MIN_CHUNK = 512  # elements of H per program at least (a split smaller than this costs more than it hides)
-_router_counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 @triton.jit
@@ -162,14 +162,8 @@ def _router_topk_kernel(
 
 def _router_counter(device: torch.device) -> torch.Tensor | None:
     """The device's zeroed int32 arrival counter (each launch leaves it at zero), or None during a
-    CUDA-graph capture before it exists (a captured graph must point at memory allocated outside it)."""
-    key = (device.type, device.index)
-    cnt = _router_counters.get(key)
-    if cnt is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        cnt = _router_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return cnt
+    CUDA-graph capture before it exists (rtllm.kernels.device_buffers)."""
+    return device_buffer("moe_router_counter", device, lambda: torch.zeros(1, dtype=torch.int32, device=device))
 
 
 def router_fusable(T: int, E: int, H: int, element_size: int) -> bool:

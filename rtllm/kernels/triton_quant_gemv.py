@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rtllm.kernels.device_buffers import device_buffer
 from rtllm.kernels.triton_activation import silu_and_mul_triton
 from rtllm.kernels.triton_attention.common import interpreting, pdl_enabled, sm_count
 from rtllm.kernels.triton_fp8 import e4m3_words_to_f16, readable_as_words
@@ -190,21 +191,13 @@ def _w8_gemv_kernel(
 # workspace
 
 
-_workspaces: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(fp32 partials, int32 zeroed counters) for a split-K launch, or None when this launch cannot
-    use them (too large, or a CUDA-graph capture before the workspace exists)."""
-    key = (device.type, device.index)
-    ws = _workspaces.get(key)
-    if ws is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        ws = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
-              torch.zeros(WORKSPACE_TILES, dtype=torch.int32, device=device))
-        _workspaces[key] = ws
-    if floats > ws[0].numel() or tiles > ws[1].numel():
+    use them (too large, or a CUDA-graph capture before the workspace exists: rtllm.kernels.device_buffers)."""
+    ws = device_buffer("gemv_split_k", device, lambda: (
+        torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+        torch.zeros(WORKSPACE_TILES, dtype=torch.int32, device=device)))
+    if ws is None or floats > ws[0].numel() or tiles > ws[1].numel():
         return None
     return ws
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rtllm.kernels import attention as ref
+from rtllm.kernels import device_buffers
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.triton_attention import decode_splits
 from tests.kernels.paged import BS, DTYPES, HEADS, REF_CASES, Paged, close
@@ -123,7 +124,7 @@ def test_decode_merge_falls_back_to_a_launch_without_counters(monkeypatch) -> No
     """More (sequence, KV head) pairs than arrival counters: the merge launch serves them; a bad merge
     name, as an argument or in the environment, is refused with its name."""
     monkeypatch.setattr(decode_splits, "MERGE_COUNTERS", 2)
-    monkeypatch.setattr(decode_splits, "_merge_counters", {})
+    monkeypatch.setattr(device_buffers, "_buffers", {})
     p = Paged([30, 40], [1, 1], 8, 2, 32, BS, torch.float32, seed=3)
     args = (p.q, *p.new_kv(), p.k_cache, p.v_cache, p.block_tables, p.seq_lens_t, p.scale, 41)
     assert decode_splits.merge_counters(p.q.device, 4) is None

@@ -86,7 +86,7 @@ def test_router_topk_counter_left_at_zero_and_token_limit() -> None:
     for _ in range(2):
         weights, ids = router_topk_triton(x, w, 2, True)
         assert torch.equal(ids, unfused(x, w, 2, True)[1])
-        assert routing._router_counters[("cpu", None)].item() == 0
+        assert routing._router_counter(torch.device("cpu")).item() == 0
     big = torch.zeros(routing.ROUTER_FUSED_MAX_TOKENS + 1, 64)
     assert router_topk_triton(big, w, 2, True) is None
     assert not routing.router_fusable(8, 128, 2048, 2) and routing.router_fusable(4, 128, 2048, 2)

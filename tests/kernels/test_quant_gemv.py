@@ -190,7 +190,7 @@ def test_split_k_workspace_is_reset_between_launches():
         x = torch.randn(2, 256, generator=_gen(20 + i))
         _check(w4_gemv(x, qweight, scales, zeros, GemvConfig(32, 32, 4, 4)), x.double() @ wt, torch.float32)
         _check(w8_gemv(x, q, s, GemvConfig(16, 32, 3, 4)), (x.double() @ q.double().t()) * s.double(), torch.float32)
-    _, counters = gv._workspaces[("cpu", None)]
+    _, counters = gv._workspace(torch.device("cpu"), 0, 0)
     assert (counters == 0).all()
 
 

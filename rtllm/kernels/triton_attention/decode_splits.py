@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rtllm.kernels.device_buffers import device_buffer
+
 
 @triton.jit
 def split_tokens_of(seq_len, num_splits, ALIGN: tl.constexpr):
@@ -136,22 +138,15 @@ def merge_mode(merge: str | None) -> str:
 
 
 MERGE_COUNTERS = 1 << 12  # one a (sequence, KV head); more splits than one only below the SM count
-_merge_counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 def merge_counters(device: torch.device, pairs: int) -> torch.Tensor | None:
     """The device's zeroed int32 arrival counters for merge_in_last_split (each launch leaves them at
     zero), or None where a launch of ``pairs`` (sequence, KV head) pairs cannot use them: more pairs than
-    counters, or a CUDA-graph capture before they exist (a captured graph must point at memory allocated
-    outside it; the engine runs each batch size once before capturing it). The launches sharing a device's
-    counters run one after another (one stream), as a model's do."""
-    key = (device.type, device.index)
-    cnt = _merge_counters.get(key)
-    if cnt is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        cnt = _merge_counters[key] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return cnt if pairs <= cnt.numel() else None
+    counters, or a CUDA-graph capture before they exist (rtllm.kernels.device_buffers)."""
+    cnt = device_buffer("decode_merge_counters", device,
+                        lambda: torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device))
+    return cnt if cnt is not None and pairs <= cnt.numel() else None
 
 
 DECODE_MAX_SPLITS = 64
