@@ -273,9 +273,9 @@ def _decode_split_kernel(
         tl.store(l_ptr + part, l_i, mask=mask_g)
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_q)
         if MERGE:
-            n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
-            merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_heads, num_splits, n_valid,
-                                stride_ob, stride_oh, stride_od, G, MERGE_H, HEAD_DIM, BLOCK_D, BLOCK_S, MERGE_CHUNK)
+            merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_heads, num_splits, seq_len,
+                                split_tokens, stride_ob, stride_oh, stride_od, G, MERGE_H, HEAD_DIM, BLOCK_D, BLOCK_S,
+                                MERGE_CHUNK)
 
 
 def paged_decode_attention_triton(

@@ -25,6 +25,13 @@ def split_tokens_of(seq_len, num_splits, ALIGN: tl.constexpr):
     return tl.maximum((per + ALIGN - 1) // ALIGN, 1) * ALIGN
 
 
+@triton.jit
+def splits_holding(seq_len, split_tokens, num_splits):
+    """How many of the num_splits splits of split_tokens tokens hold tokens of a seq_len-token sequence
+    (0 for a padding row); the others store an empty partial."""
+    return tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce_kernel(
     out_ptr,
@@ -53,7 +60,7 @@ def decode_reduce_kernel(
     num_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + b)
     split_tokens = split_tokens_of(seq_len, num_splits, ALIGN)
-    n_valid = tl.minimum((seq_len + split_tokens - 1) // split_tokens, num_splits)
+    n_valid = splits_holding(seq_len, split_tokens, num_splits)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < n_valid
@@ -79,14 +86,15 @@ def decode_reduce_kernel(
 
 
 @triton.jit
-def merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_heads, num_splits, n_valid,
-                        stride_ob, stride_oh, stride_od, G: tl.constexpr, BLOCK_H: tl.constexpr,
+def merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_heads, num_splits, seq_len,
+                        split_tokens, stride_ob, stride_oh, stride_od, G: tl.constexpr, BLOCK_H: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                         CHUNK: tl.constexpr):  # fmt: skip
     """Called by every split program of (sequence b, KV head hk) after it stored its partials: bumps the
-    pair's counter (acq_rel); the program that arrives last merges the n_valid splits of the G query
-    heads as decode_reduce_kernel does (weights from the splits' maxima; sums in chunks of CHUNK
-    splits, each chunk's loads in flight together), writes the output and resets the counter. This
+    pair's counter (acq_rel); the program that arrives last merges the splits holding tokens of sequence
+    b (splits_holding) for the G query heads as decode_reduce_kernel does (weights from the splits'
+    maxima; sums in chunks of CHUNK splits, each chunk's loads in flight together), writes the output
+    and resets the counter. This
     saves the reduce launch, which costs ~3.3 us a layer on the critical path at batch 1 (H100,
     Llama-3.1-8B: TPOT 5.43 -> 5.32 ms without it, scripts/launch_probe.py --skip attn_reduce); what the
     counter and the last program's tail cost instead is not yet measured."""
@@ -94,6 +102,7 @@ def merge_in_last_split(out_ptr, m_ptr, l_ptr, acc_ptr, cnt_ptr, b, hk, num_kv_h
     slot = b * num_kv_heads + hk
     done = tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel", scope="gpu")
     if done == num_splits - 1:
+        n_valid = splits_holding(seq_len, split_tokens, num_splits)
         offs_h = tl.arange(0, BLOCK_H)
         mask_h = offs_h < G
         heads = hk * G + offs_h
