@@ -9,7 +9,8 @@
 #    `for f in $(git diff --name-only REV -- rtllm); do mkdir -p B/$(dirname $f); git show REV:$f > B/$f; done`
 #    under .gpucache/ (ignored by git) and carry it; BEFORE may list several such dirs (runs "_before" for the
 #    first, "_before_<dir name>" for the others); VARIANT="NAME=value ...": each also with that environment
-#    ("_variant");
+#    ("_variant"), VARIANTS="label:NAME=value ...;label2:...": each also once per entry ("_label"); MOE_FIRST=1:
+#    the MoE's runs before Llama's;
 # 3. TUNE=1 (default), before the benches of 2: the decode GEMVs' tiles at M = 1 (scripts/quant_kernel_tune.py
 #    --kinds $TUNE_KINDS, default fp8); the benches of this tree then use the tuned table, those of BEFORE their
 #    own committed one; TUNE_BEFORE=1 also times the same grid with the first BEFORE dir's files ($OUT/before/);
@@ -67,19 +68,27 @@ if [ "${MOE_DECODE:-0}" = 1 ]; then
 fi
 L=configs/llama-3.1-8b.json
 M=configs/qwen3-30b-a3b.json
-variant() {  # the same run with the VARIANT environment (e.g. VARIANT="RTLLM_DECODE_MERGE=last_split")
-    [ -n "${VARIANT:-}" ] && (export ${VARIANT?}; lat "$@")
+variants() {  # name, lat's other args: the same run once for each entry "label:NAME=value ..." of VARIANTS
+    # (";"-separated; named "<name>_<label>"), and with VARIANT="NAME=value ..." ("<name>_variant")
+    local name=$1 list="${VARIANTS:-}" v
+    shift
+    [ -n "${VARIANT:-}" ] && list="variant:${VARIANT}${list:+;$list}"
+    while IFS= read -r v; do
+        [ -n "$v" ] && (export ${v#*:}; lat "${name}_${v%%:*}" "$@")
+    done < <(tr ';' '\n' <<< "$list")
 }
+moe() {  # the Qwen3-30B-A3B shape, and its variants
+    lat moe "" $M 4
+    variants moe "" $M 4
+    for b in ${BEFORE:-}; do before "$b" lat "moe$(suffix "$b")" "" $M 4; done
+}
+[ "${MOE:-1}" = 1 ] && [ "${MOE_FIRST:-0}" = 1 ] && moe
 for q in ${QUANT:-none fp8 w4a16}; do
     lat "llama_$q" "" $L 2 --quant "$q"
-    variant "llama_${q}_variant" "" $L 2 --quant "$q"
+    variants "llama_${q}" "" $L 2 --quant "$q"
     for b in ${BEFORE:-}; do before "$b" lat "llama_${q}$(suffix "$b")" "" $L 2 --quant "$q"; done
 done
-if [ "${MOE:-1}" = 1 ]; then
-    lat moe "" $M 4
-    variant moe_variant "" $M 4
-    for b in ${BEFORE:-}; do before "$b" lat "moe$(suffix "$b")" "" $M 4; done
-fi
+[ "${MOE:-1}" = 1 ] && [ "${MOE_FIRST:-0}" != 1 ] && moe
 if [ "${PROBES:-1}" = 1 ]; then
     for p in ${PROBE_LIST:-norms router}; do
         [ "$p" != router ] && lat "llama_bf16_skip_$p" "$p" $L 2

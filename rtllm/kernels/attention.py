@@ -19,6 +19,7 @@ later step (a decode, the next chunk) sees every earlier token as e4m3 value * s
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -339,6 +340,45 @@ def paged_decode_attention(q, k, v, k_cache, v_cache, block_tables, seq_lens, sc
         )
     return paged_decode_attention_torch(q, k, v, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len,
                                         gather, k_scale, v_scale)
+
+
+DECODE_ROPE_MODES = ("separate", "fused")
+
+
+def decode_rope_mode() -> str:
+    """``RTLLM_DECODE_ROPE``: "separate" (the default: RoPE + cache write, then decode attention) or "fused"
+    (a pure-decode step's RoPE, q/k norms and cache write inside the decode attention kernel; written and
+    tested in the interpreter, not yet compiled and timed on a GPU: scripts/gpu_probe_bench.sh VARIANT)."""
+    mode = os.environ.get("RTLLM_DECODE_ROPE") or "separate"
+    if mode not in DECODE_ROPE_MODES:
+        raise ValueError(f"RTLLM_DECODE_ROPE={mode!r}: one of {DECODE_ROPE_MODES}")
+    return mode
+
+
+def rope_in_decode(q: torch.Tensor, k_cache: torch.Tensor, qk_norm=None) -> bool:
+    """Whether a pure-decode step on q's device runs RoPE (and ``qk_norm``) and the cache write inside the
+    decode attention kernel (:func:`paged_decode_attention_rope`): Triton on, RTLLM_DECODE_ROPE=fused, no
+    plugin kernel that the separate launches would call, norm weights that do not widen q's dtype."""
+    if not triton_enabled(q) or decode_rope_mode() != "fused":
+        return False
+    if k_cache.dtype != FP8_KV_DTYPE and custom_kernel("paged_decode_attention", q) is not None:
+        return False
+    return qk_norm is None or (custom_kernel("rms_norm", q) is None
+                               and torch.promote_types(q.dtype, qk_norm[0].dtype) == q.dtype
+                               and torch.promote_types(q.dtype, qk_norm[1].dtype) == q.dtype)
+
+
+def paged_decode_attention_rope(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, block_tables,
+                                seq_lens, scale, max_seq_len, k_scale=1.0, v_scale=1.0, qk_norm=None):
+    """rope_and_cache, then paged_decode_attention, in one launch (where :func:`rope_in_decode`): q [B, Hq, D]
+    and k, v [B, Hkv, D] as the projection gives them (before RoPE and the q/k norms)."""
+    from rtllm.kernels import triton_attention
+    from rtllm.kernels.triton_attention.decode_rope import DecodeRope
+
+    return triton_attention.paged_decode_attention_triton(
+        q, k, v, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale=k_scale, v_scale=v_scale,
+        rope=DecodeRope(positions, cos_sin_cache, slot_mapping, qk_norm),
+    )
 
 
 def paged_prefill_attention(

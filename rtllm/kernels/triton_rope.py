@@ -29,10 +29,11 @@ from rtllm.kernels.triton_round import round_to
 
 
 @triton.jit
-def _norm_scale(x, rstd, w, x_ptr, o_ptr):
-    """RMSNorm of the rows x [H, n] (fp32) with their rstd [H] and the weight's channels w [n] (fp32)."""
-    xn = round_to(x * rstd[:, None], x_ptr.dtype.element_ty)
-    return (xn * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)  # as the norm kernel stores it
+def norm_scale(x, rstd, w, X_DT: tl.constexpr, O_DT: tl.constexpr):
+    """RMSNorm of the rows x [H, n] (fp32) with their rstd [H] and the weight's channels w [n] (fp32); x was
+    read from X_DT, the result is O_DT's (the normed tensor's promoted dtype), held in fp32."""
+    xn = round_to(x * rstd[:, None], X_DT)
+    return (xn * w[None, :]).to(O_DT).to(tl.float32)  # as the norm kernel stores it
 
 
 @triton.jit
@@ -82,8 +83,8 @@ def _rope_heads(
         xr = tl.load(x_ptr + offs_h[:, None] * stride_xh + offs_d[None, :] * stride_xd,
                      mask=mask_h[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=1) / HEAD_DIM + eps)
-        x1 = _norm_scale(x1, rstd, nw[0], x_ptr, o_ptr)
-        x2 = _norm_scale(x2, rstd, nw[1], x_ptr, o_ptr)
+        x1 = norm_scale(x1, rstd, nw[0], x_ptr.dtype.element_ty, o_ptr.dtype.element_ty)
+        x2 = norm_scale(x2, rstd, nw[1], x_ptr.dtype.element_ty, o_ptr.dtype.element_ty)
     # Round as the reference does (cos, sin, each product and the sum to the output dtype), then to
     # the cache dtype.
     dt = o_ptr.dtype.element_ty
@@ -109,7 +110,7 @@ def _rope_heads(
             x_ptr + offs_h[:, None] * stride_xh + offs_p[None, :] * stride_xd, mask=mask_p, other=0.0
         ).to(tl.float32)
         if NORM:
-            xp = _norm_scale(xp, rstd, nw[2], x_ptr, o_ptr)
+            xp = norm_scale(xp, rstd, nw[2], x_ptr.dtype.element_ty, o_ptr.dtype.element_ty)
         xp = xp.to(o_ptr.dtype.element_ty)
         tl.store(o_ptr + offs_h[:, None] * stride_oh + offs_p[None, :] * stride_od, xp, mask=mask_p)
         if TO_CACHE:

@@ -1,7 +1,8 @@
 """Compiled decode attention over an FP8 (e4m3) cache (skipped without CUDA): the int32-word path decodes
 with inline PTX (cvt.rn.f16x2.e4m3x2), which the interpreter cannot run, so it is checked here: every e4m3
 code decodes to torch's fp16 value in its place, and the kernel matches the torch reference at ragged
-lengths, block-table boundaries, GQA 1/4/8 and head_dim 64/128."""
+lengths, block-table boundaries, GQA 1/4/8 and head_dim 64/128. Also the merge in the last split in a
+replayed CUDA graph, and RoPE + cache write inside the compiled kernel."""
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import triton.language as tl
 from rtllm.kernels import attention as ref
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
+from tests.kernels.paged import Paged
+from tests.kernels.test_attention_decode_rope import bits, run_both
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8 = torch.float8_e4m3fn
@@ -96,3 +99,23 @@ def test_decode_merge_in_last_split_in_a_replayed_graph(hq, hkv):
                 torch.testing.assert_close(o.float(), want.float(), atol=1e-2, rtol=1e-2)
             torch.testing.assert_close(outs[-1].float(), ref.paged_decode_attention_torch(*args[-1]).float(),
                                        atol=2e-2, rtol=2e-2)
+
+
+def _to_cuda(p: Paged) -> Paged:
+    for name in ("q", "k_cache", "v_cache", "block_tables", "seq_lens_t"):
+        setattr(p, name, getattr(p, name).cuda())
+    p.k, p.v = [k.cuda() for k in p.k], [v.cuda() for v in p.v]
+    return p
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("merge", ["launch", "last_split"])
+def test_decode_rope_in_the_kernel_compiled(norm, cache, merge):
+    """RoPE (and Qwen3's q/k norms) and the cache write inside the compiled decode kernel: the caches get
+    rope_and_cache's bits, the output equals the two launches' (Llama-3.1-8B heads, contexts 1-401)."""
+    p = _to_cuda(Paged([0, 14, 400, 3], [1] * 4, 32, 8, 128, 16, torch.bfloat16, seed=5))
+    p.poison_new_slots()
+    a, b = run_both(p, torch.bfloat16, 128, norm, cache, merge=merge)
+    assert torch.equal(bits(a[1]), bits(b[1])) and torch.equal(bits(a[2]), bits(b[2]))
+    torch.testing.assert_close(b[0].float(), a[0].float(), atol=1e-2, rtol=1e-2)

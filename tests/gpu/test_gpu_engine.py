@@ -122,3 +122,22 @@ def test_default_model_bf16_teacher_forced_agreement_with_transformers():
     print(f"bf16 teacher-forced top-1 agreement with transformers: {rate:.4f} over {total} positions "
           f"(transformers eager vs its SDPA: {floor:.4f})")
     assert rate >= floor and rate >= 0.98
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_rope_in_the_decode_kernel_changes_no_token(tmp_path, monkeypatch, arch):
+    """RTLLM_DECODE_ROPE=fused (a pure-decode step's RoPE, q/k norms and cache write inside the decode
+    attention kernel) against the separate launches: the same greedy tokens, bf16, inflight batches with
+    mixed prefill + decode steps and pure-decode steps, CUDA graphs on and off."""
+    make_checkpoint(str(tmp_path), arch, dtype=torch.bfloat16)
+    prompts = ramp_prompts(8, seed=24, lo=3, hi=100)
+    outs = {}
+    for mode in ("separate", "fused"):
+        monkeypatch.setenv("RTLLM_DECODE_ROPE", mode)
+        for cg in (CudaGraphConfig(max_batch_size=8), None):
+            with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=8,
+                     kv_cache_config=KvCacheConfig(max_tokens=4096), cuda_graph_config=cg) as llm:
+                outs[mode, cg is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32),
+                                                                                        use_tqdm=False)]
+    assert outs["fused", False] == outs["separate", False]
+    assert outs["fused", True] == outs["separate", True]

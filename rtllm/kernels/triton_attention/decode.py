@@ -15,6 +15,14 @@ from rtllm.kernels.triton_attention.common import (
     pdl_enabled,
     sm_count,
 )
+from rtllm.kernels.triton_attention.decode_rope import (
+    DecodeRope,
+    cache_kv_row,
+    norm_weights,
+    rope_args,
+    rope_channels,
+    rotate_rows,
+)
 from rtllm.kernels.triton_attention.decode_splits import (
     DECODE_MAX_SPLITS,
     decode_num_splits,
@@ -24,7 +32,7 @@ from rtllm.kernels.triton_attention.decode_splits import (
     merge_mode,
     split_tokens_of,
 )
-from rtllm.kernels.triton_attention.kv_tiles import decode_tile, load_kv_tile, prefetch_kv_rows, to_dot
+from rtllm.kernels.triton_attention.kv_tiles import prefetch_kv_rows, prefetched_tiles, to_dot
 from rtllm.kernels.triton_attention.prefill import cache_dot_dtype
 from rtllm.kernels.triton_fp8 import readable_as_words
 
@@ -74,6 +82,25 @@ def _decode_split_kernel(
     stride_ob,
     stride_oh,
     stride_od,
+    pos_ptr,
+    cs_ptr,
+    slot_ptr,
+    qw_ptr,
+    kw_ptr,
+    kcw_ptr,
+    vcw_ptr,
+    stride_cs,
+    stride_kcwb,
+    stride_kcwt,
+    stride_kcwh,
+    stride_kcwd,
+    stride_vcwb,
+    stride_vcwt,
+    stride_vcwh,
+    stride_vcwd,
+    eps,
+    k_inv_scale,
+    v_inv_scale,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -92,6 +119,9 @@ def _decode_split_kernel(
     BLOCK_S: tl.constexpr = 16,
     MERGE_H: tl.constexpr = 1,
     MERGE_CHUNK: tl.constexpr = 1,
+    ROPE: tl.constexpr = False,
+    ROT_HALF: tl.constexpr = 1,
+    NORM: tl.constexpr = False,
 ):
     """Program (b, kv head, split): the G query heads of the group against tokens
     [split * split_tokens, min(+split_tokens, seq_len)), split_tokens from sequence b's own length
@@ -104,7 +134,11 @@ def _decode_split_kernel(
     PDL: launched while RoPE + cache write runs (the next launch may start). Before the wait, what does not
     depend on that kernel: the sequence length and the first tile's block-table entries (step inputs), and
     an L2 prefetch of that tile's cached rows (a hint; the rows were written by earlier steps, and the
-    token this step writes is read from kn / vn, never from the cache); q, kn and vn after it."""
+    token this step writes is read from kn / vn, never from the cache); q, kn and vn after it.
+    ROPE: q, kn are the projection's (before RoPE, and before the per-head RMSNorm where NORM); the kernel
+    rotates them at pos_ptr[b] and the split that holds the decoded token writes its K/V to the cache slot
+    slot_ptr[b] through kcw / vcw (decode_rope; launched with PDL after the qkv projection: position, cos /
+    sin, slot and norm weights before the wait)."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -116,6 +150,13 @@ def _decode_split_kernel(
     start = s * split_tokens
     last = seq_len - 1  # the token being decoded: fresh in kn / vn, not read from the cache
     end = tl.minimum(start + split_tokens, last)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    if ROPE:  # step inputs and weights
+        cos, sin, partner = rope_channels(cs_ptr, tl.load(pos_ptr + b), stride_cs, offs_d, ROT_HALF)
+        qw, qw_partner = norm_weights(qw_ptr, offs_d, partner, mask_d, NORM)
+        kw, kw_partner = norm_weights(kw_ptr, offs_d, partner, mask_d, NORM)
+        slot = tl.load(slot_ptr + b)
     if PDL:
         ROW_BYTES: tl.constexpr = HEAD_DIM * (1 if KV_FP8 else k_ptr.dtype.element_ty.primitive_bitwidth // 8)
         prefetch_kv_rows(k_ptr, v_ptr, bt_ptr + b.to(tl.int64) * stride_btb, start + tl.arange(0, BLOCK_N), end, hk,
@@ -123,17 +164,16 @@ def _decode_split_kernel(
         gdc_wait()
 
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_g = offs_g < G
-    mask_d = offs_d < HEAD_DIM
     heads = hk * G + offs_g
     mask_q = mask_g[:, None] & mask_d[None, :]
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_q,
-        other=0.0,
-    )
+    if ROPE:
+        q = rotate_rows(q_ptr + b * stride_qb, stride_qh, stride_qd, heads, mask_g, offs_d, partner, cos, sin, qw,
+                        qw_partner, eps, HEAD_DIM, ROT_HALF, NORM, q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd, mask=mask_q,
+                    other=0.0)
     if KV_FP8 and tl.float16 == DOT:  # bf16 q -> fp16: saturate (|q| > 65504 would be inf)
         qc = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(DOT)
     else:
@@ -142,8 +182,17 @@ def _decode_split_kernel(
     # the token being decoded (fresh kn / vn, fp32 FMA) starts the online softmax of the split that holds
     # it; its value is stored divided by v_scale, which the cached part's sum is multiplied by at the end
     own = (last >= start) & (last < start + split_tokens)
-    kn = tl.load(kn_ptr + b * stride_knb + (hk * stride_knh + offs_d * stride_knd), mask=mask_d & own, other=0.0)
     vn = tl.load(vn_ptr + b * stride_vnb + (hk * stride_vnh + offs_d * stride_vnd), mask=mask_d & own, other=0.0)
+    if ROPE:
+        one = tl.arange(0, 1)
+        kn = tl.reshape(rotate_rows(kn_ptr + b * stride_knb, stride_knh, stride_knd, hk + one, (one < 1) & own, offs_d,
+                                    partner, cos, sin, kw, kw_partner, eps, HEAD_DIM, ROT_HALF, NORM,
+                                    kn_ptr.dtype.element_ty), [BLOCK_D])
+        cache_kv_row(kcw_ptr, vcw_ptr, slot, hk, offs_d, mask_d & own & (slot >= 0), kn, vn, stride_kcwb, stride_kcwt,
+                     stride_kcwh, stride_kcwd, stride_vcwb, stride_vcwt, stride_vcwh, stride_vcwd, k_inv_scale,
+                     v_inv_scale, PAGE, KV_FP8)
+    else:
+        kn = tl.load(kn_ptr + b * stride_knb + (hk * stride_knh + offs_d * stride_knd), mask=mask_d & own, other=0.0)
     qk_own = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale
     m_i = tl.where(own, qk_own, float("-inf"))
     l_i = tl.where(own, tl.full([BLOCK_G], 1.0, tl.float32), 0.0)
@@ -160,83 +209,9 @@ def _decode_split_kernel(
     k_head = k_ptr + hk * stride_kh + offs_c[None, :] * stride_kd
     v_head = v_ptr + hk * stride_vh + offs_c[None, :] * stride_vd
     if PREFETCH > 0:
-        # Software pipeline in registers: tile i+PREFETCH's K/V are loaded (ld.global, nothing waits on
-        # them) before tile i is used, and the block-table entries of the tile after that one before
-        # that, so PREFETCH tiles' loads are in flight while a tile is computed (Triton's own pipeliner
-        # keeps one copy in flight for this gather, issued after the tile before it is used). The first
-        # tiles' entries are bounded by the table's width, not by seq_len, so they do not wait for it
-        # (entries past the sequence go unused: K/V are masked by position).
-        pos = start + offs_n
-        blk = tl.load(bt_row + pos // PAGE, mask=pos // PAGE < bt_cols, other=0).to(tl.int64)
-        blk_nx = tl.load(bt_row + (pos + BLOCK_N) // PAGE, mask=(pos + BLOCK_N) // PAGE < bt_cols, other=0)
-        k_a, v_a = load_kv_tile(
-            k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE
-        )
-        if PREFETCH == 2:
-            pos2 = pos + 2 * BLOCK_N
-            blk_nx2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 // PAGE < bt_cols, other=0)
-            k_b, v_b = load_kv_tile(
-                k_head,
-                v_head,
-                blk_nx.to(tl.int64),
-                pos + BLOCK_N,
-                end,
-                mask_c,
-                stride_kb,
-                stride_kt,
-                stride_vb,
-                stride_vt,
-                PAGE,
-            )
-            blk_nx = blk_nx2
-        for n0 in range(start, end, BLOCK_N):
-            k_raw = k_a
-            v_raw = v_a
-            pos_nx = n0 + PREFETCH * BLOCK_N + offs_n
-            if PREFETCH == 2:
-                k_a = k_b
-                v_a = v_b
-                k_b, v_b = load_kv_tile(
-                    k_head,
-                    v_head,
-                    blk_nx.to(tl.int64),
-                    pos_nx,
-                    end,
-                    mask_c,
-                    stride_kb,
-                    stride_kt,
-                    stride_vb,
-                    stride_vt,
-                    PAGE,
-                )
-            else:
-                k_a, v_a = load_kv_tile(
-                    k_head,
-                    v_head,
-                    blk_nx.to(tl.int64),
-                    pos_nx,
-                    end,
-                    mask_c,
-                    stride_kb,
-                    stride_kt,
-                    stride_vb,
-                    stride_vt,
-                    PAGE,
-                )
-            pos_bt = pos_nx + BLOCK_N
-            blk_nx = tl.load(bt_row + pos_bt // PAGE, mask=pos_bt < end, other=0)
-            m_i, l_i, acc = decode_tile(
-                qc,
-                to_dot(k_raw, DOT, KV_WORDS, CVT_ASM),
-                to_dot(v_raw, DOT, KV_WORDS, CVT_ASM),
-                n0 + offs_n < end,
-                m_i,
-                l_i,
-                acc,
-                qk_scale_cache,
-                DOT,
-                DOT_PREC,
-            )
+        m_i, l_i, acc = prefetched_tiles(qc, k_head, v_head, bt_row, bt_cols, start, end, offs_n, mask_c, stride_kb,
+                                         stride_kt, stride_vb, stride_vt, m_i, l_i, acc, qk_scale_cache, PAGE,
+                                         BLOCK_N, PREFETCH, DOT, DOT_PREC, KV_WORDS, CVT_ASM)
     else:  # the default: decode_tile's fold written out, so that V is loaded only after the scores
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + offs_n
@@ -300,6 +275,7 @@ def paged_decode_attention_triton(
     max_regs: int | None = None,
     fp8_words: bool | None = None,
     merge: str | None = None,
+    rope: DecodeRope | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D], with the step's own k, v [B, Hkv, D] -> [B, Hq, D]
     (q's dtype).
@@ -324,7 +300,12 @@ def paged_decode_attention_triton(
     as int32 words of four codes, decoded two codes an instruction: the default where the dots run in
     fp16, head_dim % 4 == 0 and the caches are 4-byte aligned) override the heuristics (tests, tuning). A
     float8_e4m3fn cache is read as its values times ``k_scale`` / ``v_scale``, its tiles converted to fp16
-    for the dots (prefill.cache_dot_dtype; ``cache_dot`` overrides it: benchmarks)."""
+    for the dots (prefill.cache_dot_dtype; ``cache_dot`` overrides it: benchmarks).
+
+    ``rope`` (a DecodeRope: the step's positions, cos / sin table, cache slots and q/k norms): q and k are
+    the projection's, before RoPE (and the per-head norms); the kernel rotates them as rope_and_cache would
+    and writes the step's K/V to the cache itself, so no RoPE + cache-write launch runs before it
+    (decode_rope)."""
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -378,16 +359,20 @@ def paged_decode_attention_triton(
     kc, vc = (k_cache.view(torch.int32), v_cache.view(torch.int32)) if words else (k_cache, v_cache)
     stages = num_stages or (1 if prefetch else 2 if tuned_words else 3 if (esize <= 2 and block_d <= 128) else 2)
     block_s, merge_h = max(16, triton.next_power_of_2(num_splits)), triton.next_power_of_2(G)
+    r = rope_args(rope, q, k, k_cache, v_cache, k_scale, v_scale) if rope is not None else (q,) * 7 + (0,) * 12
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc, out if cnt is None else cnt,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), num_splits,
         *q.stride(), *k.stride(), *v.stride(), *kc.stride(), *vc.stride(), block_tables.stride(0),
-        block_tables.shape[1], *out.stride(),
+        block_tables.shape[1], *out.stride(), *r,
         G=G, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n,
         ONE_SPLIT=one, DOT=tl.float32 if upcast else TL_DTYPES[dot_dtype], DOT_PREC=prec, KV_FP8=fp8,
         PREFETCH=prefetch, KV_WORDS=words, CVT_ASM=words and not interpreting(q), PDL=pdl,
         MERGE=cnt is not None, BLOCK_S=16 if cnt is None else max(DECODE_MAX_SPLITS, block_s), MERGE_H=merge_h,
-        MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)),
+        MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)), ROPE=rope is not None,
+        ROT_HALF=1 if rope is None else rope.cos_sin_cache.shape[-1] // 2,
+        NORM=rope is not None and rope.qk_norm is not None,
+        **({} if rope is None else {"enable_fp_fusion": False}),
         num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
     if not one and cnt is None:

@@ -65,3 +65,44 @@ def load_kv_tile(
     k = tl.load(k_head + (blk * stride_kb + row * stride_kt)[:, None], mask=mask_kv, other=0.0)
     v = tl.load(v_head + (blk * stride_vb + row * stride_vt)[:, None], mask=mask_kv, other=0.0)
     return k, v
+
+
+@triton.jit
+def prefetched_tiles(qc, k_head, v_head, bt_row, bt_cols, start, end, offs_n, mask_c, stride_kb, stride_kt, stride_vb,
+                     stride_vt, m_i, l_i, acc, qk_scale_cache, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PREFETCH: tl.constexpr, DOT: tl.constexpr, DOT_PREC: tl.constexpr, KV_WORDS: tl.constexpr,
+                     CVT_ASM: tl.constexpr):  # fmt: skip
+    """The split's tiles [start, end) folded into (m_i, l_i, acc), software-pipelined in registers: tile
+    i + PREFETCH's K/V are loaded (ld.global, nothing waits on them) before tile i is used, and the
+    block-table entries of the tile after that one before that, so PREFETCH (1 or 2) tiles' loads are in
+    flight while a tile is computed (Triton's own pipeliner keeps one copy in flight for this gather, issued
+    after the tile before it is used). The first tiles' entries are bounded by the table's width, not by
+    the sequence's length, so they do not wait for it (entries past the sequence go unused: K/V are masked
+    by position)."""
+    pos = start + offs_n
+    blk = tl.load(bt_row + pos // PAGE, mask=pos // PAGE < bt_cols, other=0).to(tl.int64)
+    blk_nx = tl.load(bt_row + (pos + BLOCK_N) // PAGE, mask=(pos + BLOCK_N) // PAGE < bt_cols, other=0)
+    k_a, v_a = load_kv_tile(k_head, v_head, blk, pos, end, mask_c, stride_kb, stride_kt, stride_vb, stride_vt, PAGE)
+    if PREFETCH == 2:
+        pos2 = pos + 2 * BLOCK_N
+        blk_nx2 = tl.load(bt_row + pos2 // PAGE, mask=pos2 // PAGE < bt_cols, other=0)
+        k_b, v_b = load_kv_tile(k_head, v_head, blk_nx.to(tl.int64), pos + BLOCK_N, end, mask_c, stride_kb,
+                                stride_kt, stride_vb, stride_vt, PAGE)
+        blk_nx = blk_nx2
+    for n0 in range(start, end, BLOCK_N):
+        k_raw = k_a
+        v_raw = v_a
+        pos_nx = n0 + PREFETCH * BLOCK_N + offs_n
+        if PREFETCH == 2:
+            k_a = k_b
+            v_a = v_b
+            k_b, v_b = load_kv_tile(k_head, v_head, blk_nx.to(tl.int64), pos_nx, end, mask_c, stride_kb, stride_kt,
+                                    stride_vb, stride_vt, PAGE)
+        else:
+            k_a, v_a = load_kv_tile(k_head, v_head, blk_nx.to(tl.int64), pos_nx, end, mask_c, stride_kb, stride_kt,
+                                    stride_vb, stride_vt, PAGE)
+        pos_bt = pos_nx + BLOCK_N
+        blk_nx = tl.load(bt_row + pos_bt // PAGE, mask=pos_bt < end, other=0)
+        m_i, l_i, acc = decode_tile(qc, to_dot(k_raw, DOT, KV_WORDS, CVT_ASM), to_dot(v_raw, DOT, KV_WORDS, CVT_ASM),
+                                    n0 + offs_n < end, m_i, l_i, acc, qk_scale_cache, DOT, DOT_PREC)
+    return m_i, l_i, acc
