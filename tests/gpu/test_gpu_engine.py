@@ -60,18 +60,27 @@ def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch, a
     PDL changes when kernels start, never what they compute."""
     # 16 experts, top 4: a decode token's 4 pairs take the expert GEMV launches (pairs <= experts / 4)
     make_checkpoint(str(tmp_path), arch, dtype=torch.bfloat16, **({"num_experts": 16} if arch == "qwen3_moe" else {}))
-    prompts = ramp_prompts(4, seed=23, lo=3, hi=100)
-    outs = {}
-    for pdl in ("1", "0"):
-        monkeypatch.setenv("RTLLM_PDL", pdl)
-        pdl_cache.cache_clear()  # an in-process executor reads it here
-        for cg in (CudaGraphConfig(max_batch_size=4), None):
-            with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=1,
-                     kv_cache_config=KvCacheConfig(max_tokens=4096), cuda_graph_config=cg) as llm:
-                outs[pdl, cg is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32),
-                                                                                       use_tqdm=False)]
+    outs = _greedy_tokens_by_env(tmp_path, monkeypatch, "RTLLM_PDL", ("1", "0"), ramp_prompts(4, seed=23, lo=3, hi=100),
+                                 max_batch_size=1, on_set=pdl_cache.cache_clear)  # an in-process executor reads it
     assert outs["1", False] == outs["0", False]
     assert outs["1", True] == outs["0", True]
+
+
+def _greedy_tokens_by_env(tmp_path, monkeypatch, name, values, prompts, max_batch_size, on_set=None):
+    """{(value, graphs off): each prompt's 32 greedy tokens} from engines on the checkpoint in tmp_path with
+    environment variable ``name`` at each value (each engine's worker process reads it), CUDA graphs on and
+    off. ``on_set``: called after each setenv (clear what the test process cached)."""
+    outs = {}
+    for value in values:
+        monkeypatch.setenv(name, value)
+        if on_set is not None:
+            on_set()
+        for cg in (CudaGraphConfig(max_batch_size=max(4, max_batch_size)), None):
+            with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=max_batch_size,
+                     kv_cache_config=KvCacheConfig(max_tokens=4096), cuda_graph_config=cg) as llm:
+                outs[value, cg is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32),
+                                                                                         use_tqdm=False)]
+    return outs
 
 
 DEFAULT = os.environ.get("RTLLM_DEFAULT_MODEL")
@@ -130,14 +139,7 @@ def test_rope_in_the_decode_kernel_changes_no_token(tmp_path, monkeypatch, arch)
     attention kernel) against the separate launches: the same greedy tokens, bf16, inflight batches with
     mixed prefill + decode steps and pure-decode steps, CUDA graphs on and off."""
     make_checkpoint(str(tmp_path), arch, dtype=torch.bfloat16)
-    prompts = ramp_prompts(8, seed=24, lo=3, hi=100)
-    outs = {}
-    for mode in ("separate", "fused"):
-        monkeypatch.setenv("RTLLM_DECODE_ROPE", mode)
-        for cg in (CudaGraphConfig(max_batch_size=8), None):
-            with LLM(str(tmp_path), device="cuda", max_seq_len=256, max_batch_size=8,
-                     kv_cache_config=KvCacheConfig(max_tokens=4096), cuda_graph_config=cg) as llm:
-                outs[mode, cg is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(32),
-                                                                                        use_tqdm=False)]
+    outs = _greedy_tokens_by_env(tmp_path, monkeypatch, "RTLLM_DECODE_ROPE", ("separate", "fused"),
+                                 ramp_prompts(8, seed=24, lo=3, hi=100), max_batch_size=8)
     assert outs["fused", False] == outs["separate", False]
     assert outs["fused", True] == outs["separate", True]
