@@ -179,7 +179,8 @@ def cmd_build(args) -> int:
                      max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, dtype=args.dtype,
                      kv_cache_dtype=args.kv_cache_dtype, tokens_per_block=args.tokens_per_block,
                      quant_config=QuantConfig.from_name(args.quant, args.quant_group_size),
-                     tp_size=args.tp_size, pp_size=args.pp_size, moe_ep_size=args.moe_ep_size)
+                     tp_size=args.tp_size, pp_size=args.pp_size, moe_ep_size=args.moe_ep_size,
+                     tune_kernels=not args.no_tune_kernels)
     result = build(args.model, bc, args.output, device=args.device)
     log = result.log
     sizes = log["sizes_bytes"]
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pp", "--pp-size", dest="pp_size", type=int, default=1, help="pipeline-parallel stages")
     b.add_argument("--ep", "--moe-ep-size", dest="moe_ep_size", type=int, default=1,
                    help="MoE models: split the experts across this many of the tp ranks")
+    b.add_argument("--no-tune-kernels", action="store_true",
+                   help="skip timing the decode GEMV kernels' configurations on the build GPU (stored in the "
+                        "engine's kernel_tuning.json; a CPU build has none)")
     b.add_argument("--log-level", default="info")
     b.set_defaults(func=cmd_build)
 

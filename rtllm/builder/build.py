@@ -10,8 +10,9 @@ the tokenizer files (copied from an HF directory, exported from a GGUF file's me
 against it), and ``build_log.json``.
 
 Same inputs on the same machine give byte-identical ``config.json`` and weights (no timestamps or
-paths in them; the log has those). Not done yet: storing Triton autotuner choices (kernel
-configurations are picked at run time).
+paths in them; the log has those). A build on a GPU also times the decode GEMV kernels' launch
+configurations for the model's shapes and writes the fastest to ``kernel_tuning.json``
+(rtllm.builder.tuning; ``BuildConfig.tune_kernels``), which differs between builds as timings do.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import torch
 from safetensors.torch import save_file
 
 from rtllm.builder.build_config import BuildConfig
+from rtllm.builder.tuning import decode_gemv_shapes, tune_gemvs
 from rtllm.errors import ConfigError, ModelLoadError
 from rtllm.models.engine_dir import (
     BUILD_LOG_NAME,
     CONFIG_NAME,
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
+    TUNING_NAME,
     engine_tensors,
     is_engine_dir,
     kv_cache_scales,
@@ -130,6 +133,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
 
     world = bc.tp_size * bc.pp_size
     load_s = save_s = 0.0
+    gemv_shapes: set = set()  # the decode GEMV launches of every rank's slice (rtllm.builder.tuning)
     ranks = []  # per rank: {"weights": {file, bytes, num_tensors}, "quantized_layers": specs}
     by_dtype: Counter = Counter()
     runtime_bytes = 0
@@ -152,6 +156,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         for t in tensors.values():
             by_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
         runtime_bytes += loaded.weight_bytes
+        gemv_shapes.update(decode_gemv_shapes(loaded.model))
         if rank < world - 1:
             del loaded, tensors
     cfg = loaded.config
@@ -163,6 +168,9 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
     t0 = time.perf_counter()
     tokenizer_files = _write_tokenizer(loaded.tokenizer_source, output_dir)
     tokenizer_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tuning = _tune_kernels(bc, dev, sorted(gemv_shapes), output_dir)
+    tune_s = time.perf_counter() - t0
 
     raw = dict(cfg.raw)
     engine_cfg = {
@@ -206,7 +214,8 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         "dtype": engine_cfg["dtype"],
         "build_config": bc.to_dict(),
         "timings_s": {"load_fuse_quantize": round(load_s, 3), "save_weights": round(save_s, 3),
-                      "tokenizer": round(tokenizer_s, 3), "total": round(time.perf_counter() - t_start, 3)},
+                      "tokenizer": round(tokenizer_s, 3), "tune_kernels": round(tune_s, 3),
+                      "total": round(time.perf_counter() - t_start, 3)},
         "sizes_bytes": {"weights_file": weights_bytes, "runtime_weights": runtime_bytes,
                         "per_rank": [r["weights"]["bytes"] for r in ranks],
                         "by_dtype": dict(sorted(by_dtype.items()))},
@@ -214,7 +223,7 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
         "quantized_layers": dict(sorted(Counter(s["class"] for r in ranks
                                                 for s in r["quantized_layers"].values()).items())),
         "tokenizer_files": tokenizer_files,
-        "not_done": ["Triton autotuning at build time (kernel configurations are chosen at run time)"],
+        "kernel_tuning": tuning,
     }
     with open(os.path.join(output_dir, BUILD_LOG_NAME), "w", encoding="utf-8") as f:
         json.dump(log, f, indent=2)
@@ -223,6 +232,28 @@ def build(model: str, build_config: BuildConfig | None = None, output_dir: str |
                 log["timings_s"]["total"], world, "s" if world > 1 else "", tensors_total, weights_bytes / 2**20,
                 log["quantized_layers"] or "not quantized")
     return BuildResult(output_dir, bc, log)
+
+
+def _tune_kernels(bc: BuildConfig, dev: torch.device, shapes: list, output_dir: str) -> dict:
+    """Tune the decode GEMVs on the build GPU into kernel_tuning.json (rtllm.builder.tuning); a summary for the
+    build log. An earlier build's file in the directory is removed first (its GPU or model may differ)."""
+    path = os.path.join(output_dir, TUNING_NAME)
+    if os.path.exists(path):
+        os.remove(path)
+    if not bc.tune_kernels:
+        return {"skipped": "BuildConfig.tune_kernels=False"}
+    if dev.type != "cuda":
+        return {"skipped": "a CPU engine runs no Triton kernels: nothing to tune"}
+    if not shapes:
+        return {"skipped": "the model has no decode GEMV launch to tune"}
+    logger.info("tuning %d decode GEMV shapes on %s (BuildConfig.tune_kernels=False skips it)", len(shapes),
+                torch.cuda.get_device_name(dev))
+    data = tune_gemvs(shapes, dev)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    return {"file": TUNING_NAME, "gpu_name": data["gpu_name"], "shapes": len(shapes), "tuned": len(data["gemv"]),
+            "failed": len(data["failed"]), "seconds": data["seconds"]}
 
 
 def _write_tokenizer(source: object, output_dir: str) -> list[str]:

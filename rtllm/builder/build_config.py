@@ -46,6 +46,8 @@ class BuildConfig:
     tp_size / pp_size: tensor / pipeline parallel ranks: the build writes one weights file per rank
     (checked against the model's heads, widths and layers when it loads). moe_ep_size: MoE models,
     the experts split across this many of the tp ranks (must divide tp_size).
+    tune_kernels: time the decode GEMV kernels' launch configurations for this model's shapes on the
+    build GPU and store the fastest in the engine (rtllm.builder.tuning; a CPU build has nothing to tune).
     """
 
     max_input_len: int = 1024
@@ -61,8 +63,11 @@ class BuildConfig:
     tp_size: int = 1
     pp_size: int = 1
     moe_ep_size: int = 1
+    tune_kernels: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tune_kernels, bool):
+            raise _bad("tune_kernels", self.tune_kernels, "must be True or False")
         for name in ("max_input_len", "max_batch_size", "max_beam_width", "max_num_tokens", "tokens_per_block",
                      "tp_size", "pp_size", "moe_ep_size"):
             _positive_int(name, getattr(self, name))

@@ -71,6 +71,26 @@ _ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune
 _env_loaded = False
 
 
+def use_tuned(rows: list[dict]) -> int:
+    """Make this process's GEMV launches use the tuned configurations ``rows`` (the JSON rows of
+    rtllm.kernels.gemv_tuning.TunedGemv.row: kind, M, N, K, block_n, block_k, split, num_warps and optionally
+    prefetch, tc, stages), over the table's entries for the same shapes; returns how many. A malformed row
+    raises ValueError naming it."""
+    parsed = {}
+    for row in rows:
+        try:
+            key = (str(row["kind"]), int(row["M"]), int(row["N"]), int(row["K"]))
+            cfg = GemvConfig(int(row["block_n"]), int(row["block_k"]), int(row["split"]), int(row["num_warps"]),
+                             bool(row.get("prefetch", True)), bool(row.get("tc", False)), int(row.get("stages", 3)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"GEMV configuration row {row!r}: {type(e).__name__}: {e}") from e
+        if min(cfg.block_n, cfg.block_k, cfg.split, cfg.num_warps, cfg.stages, *key[1:]) < 1:
+            raise ValueError(f"GEMV configuration row {row!r}: sizes must be positive")
+        parsed[key] = cfg
+    TUNED.update(parsed)
+    return len(parsed)
+
+
 def _load_env_table() -> None:
     global _env_loaded
     _env_loaded = True
@@ -78,10 +98,7 @@ def _load_env_table() -> None:
     if not path:
         return
     with open(path) as f:
-        for row in json.load(f):
-            TUNED[(row["kind"], row["M"], row["N"], row["K"])] = GemvConfig(
-                row["block_n"], row["block_k"], row["split"], row["num_warps"], row.get("prefetch", True),
-                row.get("tc", False), row.get("stages", 3))
+        use_tuned(json.load(f))
 
 
 def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:

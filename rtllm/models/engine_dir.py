@@ -19,7 +19,10 @@ An engine directory holds a model exactly as the runtime runs it, already fused 
   ``quantized_layers``; the top-level entries are rank 0's); it loads only with the same tp / pp;
 - the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, chat template...), so the
   directory loads alone;
-- ``build_log.json``: what the build did and how long it took (not read when loading).
+- ``build_log.json``: what the build did and how long it took (not read when loading);
+- ``kernel_tuning.json`` (a build on a GPU, rtllm.builder.tuning): the decode GEMV launch configurations
+  timed fastest on the build GPU, with its name and the Triton version (read when loading; the runtime
+  uses them only on the same GPU and Triton). Timings differ between builds, so this file does too.
 
 Loading builds the model's modules, swaps each quantized layer for one restored from its tensors
 and copies the rest: nothing is quantized or calibrated. Wrong marker, another format version, a
@@ -51,6 +54,7 @@ ENGINE_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "rank0.safetensors"  # rank_weights_name(0): the one file of a single-rank engine
 BUILD_LOG_NAME = "build_log.json"
+TUNING_NAME = "kernel_tuning.json"
 _REQUIRED_KEYS = ("pretrained_config", "build_config", "dtype", "device", "quantized_layers", "weights")
 
 
@@ -222,7 +226,28 @@ def load_engine_dir(path: str, dtype: str | torch.dtype = "auto", device: torch.
                 config.architecture, data["dtype"],
                 (data.get("quant_config") or {}).get("quant_algo") or "not quantized", secs, weight_bytes / 2**20)
     kv_algo = (data.get("quant_config") or {}).get("kv_cache_quant_algo")
-    return LoadedModel(model, config, built_dtype, path, secs, weight_bytes, kv_cache_quant_algo=kv_algo)
+    return LoadedModel(model, config, built_dtype, path, secs, weight_bytes, kv_cache_quant_algo=kv_algo,
+                       kernel_tuning=read_kernel_tuning(path))
+
+
+def read_kernel_tuning(path: str) -> dict | None:
+    """The engine's kernel_tuning.json (see the module doc), None when it has none; a file that is not a JSON
+    object with ``gpu_name``, ``triton_version`` and a list ``gemv`` of objects is a ModelLoadError."""
+    file = os.path.join(path, TUNING_NAME)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{file}: cannot read the kernel tuning ({e}); rebuild the engine, or delete the file "
+                             f"to run with the built-in kernel configurations") from e
+    ok = (isinstance(data, dict) and {"gpu_name", "triton_version", "gemv"} <= set(data)
+          and isinstance(data["gemv"], list) and all(isinstance(r, dict) for r in data["gemv"]))
+    if not ok:
+        raise ModelLoadError(f"{file}: not a kernel tuning file (a JSON object with gpu_name, triton_version and a "
+                             f"list gemv of configurations); rebuild the engine, or delete the file")
+    return data
 
 
 def _check_quant_config(quant_config: object | None, stored: dict | None, path: str) -> None:
@@ -254,8 +279,9 @@ def _check_device(data: dict, device: torch.device, path: str) -> None:
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         if data.get("gpu_name") and data["gpu_name"] != gpu:
-            logger.warning("the engine at %s was built on %s; this GPU is %s (kernel configurations are chosen "
-                           "at run time, so it runs, but rebuild it here to be sure)", path, data["gpu_name"], gpu)
+            logger.warning("the engine at %s was built on %s; this GPU is %s (it runs, with the built-in kernel "
+                           "configurations instead of those tuned at build: rebuild it here to tune for this GPU)",
+                           path, data["gpu_name"], gpu)
     if data.get("torch_version") and data["torch_version"] != torch.__version__:
         logger.warning("the engine at %s was built with torch %s; this is torch %s (packed int4 layouts may "
                        "differ between versions: rebuild if outputs look wrong)", path, data["torch_version"],

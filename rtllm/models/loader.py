@@ -39,6 +39,7 @@ class LoadedModel:
     load_seconds: float
     weight_bytes: int
     kv_cache_quant_algo: str | None = None  # what an engine directory was built with (None: as configured)
+    kernel_tuning: dict | None = None  # an engine directory's kernel_tuning.json (engine_dir.read_kernel_tuning)
 
 
 def find_gguf(path: str) -> str | None:

@@ -30,6 +30,7 @@ from rtllm.config import EngineConfig
 from rtllm.models.loader import LoadedModel, load_model
 from rtllm.plugins import load_plugins
 from rtllm.runtime.engine_info import engine_info
+from rtllm.runtime.kernel_tuning import use_engine_tuning
 from rtllm.runtime.kv_cache_manager import KVCacheManager
 from rtllm.runtime.model_runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from rtllm.runtime.request import Request, RequestStatus
@@ -79,6 +80,9 @@ class PyExecutor:
                                            max_positions=sc.max_seq_len or DEFAULT_MAX_SEQ_LEN,
                                            quant_config=config.quant_config, mapping=self.mapping if split else None)
         self.model_config = self.loaded.config
+        use_engine_tuning(getattr(self.loaded, "kernel_tuning", None),
+                          torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                          str(config.model))
         if sc.max_seq_len is None:
             sc = replace(sc, max_seq_len=min(self.model_config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
             config.scheduler_config = sc

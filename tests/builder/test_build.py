@@ -135,6 +135,7 @@ def test_same_inputs_give_identical_files(ckpt, tmp_path):
     ({"max_input_len": 2048, "max_seq_len": 1024}, "max_input_len", "<= max_seq_len=1024"),
     ({"max_batch_size": 64, "max_num_tokens": 32}, "max_num_tokens", ">= max_batch_size=64"),
     ({"opt_num_tokens": 9000}, "opt_num_tokens", "<= max_num_tokens=8192"),
+    ({"tune_kernels": "yes"}, "tune_kernels", "True or False"),
 ])
 def test_build_config_rejects(kwargs, field, allowed):
     with pytest.raises(ConfigError) as e:
