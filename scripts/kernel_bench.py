@@ -29,6 +29,7 @@ import torch
 from rtllm.kernels import (
     activation,
     attention,
+    attention_rope,
     norm,
     rope,
     triton_activation,
@@ -228,7 +229,7 @@ def bench_elementwise(device, dtype, token_counts) -> None:
             (positions, q, k, cs), 2 * T * (HQ + HKV) * D * el, device,
         )  # fmt: skip
         compare(
-            f"rope_and_cache T={T}", triton_attention.rope_and_cache_triton, attention.rope_and_cache_torch,
+            f"rope_and_cache T={T}", triton_attention.rope_and_cache_triton, attention_rope.rope_and_cache_torch,
             (positions, q, k, v, cs, kc, vc, slots), 2 * T * (HQ + 2 * HKV) * D * el, device,
             outputs=lambda a: (a[5], a[6]),
         )  # fmt: skip

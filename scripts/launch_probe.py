@@ -52,9 +52,9 @@ def skip_router() -> None:
 
 
 def skip_rope() -> None:
-    from rtllm.kernels import attention
+    from rtllm.kernels import attention_rope
 
-    attention.rope_and_cache = lambda positions, q, k, *args, **kwargs: (q, k)
+    attention_rope.rope_and_cache = lambda positions, q, k, *args, **kwargs: (q, k)
 
 
 def skip_attn_reduce() -> None:

@@ -10,7 +10,8 @@ seq_lens[b] - q_len_b + j and attends causally to positions <= that.
 Where the keys and values come from: the step's own tokens (positions seq_lens[b] - q_len_b ..
 seq_lens[b] - 1, a prefill chunk or a decode's one token) are read from the fresh, rotated k and v
 [T, Hkv, D] of this step (the model dtype), the earlier positions (the cached prefix) from the cache.
-The step's K/V are written to the cache as well (rope_and_cache, before attention) for later steps.
+The step's K/V are written to the cache as well (rtllm.kernels.attention_rope.rope_and_cache, before attention) for
+later steps.
 With a cache in the model dtype both sources hold the same values; with an FP8 cache only the prefix is
 dequantized, so a prompt prefilled in one step attends exactly as with a full-precision cache, and each
 later step (a decode, the next chunk) sees every earlier token as e4m3 value * scale.
@@ -19,7 +20,6 @@ later step (a decode, the next chunk) sees every earlier token as e4m3 value * s
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -342,45 +342,6 @@ def paged_decode_attention(q, k, v, k_cache, v_cache, block_tables, seq_lens, sc
                                         gather, k_scale, v_scale)
 
 
-DECODE_ROPE_MODES = ("separate", "fused")
-
-
-def decode_rope_mode() -> str:
-    """``RTLLM_DECODE_ROPE``: "separate" (the default: RoPE + cache write, then decode attention) or "fused"
-    (a pure-decode step's RoPE, q/k norms and cache write inside the decode attention kernel; written and
-    tested in the interpreter, not yet compiled and timed on a GPU: scripts/gpu_probe_bench.sh VARIANT)."""
-    mode = os.environ.get("RTLLM_DECODE_ROPE") or "separate"
-    if mode not in DECODE_ROPE_MODES:
-        raise ValueError(f"RTLLM_DECODE_ROPE={mode!r}: one of {DECODE_ROPE_MODES}")
-    return mode
-
-
-def rope_in_decode(q: torch.Tensor, k_cache: torch.Tensor, qk_norm=None) -> bool:
-    """Whether a pure-decode step on q's device runs RoPE (and ``qk_norm``) and the cache write inside the
-    decode attention kernel (:func:`paged_decode_attention_rope`): Triton on, RTLLM_DECODE_ROPE=fused, no
-    plugin kernel that the separate launches would call, norm weights that do not widen q's dtype."""
-    if not triton_enabled(q) or decode_rope_mode() != "fused":
-        return False
-    if k_cache.dtype != FP8_KV_DTYPE and custom_kernel("paged_decode_attention", q) is not None:
-        return False
-    return qk_norm is None or (custom_kernel("rms_norm", q) is None
-                               and torch.promote_types(q.dtype, qk_norm[0].dtype) == q.dtype
-                               and torch.promote_types(q.dtype, qk_norm[1].dtype) == q.dtype)
-
-
-def paged_decode_attention_rope(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, block_tables,
-                                seq_lens, scale, max_seq_len, k_scale=1.0, v_scale=1.0, qk_norm=None):
-    """rope_and_cache, then paged_decode_attention, in one launch (where :func:`rope_in_decode`): q [B, Hq, D]
-    and k, v [B, Hkv, D] as the projection gives them (before RoPE and the q/k norms)."""
-    from rtllm.kernels import triton_attention
-    from rtllm.kernels.triton_attention.decode_rope import DecodeRope
-
-    return triton_attention.paged_decode_attention_triton(
-        q, k, v, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale=k_scale, v_scale=v_scale,
-        rope=DecodeRope(positions, cos_sin_cache, slot_mapping, qk_norm),
-    )
-
-
 def paged_prefill_attention(
     q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len, max_seq_len,
     k_scale=1.0, v_scale=1.0,
@@ -397,39 +358,3 @@ def paged_prefill_attention(
         )
     return paged_prefill_attention_torch(q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                          k_scale, v_scale)
-
-
-def rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None,
-                         k_scale=1.0, v_scale=1.0, qk_norm=None):
-    """Rotate q and k (RoPE), write rotated k and v into the paged cache; return rotated q, k.
-    ``tables`` (rope.RopeTables of this step's positions) skips rebuilding them in every layer.
-    ``qk_norm`` = (q_weight, k_weight, eps): q and k RMS-normalized per head first."""
-    from rtllm.kernels.norm import rms_norm_torch
-    from rtllm.kernels.rope import apply_rope_torch
-
-    if qk_norm is not None:
-        q, k = rms_norm_torch(q, qk_norm[0], qk_norm[2]), rms_norm_torch(k, qk_norm[1], qk_norm[2])
-    q, k = apply_rope_torch(positions, q, k, cos_sin_cache, tables)
-    reshape_and_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    return q, k
-
-
-def rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables=None,
-                   k_scale=1.0, v_scale=1.0, qk_norm=None):
-    """q: [T, Hq, D], k, v: [T, Hkv, D]. Returns (rotated q, rotated k); the cache gets rotated k, v
-    (quantized with k_scale / v_scale when it is FP8). ``qk_norm`` = (q_weight [D], k_weight [D], eps):
-    each head of q and k is RMS-normalized first (Qwen3), in the same launch on CUDA; a plugin's
-    "rms_norm" kernel, if registered, normalizes them instead (then two launches more)."""
-    if qk_norm is not None and custom_kernel("rms_norm", q) is not None:
-        from rtllm.kernels.norm import rms_norm
-
-        q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
-        qk_norm = None
-    if triton_enabled(q):
-        from rtllm.kernels import triton_attention
-
-        return triton_attention.rope_and_cache_triton(
-            positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale, qk_norm
-        )
-    return rope_and_cache_torch(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, tables,
-                                k_scale, v_scale, qk_norm)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rtllm.kernels import attention as attn_kernels
+from rtllm.kernels import attention_rope as attn_rope
 from rtllm.kernels.rope import RopeTables
 from rtllm.layers.attention_metadata import AttentionMetadata
 from rtllm.layers.norm import RMSNorm
@@ -47,15 +48,15 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         cache = self.rotary.cos_sin_cache
         nd = meta.num_decodes
-        if nd == meta.num_seqs and attn_kernels.rope_in_decode(q, self.k_cache, self._norm_args()):
-            out = attn_kernels.paged_decode_attention_rope(
+        if nd == meta.num_seqs and attn_rope.rope_in_decode(q, self.k_cache, self._norm_args()):
+            out = attn_rope.paged_decode_attention_rope(
                 positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, meta.block_tables,
                 meta.seq_lens, self.scale, meta.max_decode_seq_len, self.k_scale, self.v_scale, self._norm_args())
             return out.reshape(T, self.num_heads * self.head_dim)
         # the torch path (CPU) shares per-step tables across layers; the Triton path needs none
         tables = None if q.is_cuda else meta.derived("rope", lambda: RopeTables(positions, cache))
         # the step's own K/V reach attention fresh (rotated, model dtype); the cache serves earlier steps
-        q, k = attn_kernels.rope_and_cache(
+        q, k = attn_rope.rope_and_cache(
             positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables, self.k_scale,
             self.v_scale, self._norm_args(),
         )

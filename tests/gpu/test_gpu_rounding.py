@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rtllm.kernels.activation import silu_and_mul_torch
-from rtllm.kernels.attention import rope_and_cache_torch
+from rtllm.kernels.attention_rope import rope_and_cache_torch
 from rtllm.kernels.rope import apply_rope_torch
 from rtllm.kernels.triton_activation import silu_and_mul_triton
 from rtllm.kernels.triton_attention import rope_and_cache_triton

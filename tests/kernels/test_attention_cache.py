@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rtllm.kernels import attention as ref
+from rtllm.kernels import attention_rope
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.rope import apply_rope_torch
 from tests.kernels.paged import DTYPES, NAN, close, rope_cache_case
@@ -46,7 +47,7 @@ def test_rope_and_cache(dtype, rot) -> None:
     cs = cos_sin(128, rot)
     q_in, k_in = q.clone(), k.clone()
     qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, kc, vc, slots)
-    qe, ke = ref.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots)
+    qe, ke = attention_rope.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots)
     close(qr, qe, dtype)
     close(kr, ke, dtype)
     close(kc, kc2, dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rtllm.kernels import attention as ref
+from rtllm.kernels import attention_rope
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.norm import rms_norm_torch
 from rtllm.kernels.triton_norm import rms_norm_triton
@@ -67,7 +67,7 @@ def test_fused_qk_norm_equals_unfused_bit_for_bit(dtype, w_dtype, D, rot, fp8, p
         kc3, vc3 = caches(nb, bs, Hkv, D, cache_dtype)
         keep = slots >= 0  # the torch path's caller drops padding tokens
         qn, kn = rms_norm_torch(q[keep], qw, EPS), rms_norm_torch(k[keep], kw, EPS)
-        qt, kt = ref.rope_and_cache_torch(positions[keep], qn, kn, v[keep], cs, kc3, vc3, slots[keep])
+        qt, kt = attention_rope.rope_and_cache_torch(positions[keep], qn, kn, v[keep], cs, kc3, vc3, slots[keep])
         close(qr[keep], qt, dtype)
         close(kr[keep], kt, dtype)
         close(kc, kc3, dtype)
@@ -82,9 +82,9 @@ def test_torch_reference_is_norm_then_rope() -> None:
     cs = cos_sin(128, D)
     kc, vc = caches(nb, bs, Hkv, D, torch.bfloat16)
     kc2, vc2 = caches(nb, bs, Hkv, D, torch.bfloat16)
-    qr, kr = ref.rope_and_cache_torch(positions, q, k, v, cs, kc, vc, slots, qk_norm=(qw, kw, EPS))
+    qr, kr = attention_rope.rope_and_cache_torch(positions, q, k, v, cs, kc, vc, slots, qk_norm=(qw, kw, EPS))
     qn, kn = rms_norm_torch(q, qw, EPS), rms_norm_torch(k, kw, EPS)
-    qe, ke = ref.rope_and_cache_torch(positions, qn, kn, v, cs, kc2, vc2, slots)
+    qe, ke = attention_rope.rope_and_cache_torch(positions, qn, kn, v, cs, kc2, vc2, slots)
     assert torch.equal(qr, qe) and torch.equal(kr, ke) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
@@ -96,7 +96,7 @@ def test_no_qk_norm_path_unchanged() -> None:
     cs = cos_sin(128, D)
     slots = torch.arange(T)
     kc2, vc2 = caches(nb, bs, Hkv, D, torch.float32)
-    qe, ke = ref.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots)
+    qe, ke = attention_rope.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots)
     for per_program in (None, 1):
         kc, vc = caches(nb, bs, Hkv, D, torch.float32)
         qr, kr = rope_launch(positions, q, k, cs, v, kc, vc, slots, q_heads_per_program=per_program)
