@@ -36,6 +36,7 @@ def layer0(hf, ours, seq: list[int], dev: str) -> None:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from rtllm.kernels import attention as ak
+    from rtllm.kernels import attention_rope
 
     ids = torch.tensor([seq], device=dev)
     T = len(seq)
@@ -58,7 +59,7 @@ def layer0(hf, ours, seq: list[int], dev: str) -> None:
     kc = torch.zeros(nb + 1, bs, Hkv, D, dtype=q.dtype, device=dev)
     vc = torch.zeros_like(kc)
     slots = torch.arange(bs, bs + T, device=dev)
-    qo, ko = ak.rope_and_cache(pos, q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D),
+    qo, ko = attention_rope.rope_and_cache(pos, q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D),
                                ours.model.rotary.cos_sin_cache, kc, vc, slots)
     print("RoPE q / k       ", neq(qh[0].transpose(0, 1), qo), "|", neq(kh[0].transpose(0, 1), ko))
     vh = v.view(1, T, Hkv, D).transpose(1, 2)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from rtllm.kernels import attention as ref
+from rtllm.kernels import attention_rope
 from rtllm.kernels import triton_attention as tri
 from rtllm.kernels.triton_fp8 import e4m3_words_to_f16
 from tests.kernels.paged import BS, HEADS, NAN, Paged, close, rope_cache_case
@@ -81,7 +82,7 @@ def test_rope_and_cache_fp8(dtype, rot) -> None:
     positions, q, k, v, kc, vc, kc2, vc2, slots = rope_cache_case(dtype, FP8, amplitude=2.0)
     cs = cos_sin(128, rot)
     qr, kr = tri.rope_and_cache_triton(positions, q, k, v, cs, kc, vc, slots, 0.03, 0.07)
-    qe, ke = ref.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots, None, 0.03, 0.07)
+    qe, ke = attention_rope.rope_and_cache_torch(positions, q, k, v, cs, kc2, vc2, slots, None, 0.03, 0.07)
     close(qr, qe, dtype)
     close(kr, ke, dtype)
     assert torch.equal(vc.view(torch.uint8), vc2.view(torch.uint8))
