@@ -6,10 +6,12 @@ load); elsewhere it warns and keeps the built-in table (rtllm.runtime.kernel_tun
 
 What is tuned: every decode GEMV shape the model's layers launch on CUDA, at each row count up to the
 kernels' limit (rtllm.kernels.quant_gemm.W4_GEMV_MAX_M / W8_GEMV_MAX_M, rtllm.kernels.gemm.DENSE_GEMV_MAX_M):
-INT4 (per group size), INT8 and FP8 weight-only layers, the INT8 LM head, and bias-free 16-bit dense
-layers. Not tuned: the MoE expert GEMVs (their own launch rule) and the prefill GEMMs (cuBLAS / the
-tensor-core Triton kernels with fixed tiles). Tuning times are the GPU's, so the file differs from build to
-build; config.json and the weights stay byte-identical.
+INT4 (per group size), INT8 and FP8 weight-only layers, the INT8 LM head, 16-bit dense layers whose GEMM
+runs bias-free (row-parallel ones add their bias after the all-reduce), and the MoE router (its GEMM
+where the fused router launch does not run). Not tuned: the MoE expert GEMVs (their own launch rule) and
+the prefill GEMMs (cuBLAS / the tensor-core Triton kernels with fixed tiles). Tuning times are the GPU's,
+so the file differs from build to build; config.json and the weights stay byte-identical. The
+configurations apply to the process that loads the engine (rtllm.kernels.triton_quant_gemv_config.use_tuned).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from rtllm.kernels.gemm import DENSE_GEMV_MAX_M
 from rtllm.kernels.quant_gemm import W4_GEMV_MAX_M, W8_GEMV_MAX_M
 from rtllm.layers.embedding import LMHead
 from rtllm.layers.linear import Linear
-from rtllm.layers.parallel_linear import ParallelLMHead
+from rtllm.layers.moe import MoeRouter
+from rtllm.layers.parallel_linear import ParallelLMHead, RowParallelLinear
 from rtllm.layers.quant.fp8 import FP8Linear
 from rtllm.layers.quant.int4 import W4A16Linear
 from rtllm.layers.quant.int8 import W8A16Linear
@@ -48,9 +51,11 @@ def decode_gemv_shapes(model: nn.Module) -> list[GemvKey]:
         elif isinstance(m, W8A16Linear | FP8Linear):
             kind = "fp8" if isinstance(m, FP8Linear) else "w8"
             max_m, n, k = W8_GEMV_MAX_M, m.out_features, m.in_features
-        elif isinstance(m, Linear | LMHead | ParallelLMHead):
+        elif isinstance(m, Linear | LMHead | ParallelLMHead | MoeRouter):
             w = m.weight
-            if w.dtype not in (torch.bfloat16, torch.float16) or getattr(m, "bias", None) is not None:
+            # a row-parallel layer adds its bias after the all-reduce: its GEMM runs bias-free
+            bias_free = getattr(m, "bias", None) is None or isinstance(m, RowParallelLinear)
+            if w.dtype not in (torch.bfloat16, torch.float16) or not bias_free:
                 continue
             kind, max_m, (n, k) = "w16", DENSE_GEMV_MAX_M, w.shape
         else:

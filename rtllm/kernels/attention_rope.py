@@ -63,17 +63,18 @@ def decode_rope_mode() -> str:
     return mode
 
 
-def rope_in_decode(q: torch.Tensor, k_cache: torch.Tensor, qk_norm=None) -> bool:
+def rope_in_decode(q: torch.Tensor, k_cache: torch.Tensor, cos_sin_cache: torch.Tensor, qk_norm=None) -> bool:
     """Whether a pure-decode step on q's device runs RoPE (and ``qk_norm``) and the cache write inside the
     decode attention kernel (:func:`paged_decode_attention_rope`): Triton on, RTLLM_DECODE_ROPE=fused, no
-    plugin kernel that the separate launches would call, norm weights that do not widen q's dtype."""
-    if not triton_enabled(q) or decode_rope_mode() != "fused":
+    plugin kernel that the separate launches would call, a cos / sin table with contiguous rows, and
+    contiguous norm weights that do not widen q's dtype."""
+    if not triton_enabled(q) or decode_rope_mode() != "fused" or cos_sin_cache.stride(-1) != 1:
         return False
     if k_cache.dtype != FP8_KV_DTYPE and custom_kernel("paged_decode_attention", q) is not None:
         return False
     return qk_norm is None or (custom_kernel("rms_norm", q) is None
-                               and torch.promote_types(q.dtype, qk_norm[0].dtype) == q.dtype
-                               and torch.promote_types(q.dtype, qk_norm[1].dtype) == q.dtype)
+                               and all(w.stride(0) == 1 and torch.promote_types(q.dtype, w.dtype) == q.dtype
+                                       for w in qk_norm[:2]))
 
 
 def paged_decode_attention_rope(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, block_tables,

@@ -71,11 +71,15 @@ _ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune
 _env_loaded = False
 
 
-def use_tuned(rows: list[dict]) -> int:
+def use_tuned(rows: list[dict], override_env: bool = False) -> int:
     """Make this process's GEMV launches use the tuned configurations ``rows`` (the JSON rows of
     rtllm.kernels.gemv_tuning.TunedGemv.row: kind, M, N, K, block_n, block_k, split, num_warps and optionally
-    prefetch, tc, stages), over the table's entries for the same shapes; returns how many. A malformed row
-    raises ValueError naming it."""
+    prefetch, tc, stages), over the table's entries for the same shapes, except those the
+    RTLLM_QUANT_GEMV_CONFIG file sets (unless ``override_env``); returns how many are now in use. The table
+    is the process's: every engine of an in-process executor shares it (the default multi-process executor
+    gives each engine its own worker process). A malformed row raises ValueError naming it."""
+    if not _env_loaded and not override_env:
+        _load_env_table()
     parsed = {}
     for row in rows:
         try:
@@ -86,9 +90,13 @@ def use_tuned(rows: list[dict]) -> int:
             raise ValueError(f"GEMV configuration row {row!r}: {type(e).__name__}: {e}") from e
         if min(cfg.block_n, cfg.block_k, cfg.split, cfg.num_warps, cfg.stages, *key[1:]) < 1:
             raise ValueError(f"GEMV configuration row {row!r}: sizes must be positive")
-        parsed[key] = cfg
+        if override_env or key not in _env_keys:
+            parsed[key] = cfg
     TUNED.update(parsed)
     return len(parsed)
+
+
+_env_keys: set[tuple[str, int, int, int]] = set()  # the shapes the RTLLM_QUANT_GEMV_CONFIG file sets
 
 
 def _load_env_table() -> None:
@@ -98,7 +106,9 @@ def _load_env_table() -> None:
     if not path:
         return
     with open(path) as f:
-        use_tuned(json.load(f))
+        rows = json.load(f)
+    use_tuned(rows, override_env=True)
+    _env_keys.update((str(r["kind"]), int(r["M"]), int(r["N"]), int(r["K"])) for r in rows)
 
 
 def _default_config(kind: str, M: int, N: int, K: int, sms: int) -> GemvConfig:

@@ -48,7 +48,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         cache = self.rotary.cos_sin_cache
         nd = meta.num_decodes
-        if nd == meta.num_seqs and attn_rope.rope_in_decode(q, self.k_cache, self._norm_args()):
+        if nd == meta.num_seqs and attn_rope.rope_in_decode(q, self.k_cache, cache, self._norm_args()):
             out = attn_rope.paged_decode_attention_rope(
                 positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, meta.block_tables,
                 meta.seq_lens, self.scale, meta.max_decode_seq_len, self.k_scale, self.v_scale, self._norm_args())

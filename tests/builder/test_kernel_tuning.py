@@ -20,9 +20,12 @@ from rtllm.errors import ModelLoadError
 from rtllm.kernels import triton_quant_gemv_config as gemv_cfg
 from rtllm.kernels.triton_quant_gemv_config import GemvConfig
 from rtllm.layers.linear import Linear
+from rtllm.layers.moe import MoeRouter
+from rtllm.layers.parallel_linear import RowParallelLinear
 from rtllm.layers.quant.int4 import W4A16Linear
 from rtllm.models.engine_dir import TUNING_NAME
 from rtllm.models.loader import load_model
+from rtllm.parallel.mapping import Mapping
 from rtllm.quantization.config import QuantConfig
 from rtllm.runtime.kernel_tuning import use_engine_tuning
 from tests.tiny import VOCAB, make_checkpoint
@@ -64,8 +67,12 @@ def test_decode_gemv_shapes_of_int4_layers_and_what_runs_no_gemv():
     w4 = W4A16Linear.from_linear(dense, 32, backend="triton")
     w4_cpu = W4A16Linear.from_linear(dense, 32, backend="cpu")  # the CPU int4 kernel's layout: no GEMV
     fp32 = Linear(64, 16)  # the GEMV reads 16-bit weights only
-    model = torch.nn.ModuleList([w4, w4_cpu, biased, fp32])
-    assert decode_gemv_shapes(model) == [("w4g32", 1, 96, 64), ("w4g32", 2, 96, 64)]
+    # a row-parallel layer (tp 2: half the input columns) adds its bias after the all-reduce: bias-free GEMM
+    row = RowParallelLinear(128, 48, True, Mapping(2, tp_size=2, rank=1)).to(torch.bfloat16)
+    router = MoeRouter(64, 8).to(torch.bfloat16)  # its GEMM where the fused router launch does not run
+    model = torch.nn.ModuleList([w4, w4_cpu, biased, fp32, row, router])
+    assert decode_gemv_shapes(model) == [("w16", 1, 8, 64), ("w16", 1, 48, 64), ("w4g32", 1, 96, 64),
+                                         ("w4g32", 2, 96, 64)]
 
 
 def test_tuning_picks_a_configuration_that_runs_and_the_table_uses_it(tuned_table):
@@ -106,6 +113,20 @@ def test_engine_tuning_is_used_only_on_its_gpu_and_triton(tuned_table, caplog):
     bad["gemv"][0]["block_n"] = "wide"
     with pytest.raises(ValueError, match="GEMV configuration row"):
         use_engine_tuning(bad, H100, "e")
+
+
+def test_the_environment_file_wins_over_an_engines_tuning(tuned_table, tmp_path, monkeypatch):
+    """RTLLM_QUANT_GEMV_CONFIG (the user's explicit table) keeps its shapes; the engine's others apply."""
+    env_row = dict(_tuning(H100)["gemv"][0], block_n=64, block_k=256)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([env_row]))
+    monkeypatch.setenv("RTLLM_QUANT_GEMV_CONFIG", str(path))
+    monkeypatch.setattr(gemv_cfg, "_env_loaded", False)
+    monkeypatch.setattr(gemv_cfg, "_env_keys", set())
+    other = dict(env_row, N=1024, block_n=4)
+    assert gemv_cfg.use_tuned(_tuning(H100)["gemv"] + [other]) == 1
+    assert gemv_cfg.gemv_config("w8", 1, 4096, 4096, 132).block_n == 64
+    assert gemv_cfg.gemv_config("w8", 1, 1024, 4096, 132).block_n == 4
 
 
 def test_cpu_build_tunes_nothing_and_says_why(ckpt, tmp_path):

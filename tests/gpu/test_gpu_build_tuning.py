@@ -40,6 +40,8 @@ def test_build_on_the_gpu_tunes_every_decode_gemv_and_the_load_uses_them(tmp_pat
         raise AssertionError("loading an engine directory must not tune kernels")
 
     monkeypatch.setattr(gemv_tuning, "tune", boom)
+    # the engine first: its configurations then stay in this process's table (use_tuned), so the checkpoint
+    # quantized at load runs the same kernels, and the tokens must be equal (the build round trip)
     prompts = ramp_prompts(4, seed=3, hi=60)
     greedy = SamplingParams(max_tokens=24, temperature=0)
     outs = []

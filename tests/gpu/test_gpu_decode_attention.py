@@ -112,10 +112,21 @@ def _to_cuda(p: Paged) -> Paged:
 @pytest.mark.parametrize("cache", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("merge", ["launch", "last_split"])
 def test_decode_rope_in_the_kernel_compiled(norm, cache, merge):
-    """RoPE (and Qwen3's q/k norms) and the cache write inside the compiled decode kernel: the caches get
-    rope_and_cache's bits, the output equals the two launches' (Llama-3.1-8B heads, contexts 1-401)."""
+    """RoPE (and Qwen3's q/k norms) and the cache write inside the compiled decode kernel against
+    rope_and_cache then the decode kernel (Llama-3.1-8B heads, contexts 1-401). Without the norms: the same
+    bits in the caches and the output (the rotation's products and sums are explicit round-to-nearest
+    operations, the attention math is the same code with the same FMA fusion). With them the key's sum of
+    squares may be reduced in another order (decode_rope's docstring): caches and output within a bf16 ulp."""
     p = _to_cuda(Paged([0, 14, 400, 3], [1] * 4, 32, 8, 128, 16, torch.bfloat16, seed=5))
     p.poison_new_slots()
     a, b = run_both(p, torch.bfloat16, 128, norm, cache, merge=merge)
-    assert torch.equal(bits(a[1]), bits(b[1])) and torch.equal(bits(a[2]), bits(b[2]))
+    if not norm:
+        for x, y in zip(a, b):
+            assert torch.equal(bits(x), bits(y))
+        return
+    for x, y in zip(a[1:], b[1:]):  # the caches (e4m3 bytes: one code apart at most)
+        if x.dtype == torch.float8_e4m3fn:
+            assert (bits(x).int() - bits(y).int()).abs().max() <= 1
+        else:
+            torch.testing.assert_close(x.float(), y.float(), atol=0, rtol=2**-7, equal_nan=True)
     torch.testing.assert_close(b[0].float(), a[0].float(), atol=1e-2, rtol=1e-2)

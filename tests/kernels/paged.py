@@ -87,7 +87,7 @@ class Paged:
                     flat[slots] = NAN
 
     def slots(self, b: int, lo: int, hi: int) -> torch.Tensor:
-        pos = torch.arange(lo, hi)
+        pos = torch.arange(lo, hi, device=self.block_tables.device)
         blocks = self.block_tables[b, pos // self.block_size].long()
         return blocks * self.block_size + pos % self.block_size
 

@@ -372,7 +372,6 @@ def paged_decode_attention_triton(
         MERGE_CHUNK=max(1, 4096 // (merge_h * block_d)), ROPE=rope is not None,
         ROT_HALF=1 if rope is None else rope.cos_sin_cache.shape[-1] // 2,
         NORM=rope is not None and rope.qk_norm is not None,
-        **({} if rope is None else {"enable_fp_fusion": False}),
         num_warps=num_warps, num_stages=stages, launch_pdl=pdl, **({"maxnreg": max_regs} if max_regs else {}),
     )  # fmt: skip
     if not one and cnt is None:

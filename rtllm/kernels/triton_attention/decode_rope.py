@@ -7,11 +7,17 @@ across the splits); the program whose split holds the token being decoded rotate
 it fresh as before, and writes it and the value to the cache slot. No other program reads that slot this
 step (the splits read positions before the decoded token from the cache), so there is no race.
 
-Bits: the same as rope_and_cache's (triton_rope._rope_heads): cos and sin rounded to the output dtype,
+Bits: the rotation is rope_and_cache's (triton_rope._rope_heads): cos and sin rounded to the output dtype,
 each product and the sum rounded to it, the norm through triton_rope.norm_scale. Channel d < R of a head
 (R = rotary_dim / 2) pairs with d + R, and d in [R, 2R) with d - R; so ``x * cos + partner * signed_sin``
-per channel gives the two halves' formulas (negation is exact). A kernel that rotates launches with
-``enable_fp_fusion=False`` (triton_round: a fused multiply-add skips a product's rounding).
+per channel gives the two halves' formulas (negation is exact). The RoPE kernel launches without FMA
+fusion (triton_round: a fused multiply-add skips a product's rounding); the decode kernel keeps fusion for
+its attention math, so the rotation's and the norm statistic's products and sums are explicit
+round-to-nearest operations (PTX ``mul.rn.f32`` / ``add.rn.f32`` when compiled), which ptxas never fuses.
+With Qwen3's q/k norms one difference remains on a GPU: the norm's sum of squares over a head row is a
+reduction whose order follows the tile's layout, which the two kernels choose differently for the key row,
+so its statistic (and then a bf16 value of the key) can differ in the last place (simulated: ~2e-4 of key
+rows); the fused kernel's own cached and used keys stay equal to each other.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import triton.language as tl
 
 from rtllm.kernels.triton_fp8 import e4m3_bits
 from rtllm.kernels.triton_rope import _inv, norm_scale
-from rtllm.kernels.triton_round import round_to
+from rtllm.kernels.triton_round import COMPILED, round_to
 
 
 @dataclass(frozen=True)
@@ -50,17 +56,41 @@ def rope_args(rope: DecodeRope, q: torch.Tensor, k: torch.Tensor, k_cache: torch
     if rope.positions.shape != (B,) or rope.slot_mapping.shape != (B,):
         raise ValueError(f"DecodeRope: positions {tuple(rope.positions.shape)} and slot_mapping "
                          f"{tuple(rope.slot_mapping.shape)} must have one entry a sequence ({B})")
+    if B > 1 and (rope.positions.stride(0) != 1 or rope.slot_mapping.stride(0) != 1):
+        raise ValueError("DecodeRope: positions and slot_mapping must be contiguous")
     if rope.qk_norm is None:
         qw, kw, eps = q, q, 0.0  # unused
     else:
         qw, kw, eps = rope.qk_norm
-        if qw.shape != (D,) or kw.shape != (D,) or torch.promote_types(q.dtype, qw.dtype) != q.dtype or (
-                torch.promote_types(k.dtype, kw.dtype) != k.dtype):
-            raise ValueError("DecodeRope: the q/k norm weights must be [head_dim] and not widen q's or k's dtype")
+        if qw.shape != (D,) or kw.shape != (D,) or qw.stride(0) != 1 or kw.stride(0) != 1 or (
+                torch.promote_types(q.dtype, qw.dtype) != q.dtype or torch.promote_types(k.dtype, kw.dtype) != k.dtype):
+            raise ValueError("DecodeRope: the q/k norm weights must be contiguous [head_dim] vectors that do not "
+                             "widen q's or k's dtype")
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     kcw, vcw = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
     return (rope.positions, cs, rope.slot_mapping, qw, kw, kcw, vcw, cs.stride(0), *kcw.stride(), *vcw.stride(),
             float(eps), _inv(k_scale), _inv(v_scale))
+
+
+@triton.jit
+def _mul(a, b):
+    """fp32 a * b, rounded to nearest on its own: PTX's ``mul.rn.f32``, which ptxas never fuses into an FMA
+    (libdevice's mul_rn lowers to the flush-to-zero form, which a plain product is not)."""
+    if COMPILED:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _add(a, b):
+    """fp32 a + b, rounded to nearest on its own (``add.rn.f32``)."""
+    if COMPILED:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a + b
 
 
 @triton.jit
@@ -88,12 +118,12 @@ def rotate_rows(x_ptr, stride_h, stride_d, rows, mask_rows, offs_d, partner, cos
     x = tl.load(base + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(base + partner[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
     if NORM:  # the statistics over the whole head row, as the RoPE kernel and the RMSNorm kernel sum it
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        rstd = 1.0 / tl.sqrt(_add(tl.sum(_mul(x, x), axis=1) / HEAD_DIM, eps))
         x = norm_scale(x, rstd, w, DT, DT)
         xp = norm_scale(xp, rstd, w_partner, DT, DT)
     c = round_to(cos, DT)[None, :]
     s = round_to(sin, DT)[None, :]
-    o = round_to(round_to(x * c, DT) + round_to(xp * s, DT), DT)
+    o = round_to(_add(round_to(_mul(x, c), DT), round_to(_mul(xp, s), DT)), DT)
     return tl.where((offs_d < 2 * ROT_HALF)[None, :], o, x)  # pass-through channels: x (normed) as read
 
 
