@@ -27,13 +27,13 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's rtllm
 from rtllm.kernels.gemv_tuning import (  # noqa: E402
-    candidates,
     gemv_fn,
     grid,
     random_weights,
     reference,
     rel_err,
     time_launches,
+    tune,
     weight_bytes,
 )
 
@@ -103,11 +103,9 @@ def main() -> None:
     import multiprocessing as mp
 
     import torch
-    import triton
 
     from rtllm.kernels.triton_attention.common import sm_count
     from rtllm.kernels.triton_quant_gemm import w4_gemv_triton, w4a16_gemm_triton, w8a16_gemm_triton
-    from rtllm.kernels.triton_quant_gemv import _launch_shape
 
     dev = torch.device("cuda")
     ms = [int(m) for m in args.m.split(",")]
@@ -142,32 +140,17 @@ def main() -> None:
                     t_old = t_bf16
                 else:
                     t_old = time_launches([partial(w8a16_gemm_triton, x, *w) for w in ws])
-                best = None
-                fn = gemv_fn(kind)
-                ref = reference(kind, x, ws[0])
-                for cfg in candidates(kind, M, N, K, sms):
-                    try:
-                        rel = rel_err(fn(x, *ws[0], config=cfg), ref)
-                        t = time_launches([partial(fn, x, *w, config=cfg) for w in ws], 40)
-                    except Exception as e:  # noqa: BLE001 - a configuration that does not run
-                        print(f"  {kind} {name} M={M} {cfg.key()}: {type(e).__name__}: {str(e)[:120]}")
-                        continue
-                    if args.verbose:
-                        print(f"  {kind} {name} M={M} {cfg.key():16s} {t * 1e6:6.1f} us rel err {rel:.1e}")
-                    if not rel < 1e-2:  # a wrong configuration is reported and never chosen
-                        print(f"  !! {kind} {name} M={M} {cfg.key()}: relative error {rel}")
-                    elif best is None or t < best[0]:
-                        best = (t, cfg)
+                best = tune(f"w4g{GROUP}" if kind == "w4" else kind, M, N, K, dev)
+                for line in best.failed if best else ():  # did not run, or a wrong product: never chosen
+                    print(f"  !! {kind} {name} M={M} {line}")
                 if best is None:
                     continue
-                t_new, cfg = best
-                rel = rel_err(fn(x, *ws[0], config=cfg), ref)
-                gated = _gated_check(fn, x, ws[0], cfg) if name == "gate_up" else ""
-                splits = _launch_shape(N, K // GROUP if kind == "w4" else triton.cdiv(K, cfg.block_k), cfg)[2]
-                tuned.append({"kind": f"w4g{GROUP}" if kind == "w4" else kind, "M": M, "N": N, "K": K,
-                              "block_n": cfg.block_n, "block_k": cfg.block_k, "split": splits,
-                              "num_warps": cfg.num_warps, "prefetch": cfg.prefetch, "tc": cfg.tc,
-                              "stages": cfg.stages, "us": t_new * 1e6})
+                if args.verbose:
+                    for c, t, r in best.timed:
+                        print(f"  {kind} {name} M={M} {c.key():16s} {t * 1e6:6.1f} us rel err {r:.1e}")
+                t_new, cfg, rel = best.seconds, best.config, best.rel_err
+                gated = _gated_check(gemv_fn(kind), x, ws[0], cfg) if name == "gate_up" else ""
+                tuned.append(best.row())
                 row = (f"{kind:4s} {name:8s} M={M} | bf16 {t_bf16 * 1e6:6.1f} us ({N * K * 2 / t_bf16 / bw:4.0%}) | "
                        f"before {t_old * 1e6:6.1f} us ({nbytes / t_old / bw:4.0%}) | GEMV {t_new * 1e6:6.1f} us "
                        f"({nbytes / t_new / bw:4.0%}) {cfg.key()} | {t_old / t_new:4.2f}x before, "

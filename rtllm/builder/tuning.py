@@ -83,7 +83,7 @@ def tune_gemvs(shapes: Iterable[GemvKey], device: torch.device,
         else:
             rows.append(best.row())
             logger.info("kernel tuning %d/%d: %s M=%d N=%d K=%d -> %s, %.1f us (%d tried, %.1f s)", i + 1,
-                        len(shapes), kind, M, N, K, best.config.key(), best.seconds * 1e6, best.tried,
+                        len(shapes), kind, M, N, K, best.config.key(), best.seconds * 1e6, len(best.timed),
                         time.perf_counter() - t1)
         if best is None or best.failed:
             failed[f"{kind} M={M} N={N} K={K}"] = [] if best is None else best.failed

@@ -177,7 +177,7 @@ class TunedGemv:
     config: GemvConfig
     seconds: float
     rel_err: float
-    tried: int  # configurations timed
+    timed: list[tuple[GemvConfig, float, float]]  # every configuration timed: (config, seconds, relative error)
     failed: list[str]  # configurations that did not run or computed a wrong product, with why
 
     def row(self) -> dict:
@@ -205,7 +205,7 @@ def tune(kind: str, M: int, N: int, K: int, device: torch.device | str, configs:
     ws = random_weights(kind, N, K, copies, device)
     fn = gemv_fn(kind)
     ref = reference(kind, x, ws[0])
-    best, failed = None, []
+    timed, failed = [], []
     for cfg in configs:
         try:
             err = rel_err(fn(x, *ws[0], config=cfg), ref)
@@ -216,8 +216,8 @@ def tune(kind: str, M: int, N: int, K: int, device: torch.device | str, configs:
         except Exception as e:  # noqa: BLE001 - a tile this device cannot run (resources): skipped, reported
             failed.append(f"{cfg.key()}: {type(e).__name__}: {str(e)[:160]}")
             continue
-        if best is None or t < best[0]:
-            best = (t, cfg, err)
-    if best is None:
+        timed.append((cfg, t, err))
+    if not timed:
         return None
-    return TunedGemv(kind, M, N, K, best[1], best[0], best[2], len(configs) - len(failed), failed)
+    cfg, t, err = min(timed, key=lambda c: c[1])
+    return TunedGemv(kind, M, N, K, cfg, t, err, timed, failed)
