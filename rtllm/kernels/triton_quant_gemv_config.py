@@ -69,6 +69,7 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
 
 _ENV_TABLE = "RTLLM_QUANT_GEMV_CONFIG"  # a JSON file of tuned configs (the tune script writes one)
 _env_loaded = False
+_env_keys: set[tuple[str, int, int, int]] = set()  # the shapes the RTLLM_QUANT_GEMV_CONFIG file sets
 
 
 def use_tuned(rows: list[dict], override_env: bool = False) -> int:
@@ -94,9 +95,6 @@ def use_tuned(rows: list[dict], override_env: bool = False) -> int:
             parsed[key] = cfg
     TUNED.update(parsed)
     return len(parsed)
-
-
-_env_keys: set[tuple[str, int, int, int]] = set()  # the shapes the RTLLM_QUANT_GEMV_CONFIG file sets
 
 
 def _load_env_table() -> None:

@@ -47,18 +47,19 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         cache = self.rotary.cos_sin_cache
+        norm = self._norm_args()
         nd = meta.num_decodes
-        if nd == meta.num_seqs and attn_rope.rope_in_decode(q, self.k_cache, cache, self._norm_args()):
+        if nd == meta.num_seqs and attn_rope.rope_in_decode(q, self.k_cache, cache, norm):
             out = attn_rope.paged_decode_attention_rope(
                 positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, meta.block_tables,
-                meta.seq_lens, self.scale, meta.max_decode_seq_len, self.k_scale, self.v_scale, self._norm_args())
+                meta.seq_lens, self.scale, meta.max_decode_seq_len, self.k_scale, self.v_scale, norm)
             return out.reshape(T, self.num_heads * self.head_dim)
         # the torch path (CPU) shares per-step tables across layers; the Triton path needs none
         tables = None if q.is_cuda else meta.derived("rope", lambda: RopeTables(positions, cache))
         # the step's own K/V reach attention fresh (rotated, model dtype); the cache serves earlier steps
         q, k = attn_rope.rope_and_cache(
             positions, q, k, v, cache, self.k_cache, self.v_cache, meta.slot_mapping, tables, self.k_scale,
-            self.v_scale, self._norm_args(),
+            self.v_scale, norm,
         )
         if nd == meta.num_seqs:
             bs = self.k_cache.shape[1]

@@ -359,7 +359,7 @@ def paged_decode_attention_triton(
     kc, vc = (k_cache.view(torch.int32), v_cache.view(torch.int32)) if words else (k_cache, v_cache)
     stages = num_stages or (1 if prefetch else 2 if tuned_words else 3 if (esize <= 2 and block_d <= 128) else 2)
     block_s, merge_h = max(16, triton.next_power_of_2(num_splits)), triton.next_power_of_2(G)
-    r = rope_args(rope, q, k, k_cache, v_cache, k_scale, v_scale) if rope is not None else (q,) * 7 + (0,) * 12
+    r = rope_args(rope, q, k, k_cache, v_cache, k_scale, v_scale)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k, v, kc, vc, block_tables, seq_lens, out, m, lsum, acc, out if cnt is None else cnt,
         scale * LOG2E, scale * LOG2E * (float(k_scale) if fp8 else 1.0), float(v_scale), num_splits,

@@ -43,10 +43,13 @@ class DecodeRope:
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (q weight [D], k weight [D], eps)
 
 
-def rope_args(rope: DecodeRope, q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              k_scale: float, v_scale: float) -> tuple:
+def rope_args(rope: DecodeRope | None, q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple:
     """The decode kernel's RoPE arguments (pointers, table row stride, the caches' write views and strides,
-    eps, 1 / k_scale, 1 / v_scale), checked against q [B, Hq, D] and k [B, Hkv, D]."""
+    eps, 1 / k_scale, 1 / v_scale), checked against q [B, Hq, D] and k [B, Hkv, D]; without ``rope``,
+    placeholders the kernel does not read."""
+    if rope is None:
+        return (q,) * 7 + (0,) * 12
     B, _, D = q.shape
     cs = rope.cos_sin_cache
     rot = cs.shape[-1]
